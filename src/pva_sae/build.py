@@ -1,0 +1,270 @@
+"""Stage 1, build the labelled dataset: prompt -> generate -> extract -> run the tests -> label.
+
+Writes into the run directory (paths in ``rundir``): config and manifest first, then splits,
+checkpoints/autosaves while working, and finally the dataset (JSON and/or Parquet), its metadata and
+the ``build`` stage marker. Interrupting with Ctrl+C or SIGTERM writes an emergency save; rerunning
+resumes from the latest save and produces exactly the records of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import statistics
+import time
+from collections import Counter
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from .checkpoint import BuildState, Checkpointer, decide_resume
+from .config import Config, diff_configs
+from .logs import setup_logging
+from .manifest import base_manifest, device_info
+from .rundir import RunDir, atomic_write_json, read_json
+
+log = logging.getLogger(__name__)
+
+STAGE = "build"
+EXIT_INTERRUPTED = 130
+
+
+class BuildInterrupted(Exception):
+    """Raised inside the build loop when SIGINT/SIGTERM arrives, after the emergency save."""
+
+    def __init__(self, signum: int, save_path: Any):
+        super().__init__(f"interrupted by {signal.Signals(signum).name}; emergency save at {save_path}")
+        self.signum, self.save_path = signum, save_path
+
+
+class ConfigMismatch(RuntimeError):
+    """The run directory belongs to a run with another config."""
+
+
+@contextmanager
+def _signals_raise() -> Iterator[None]:
+    """Turn SIGINT and SIGTERM into KeyboardInterrupt so the loop can save before exiting."""
+
+    def handler(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def prepare_run(cfg: Config, stage: str = STAGE) -> RunDir:
+    """Create the run directory and write (or check) its config before any work."""
+    run = RunDir.at(cfg.output.run_dir).ensure()
+    current = cfg.to_dict()
+    if run.config.is_file():
+        saved = read_json(run.config)
+        differing = [k for k in diff_configs(saved, current) if not k.startswith(("checkpoint.", "output."))]
+        if differing and cfg.checkpoint.resume != "never":
+            raise ConfigMismatch(
+                f"run directory {run.root} was created with another config; differing fields: "
+                f"{', '.join(differing)}. Use the same config, another --run-dir, or --no-resume to start over.")
+    atomic_write_json(run.config, current)
+    return run
+
+
+def build_dataset(cfg: Config, *, interactive: bool | None = None, progress: bool = True) -> list[dict[str, Any]]:
+    """Run the whole stage and return the records (sorted by task id, then sample index)."""
+    from . import data, prompts
+    from .generation import Generator, plan_batches
+    from .models import load_model
+
+    run = prepare_run(cfg)
+    log_path = setup_logging(run.log_file(STAGE))
+    log.info("build stage starting; log at %s", log_path)
+
+    tasks_all = data.load_tasks(cfg.data.source)
+    tasks = data.select_range(tasks_all, cfg.data.start_idx, cfg.data.end_idx)
+    splits = data.make_splits(tasks_all, cfg.data.split_fractions, cfg.data.split_seed)
+    split_of = {tid: name for name, ids in splits.items() for tid in ids}
+    atomic_write_json(run.splits, {"seed": cfg.data.split_seed, "fractions": cfg.data.split_fractions,
+                                   "splits": splits, "summary": data.split_summary(tasks_all, splits)})
+
+    loaded = load_model(cfg.model)
+    manifest = base_manifest(STAGE, {"split_seed": cfg.data.split_seed, "generation_seed": cfg.generation.seed})
+    manifest.update({
+        "model": {"name": cfg.model.name, "source": loaded.source, "path_or_id": loaded.path_or_id,
+                  "revision": loaded.revision, "dtype": str(loaded.dtype), "family": loaded.family,
+                  "n_layers": loaded.n_layers, "d_model": loaded.d_model},
+        "device": device_info(loaded.device),
+        "dataset": {"source": cfg.data.source, "sha256": data.dataset_sha256(cfg.data.source),
+                    "n_tasks_total": len(tasks_all), "n_tasks_selected": len(tasks)},
+    })
+    atomic_write_json(run.manifest, manifest)
+
+    by_id = {t.task_id: t for t in tasks}
+    prompt_list = [(t.task_id, prompts.build_prompt(t, cfg.prompt.template, cfg.prompt.initiator)) for t in tasks]
+    plan = plan_batches(prompt_list, loaded.tokenizer, cfg.generation.batch_size, cfg.generation.n_samples,
+                        cfg.generation.sort_by_length)
+    checkpointer = Checkpointer(run, cfg.checkpoint, cfg.to_dict(), cfg.data.start_idx,
+                                cfg.data.end_idx if cfg.data.end_idx is not None else len(tasks_all) - 1)
+    if run.is_done(STAGE) and cfg.checkpoint.resume != "never" and not cfg.checkpoint.resume_from:
+        log.warning("build already complete in %s; returning the saved dataset", run.root)
+        return read_json(run.dataset_json)["records"] if run.dataset_json.is_file() else _read_parquet(run)
+    run.clear_done(STAGE)
+    state = decide_resume(checkpointer, cfg.checkpoint, interactive)
+
+    generator = Generator(loaded, cfg.generation)
+    started = time.perf_counter()
+    try:
+        with _signals_raise():
+            _generate_and_label(plan, state, generator, by_id, split_of, cfg, checkpointer, progress)
+    except KeyboardInterrupt as exc:
+        signum = exc.args[0] if exc.args and isinstance(exc.args[0], int) else signal.SIGINT
+        path = checkpointer.save(state, "emergency")
+        log.error("interrupted (%s): emergency save with %d records at %s; rerun the same command to resume",
+                  signal.Signals(signum).name, state.n_records, path)
+        raise BuildInterrupted(signum, path) from None
+    elapsed = time.perf_counter() - started
+
+    records = sorted(state.records, key=lambda r: (r["task_id"], r["sample_index"]))
+    checkpointer.save(BuildState(records, state.done_batches, state.sequence), "checkpoint")
+    metadata = dataset_metadata(records, splits, tasks, elapsed, manifest, cfg)
+    save_dataset(run, records, metadata, cfg.output.save_format)
+    run.mark_done(STAGE, {"n_records": len(records), "pass_rate": metadata["pass_rate"]["overall"]})
+    log.info("dataset written to %s (%d records, pass rate %.3f)", run.datasets, len(records),
+             metadata["pass_rate"]["overall"])
+    return records
+
+
+def _generate_and_label(plan, state: BuildState, generator, by_id, split_of, cfg: Config,
+                        checkpointer: Checkpointer, progress: bool) -> None:
+    from tqdm.auto import tqdm
+
+    from .extract import extract_program
+    from .sandbox import ExecJob, run_jobs
+
+    total = sum(len(b) for b in plan)
+    bar = tqdm(total=total, initial=state.n_records, desc="build", unit="sample", disable=not progress,
+               dynamic_ncols=True)
+    n_pass = sum(1 for r in state.records if r["passed"])
+    try:
+        for batch_index, batch in enumerate(plan):
+            if batch_index in state.done_batches:
+                continue
+            samples = generator.generate_batch(batch, batch_index)
+            programs = [extract_program(s.completion) for s in samples]
+            jobs = [ExecJob(key=(s.task_id, s.sample_index), program=p, tests=tuple(by_id[s.task_id].test_list),
+                            setup_code=by_id[s.task_id].test_setup_code) for s, p in zip(samples, programs)]
+            results = run_jobs(jobs, cfg.sandbox)
+            new = [make_record(s, p, r, by_id[s.task_id], split_of.get(s.task_id))
+                   for s, p, r in zip(samples, programs, results)]
+            # The batch's records and its "done" mark change together, so a save never holds half a batch.
+            state.records.extend(new)
+            state.done_batches.add(batch_index)
+            n_pass += sum(r["passed"] for r in new)
+            bar.update(len(new))
+            bar.set_postfix(pass_rate=f"{n_pass / max(state.n_records, 1):.3f}")
+            checkpointer.maybe_save(state)
+    finally:
+        bar.close()
+
+
+def make_record(sample, program: str, result, task, split: str | None) -> dict[str, Any]:
+    return {
+        "task_id": sample.task_id,
+        "sample_index": sample.sample_index,
+        "split": split,
+        "complexity": task.complexity,
+        "difficulty": task.difficulty,
+        "temperature": sample.temperature,
+        "prompt": sample.prompt,
+        "raw_completion": sample.raw_completion,
+        "completion": sample.completion,
+        "program": program,
+        "n_prompt_tokens": sample.n_prompt_tokens,
+        "n_new_tokens": sample.n_new_tokens,
+        "gen_time_s": sample.gen_time_s,
+        "finish_reason": sample.finish_reason,
+        "batch_index": sample.batch_index,
+        "status": result.status,
+        "error_type": result.error_type,
+        "error_detail": result.detail,
+        "exec_time_s": result.duration_s,
+        "stderr_tail": result.stderr_tail,
+        "passed": result.passed,
+    }
+
+
+def _rate(records: list[dict[str, Any]]) -> float | None:
+    return sum(r["passed"] for r in records) / len(records) if records else None
+
+
+def dataset_metadata(records, splits, tasks, elapsed_s: float, manifest: dict, cfg: Config) -> dict[str, Any]:
+    """Statistics written beside the dataset."""
+    by_split = {name: [r for r in records if r["split"] == name] for name in splits}
+    by_diff = {d: [r for r in records if r["difficulty"] == d] for d in ("easy", "medium", "hard")}
+    new_tokens = sum(r["n_new_tokens"] for r in records)
+    gen_time = sum(r["gen_time_s"] for r in records)
+    return {
+        "n_records": len(records),
+        "n_tasks": len({r["task_id"] for r in records}),
+        "pass_rate": {
+            "overall": _rate(records),
+            "by_split": {k: _rate(v) for k, v in by_split.items()},
+            "by_difficulty": {k: _rate(v) for k, v in by_diff.items()},
+        },
+        "counts": {
+            "passed": sum(r["passed"] for r in records),
+            "by_split": {k: len(v) for k, v in by_split.items()},
+            "by_difficulty": {k: len(v) for k, v in by_diff.items()},
+        },
+        "status_counts": dict(Counter(r["status"] for r in records)),
+        "error_type_counts": dict(Counter(r["error_type"] for r in records if r["error_type"])),
+        "finish_reason_counts": dict(Counter(r["finish_reason"] for r in records)),
+        "timing": {
+            "elapsed_s": elapsed_s,
+            "generation_s": gen_time,
+            "new_tokens": new_tokens,
+            "tokens_per_s": new_tokens / gen_time if gen_time > 0 else None,
+            "mean_exec_s": statistics.fmean(r["exec_time_s"] for r in records) if records else None,
+        },
+        "model": manifest.get("model"),
+        "device": manifest.get("device"),
+        "generation": cfg.to_dict()["generation"],
+        "task_range": [cfg.data.start_idx, cfg.data.end_idx],
+    }
+
+
+def save_dataset(run: RunDir, records: list[dict[str, Any]], metadata: dict[str, Any], fmt: str) -> None:
+    if fmt in ("json", "both"):
+        atomic_write_json(run.dataset_json, {"metadata": metadata, "records": records})
+    if fmt in ("parquet", "both"):
+        _write_parquet(run, records)
+    atomic_write_json(run.dataset_metadata, metadata)
+
+
+def _write_parquet(run: RunDir, records: list[dict[str, Any]]) -> None:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .rundir import atomic_write_bytes
+
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(records), buf)
+    atomic_write_bytes(run.dataset_parquet, buf.getvalue())
+
+
+def _read_parquet(run: RunDir) -> list[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(run.dataset_parquet).to_pylist()
+
+
+def load_records(run_dir: str) -> list[dict[str, Any]]:
+    """Records of a finished build (JSON when present, else Parquet)."""
+    run = RunDir.at(run_dir)
+    if not run.is_done(STAGE):
+        raise FileNotFoundError(f"{run.root} has no finished build stage; run `pva-sae build --run-dir {run.root}` first")
+    if run.dataset_json.is_file():
+        return read_json(run.dataset_json)["records"]
+    return _read_parquet(run)

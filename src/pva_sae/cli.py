@@ -1,0 +1,167 @@
+"""The ``pva-sae`` console command.
+
+Every subcommand takes ``--config FILE`` (JSON or TOML) and ``--set section.field=value`` overrides;
+``pva-sae config`` prints every field with its documentation. User errors (bad config, bad data,
+missing model or SAE, corrupted checkpoint) print one clear message and exit with status 2;
+an interrupted build exits with 130 after its emergency save.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Callable, Sequence
+
+from .config import ConfigError, describe, resolve_config
+
+EXIT_USER_ERROR = 2
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="JSON or TOML config file (sections as in `pva-sae config`)")
+    p.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
+                   help="override one field, e.g. --set generation.temperature=0.5 (repeatable)")
+    p.add_argument("--run-dir", help="run directory (output.run_dir)")
+    p.add_argument("--model", help="model: registry key, hub id or local directory (model.name)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _build_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--start", type=int, help="first task index, 0-based inclusive (data.start_idx)")
+    p.add_argument("--end", type=int, help="last task index, inclusive (data.end_idx)")
+    p.add_argument("--format", choices=("json", "parquet", "both"), help="dataset format (output.save_format)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true", help="resume from the latest checkpoint without asking")
+    group.add_argument("--no-resume", action="store_true", help="start over (earlier saves are moved aside)")
+    group.add_argument("--resume-from", metavar="CHECKPOINT", help="resume from this checkpoint file")
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    out = list(args.overrides)
+    mapping = {"run_dir": "output.run_dir", "model": "model.name", "start": "data.start_idx",
+               "end": "data.end_idx", "format": "output.save_format", "resume_from": "checkpoint.resume_from"}
+    for attr, key in mapping.items():
+        value = getattr(args, attr, None)
+        if value is not None:
+            out.append(f"{key}={value}")
+    if getattr(args, "resume", False):
+        out.append("checkpoint.resume=auto")
+    if getattr(args, "no_resume", False):
+        out.append("checkpoint.resume=never")
+    return out
+
+
+def _config(args: argparse.Namespace, base: dict[str, Any] | None = None):
+    return resolve_config(args.config, _overrides(args), base=base)
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from .build import build_dataset
+
+    cfg = _config(args)
+    records = build_dataset(cfg, progress=not args.quiet)
+    n_pass = sum(r["passed"] for r in records)
+    print(f"built {len(records)} samples ({n_pass} passed, {n_pass / max(len(records), 1):.1%}) "
+          f"in {cfg.output.run_dir}/datasets")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .pipeline import run_pipeline
+
+    cfg = _config(args)
+    summary = run_pipeline(cfg, progress=not args.quiet)
+    for line in summary:
+        print(line)
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    import json
+
+    cfg = _config(args)
+    if args.docs:
+        for key, tp, default, help_text in describe():
+            print(f"{key} ({tp}, default {default!r})\n    {help_text}")
+    else:
+        print(json.dumps(cfg.to_dict(), indent=2))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:  # noqa: ARG001
+    from .models import list_models
+
+    for entry in list_models():
+        print(f"{entry['key']:<16} {entry.get('hf_id') or entry.get('path', '')}  layers={entry['n_layers']} "
+              f"d_model={entry['d_model']}")
+    return 0
+
+
+def cmd_checkpoints(args: argparse.Namespace) -> int:
+    from .checkpoint import Checkpointer
+    from .config import CheckpointConfig
+    from .rundir import RunDir
+
+    cfg = _config(args)
+    cp = Checkpointer(RunDir.at(cfg.output.run_dir), CheckpointConfig(), {}, 0, 0)
+    paths = cp.candidates()
+    if not paths:
+        print(f"no saves in {cfg.output.run_dir}")
+    latest = cp.find_latest()
+    for path in sorted(paths):
+        print(("* " if path == latest else "  ") + str(path))
+    return 0
+
+
+COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, list[Callable]]] = {
+    "run": (cmd_run, "run every pipeline stage (default: the embedded model, offline)", [_build_args]),
+    "build": (cmd_build, "stage 1: generate MBPP solutions, run their tests, save the labelled dataset",
+              [_build_args]),
+    "config": (cmd_config, "print the resolved config (--docs: every field with its documentation)", []),
+    "models": (cmd_models, "list the model registry", []),
+    "checkpoints": (cmd_checkpoints, "list the checkpoints of a run directory (* = latest)", []),
+}
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pva-sae", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (func, help_text, extras) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        _common(p)
+        for extra in extras:
+            extra(p)
+        if name == "config":
+            p.add_argument("--docs", action="store_true", help="list every field with its documentation")
+        p.set_defaults(func=func)
+    return parser
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .build import ConfigMismatch
+    from .checkpoint import CheckpointError
+
+    return (ConfigError, ValueError, FileNotFoundError, CheckpointError, ConfigMismatch)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        args = parser.parse_args(["run"])
+    try:
+        return args.func(args)
+    except _user_errors() as exc:
+        print(f"pva-sae: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except Exception as exc:
+        from .build import BuildInterrupted
+
+        if isinstance(exc, BuildInterrupted):
+            print(f"pva-sae: {exc}; rerun the same command to resume", file=sys.stderr)
+            return 128 + exc.signum
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

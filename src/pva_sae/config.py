@@ -1,0 +1,359 @@
+"""The one typed configuration of pva-sae.
+
+Every field is declared once, with its documentation beside it (``doc(...)``), so that
+``pva-sae config`` and error messages come from the same source. A config is built from
+defaults, then a JSON/TOML file, then ``--set section.field=value`` overrides; unknown keys
+are rejected with the list of valid ones.
+
+This module imports only the standard library: ``import pva_sae`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user can fix; the message says how."""
+
+
+def doc(default: Any = dataclasses.MISSING, help: str = "", factory: Any = dataclasses.MISSING):
+    """A dataclass field carrying its documentation in ``metadata['help']``."""
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+DEFAULT_TEMPLATE = "{text}\n\n{tests}\n\n{initiator}"
+
+DEFAULT_STOP_STRINGS = (
+    "\nassert ",
+    "\nprint(",
+    "\nif __name__",
+    "\n```",
+    "\n# Test",
+    "\n# test",
+    "\n# Solution",
+    "\nWrite a ",
+    "\n\n\n\n",
+)
+
+
+@dataclass
+class ModelConfig:
+    name: str = doc(
+        "pva-tiny",
+        "Model to load: a registry key (see `pva-sae models`), a Hugging Face hub id, or a local "
+        "directory in Hugging Face format. 'pva-tiny' is the embedded default.",
+    )
+    revision: str = doc("main", "Hub revision (branch, tag or commit) for hub models; ignored for local paths.")
+    device: str = doc("auto", "'auto' (cuda, then mps, then cpu), or an explicit torch device such as 'cuda:1'.")
+    dtype: str = doc(
+        "auto",
+        "'auto' (bfloat16 on CUDA, float16 on MPS, float32 on CPU), or float32 / bfloat16 / float16. "
+        "Never float16 for Gemma-2 on CUDA (overflow).",
+    )
+    attn_implementation: str = doc(
+        "auto", "'auto' picks 'eager' for Gemma-2 (SDPA drops attention soft-capping), else the library default."
+    )
+    local_files_only: bool = doc(False, "Never contact the hub; load only cached or local files.")
+
+
+@dataclass
+class DataConfig:
+    source: str = doc(
+        "packaged",
+        "'packaged' (the MBPP copy shipped with pva-sae), 'hub' (google-research-datasets/mbpp via "
+        "`datasets`, needs network), or a path to an MBPP-format .jsonl / .json / .parquet file.",
+    )
+    start_idx: int = doc(0, "First task index (0-based position in the dataset, inclusive).")
+    end_idx: int | None = doc(None, "Last task index (inclusive); None means the last task.")
+    split_fractions: tuple[float, float, float] = doc(
+        (0.5, 0.1, 0.4), "Fractions for the (sae, tuning, validation) splits; must sum to 1."
+    )
+    split_seed: int = doc(42, "Seed of the stratified split (stratified by cyclomatic complexity).")
+
+
+@dataclass
+class PromptConfig:
+    template: str = doc(
+        DEFAULT_TEMPLATE,
+        "Prompt template; placeholders {text} (problem description), {tests} (the test asserts, "
+        "one per line) and {initiator}.",
+    )
+    initiator: str = doc("# Solution:", "Code initiator placed at the end of the prompt.")
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = doc(384, "Hard cap on generated tokens per sample.")
+    batch_size: int = doc(16, "Prompts per generation batch.")
+    temperature: float = doc(0.0, "0 means greedy decoding; above 0, seeded multinomial sampling.")
+    top_p: float = doc(1.0, "Nucleus sampling mass (only when temperature > 0).")
+    n_samples: int = doc(1, "Samples per task (more than 1 only makes sense with temperature > 0).")
+    seed: int = doc(42, "Seed for sampling; each batch derives its own generator from it.")
+    stop_strings: tuple[str, ...] = doc(
+        DEFAULT_STOP_STRINGS,
+        "Generation stops for a sample once its new text contains one of these (the stop string and "
+        "what follows are dropped). They mark the start of top-level test code or a new problem.",
+    )
+    sort_by_length: bool = doc(True, "Sort prompts by token length before batching (less padding).")
+
+
+@dataclass
+class SandboxConfig:
+    timeout_s: float = doc(10.0, "Wall-clock limit per program; the whole process group is killed after it.")
+    cpu_time_s: int = doc(10, "CPU-time limit (RLIMIT_CPU) per program.")
+    memory_limit_mb: int = doc(1024, "Address-space limit (RLIMIT_AS) per program.")
+    file_size_limit_mb: int = doc(16, "Largest file a program may write (RLIMIT_FSIZE).")
+    max_open_files: int = doc(64, "Open file descriptors per program (RLIMIT_NOFILE).")
+    max_processes: int = doc(32, "Processes for the sandbox user (RLIMIT_NPROC); only enforced for non-root.")
+    output_limit_kb: int = doc(64, "Captured stdout/stderr per program; the rest is discarded.")
+    workers: int = doc(0, "Programs run in parallel; 0 means one per CPU core.")
+    sandbox_user: str = doc(
+        "nobody", "Unprivileged user the programs run as when pva-sae runs as root (RLIMIT_NPROC does not bind root)."
+    )
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_records: int = doc(50, "Write a checkpoint after every this many new records (rounded up to a batch).")
+    autosave_interval_s: float = doc(300.0, "Also write an autosave when this many seconds passed since the last one.")
+    keep_autosaves: int = doc(3, "How many autosaves to keep.")
+    resume: str = doc(
+        "ask",
+        "'ask' (prompt when interactive, resume when not), 'auto' (resume from the latest checkpoint), "
+        "'never' (start over; existing checkpoints are kept).",
+    )
+    resume_from: str | None = doc(None, "Resume from this checkpoint file instead of the latest one.")
+
+
+@dataclass
+class OutputConfig:
+    run_dir: str = doc("runs/default", "Run directory; every stage writes under it (layout in pva_sae.rundir).")
+    save_format: str = doc("both", "Dataset format: 'json', 'parquet' or 'both'.")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = doc(factory=ModelConfig, help="Which model and how to load it.")
+    data: DataConfig = doc(factory=DataConfig, help="Dataset source, task range and splits.")
+    prompt: PromptConfig = doc(factory=PromptConfig, help="Prompt format.")
+    generation: GenerationConfig = doc(factory=GenerationConfig, help="Decoding.")
+    sandbox: SandboxConfig = doc(factory=SandboxConfig, help="Limits for running generated code.")
+    checkpoint: CheckpointConfig = doc(factory=CheckpointConfig, help="Checkpoints, autosaves and resume.")
+    output: OutputConfig = doc(factory=OutputConfig, help="Where and how results are written.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "Config":
+        _validate(self)
+        return self
+
+
+# --------------------------------------------------------------------------- building
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert a parsed JSON/TOML/CLI value to the declared type, or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        if isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = _parse_literal(value, where)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], where) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
+        return tuple(_coerce(v, a, where) for v, a in zip(value, args))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            out = tp(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}") from None
+        if tp is int and isinstance(value, float) and value != int(value):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return out
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table of fields, got {value!r}")
+        return _build(tp, value, where)
+    raise ConfigError(f"{where}: unsupported type {tp}")
+
+
+def _parse_literal(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        if "," in text:
+            return [t.strip() for t in text.split(",")]
+        raise ConfigError(f"{where}: could not parse {text!r} as a JSON list") from None
+
+
+def _build(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    types = _field_types(cls)
+    unknown = sorted(set(data) - set(types))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(prefix + u for u in unknown)}; "
+            f"valid keys{' in ' + where if where else ''}: {', '.join(sorted(types))}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(value, types[name], f"{where}.{name}" if where else name)
+    base = cls()
+    for name, value in kwargs.items():
+        if dataclasses.is_dataclass(types[name]) and isinstance(value, dict):
+            value = _build(types[name], value, name)
+        setattr(base, name, value)
+    return base
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Build a Config from a (possibly partial) nested dict; unknown keys raise ConfigError."""
+    return _build(Config, data).validate()
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            return tomllib.loads(text)
+        return json.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid {path.suffix.lstrip('.') or 'JSON'}: {exc}") from None
+
+
+def parse_override(item: str) -> tuple[list[str], str]:
+    """'generation.temperature=0.5' -> (['generation', 'temperature'], '0.5')."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.field=value")
+    key, value = item.split("=", 1)
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Merge ``section.field=value`` strings into a nested dict (values stay strings; _coerce types them)."""
+    data = json.loads(json.dumps(data))
+    sections = _field_types(Config)
+    for item in overrides:
+        path, value = parse_override(item)
+        if len(path) != 2 or path[0] not in sections:
+            raise ConfigError(
+                f"override key {'.'.join(path)!r} must be section.field with section one of: {', '.join(sections)}"
+            )
+        data.setdefault(path[0], {})[path[1]] = value
+    return data
+
+
+def resolve_config(file: str | Path | None = None, overrides: list[str] | None = None,
+                   base: dict[str, Any] | None = None) -> Config:
+    """Defaults <- base dict <- file <- overrides."""
+    data: dict[str, Any] = json.loads(json.dumps(base or {}))
+    if file is not None:
+        for section, values in load_config_file(file).items():
+            if isinstance(values, dict):
+                data.setdefault(section, {}).update(values)
+            else:
+                data[section] = values
+    data = apply_overrides(data, overrides or [])
+    return config_from_dict(data)
+
+
+def _validate(cfg: Config) -> None:
+    if cfg.output.save_format not in ("json", "parquet", "both"):
+        raise ConfigError(f"output.save_format must be json, parquet or both, not {cfg.output.save_format!r}")
+    if cfg.checkpoint.resume not in ("ask", "auto", "never"):
+        raise ConfigError(f"checkpoint.resume must be ask, auto or never, not {cfg.checkpoint.resume!r}")
+    fr = cfg.data.split_fractions
+    if any(f < 0 for f in fr) or abs(sum(fr) - 1.0) > 1e-6:
+        raise ConfigError(f"data.split_fractions must be non-negative and sum to 1, got {fr}")
+    g = cfg.generation
+    if g.temperature < 0:
+        raise ConfigError(f"generation.temperature must be >= 0, got {g.temperature}")
+    for name in ("max_new_tokens", "batch_size", "n_samples"):
+        if getattr(g, name) < 1:
+            raise ConfigError(f"generation.{name} must be >= 1, got {getattr(g, name)}")
+    if g.n_samples > 1 and g.temperature == 0:
+        raise ConfigError("generation.n_samples > 1 needs generation.temperature > 0 (greedy samples are identical)")
+    if not 0 < g.top_p <= 1:
+        raise ConfigError(f"generation.top_p must be in (0, 1], got {g.top_p}")
+    if cfg.checkpoint.every_n_records < 1:
+        raise ConfigError("checkpoint.every_n_records must be >= 1")
+    if cfg.data.start_idx < 0 or (cfg.data.end_idx is not None and cfg.data.end_idx < cfg.data.start_idx):
+        raise ConfigError(f"bad task range start_idx={cfg.data.start_idx} end_idx={cfg.data.end_idx}")
+    for key in ("{text}", "{tests}", "{initiator}"):
+        if key not in cfg.prompt.template:
+            raise ConfigError(f"prompt.template must contain {key}; got {cfg.prompt.template!r}")
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """(key, type, default, help) for every leaf field: the source of `pva-sae config`."""
+    rows = []
+    types = _field_types(cls)
+    instance = cls()
+    for f in dataclasses.fields(cls):
+        tp = types[f.name]
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            rows.extend(describe(tp, key + "."))
+        else:
+            rows.append((key, _type_name(tp), getattr(instance, f.name), f.metadata.get("help", "")))
+    return rows
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def diff_configs(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        name = f"{prefix}{key}"
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out.extend(diff_configs(va, vb, name + "."))
+        elif _norm(va) != _norm(vb):
+            out.append(name)
+    return out
+
+
+def _norm(v: Any) -> Any:
+    return json.loads(json.dumps(v))
