@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 from .checkpoint import BuildState, Checkpointer, decide_resume
-from .config import Config, diff_configs
+from .config import BUILD_SECTIONS, Config, diff_configs
 from .logs import setup_logging
 from .manifest import base_manifest, device_info
 from .rundir import RunDir, atomic_write_json, read_json
@@ -61,7 +61,7 @@ def prepare_run(cfg: Config, stage: str = STAGE) -> RunDir:
     current = cfg.to_dict()
     if run.config.is_file():
         saved = read_json(run.config)
-        differing = [k for k in diff_configs(saved, current) if not k.startswith(("checkpoint.", "output."))]
+        differing = [k for k in diff_configs(saved, current) if k.split(".")[0] in BUILD_SECTIONS]
         if differing and cfg.checkpoint.resume != "never":
             raise ConfigMismatch(
                 f"run directory {run.root} was created with another config; differing fields: "

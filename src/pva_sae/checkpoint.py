@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import CheckpointConfig, diff_configs
+from .config import BUILD_SECTIONS, CheckpointConfig, diff_configs
 from .rundir import RunDir, atomic_write_json, read_json, timestamp
 
 log = logging.getLogger(__name__)
@@ -185,7 +185,7 @@ def _sequence_in_name(path: Path) -> int:
 
 def _resume_relevant(config: dict[str, Any]) -> dict[str, Any]:
     """Config sections that change the records; checkpoint/output settings may differ on resume."""
-    return {k: v for k, v in config.items() if k in ("model", "data", "prompt", "generation", "sandbox")}
+    return {k: v for k, v in config.items() if k in BUILD_SECTIONS}
 
 
 def ask_resume(n_records: int, path: Path, input_fn: Callable[[str], str] = input) -> bool:

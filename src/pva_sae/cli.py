@@ -1,4 +1,4 @@
-"""The ``pva-sae`` console command.
+"""pva-sae: MBPP generation, sandboxed labelling and SAE analysis of code-correctness awareness.
 
 Every subcommand takes ``--config FILE`` (JSON or TOML) and ``--set section.field=value`` overrides;
 ``pva-sae config`` prints every field with its documentation. User errors (bad config, bad data,
@@ -36,10 +36,17 @@ def _build_args(p: argparse.ArgumentParser) -> None:
     group.add_argument("--resume-from", metavar="CHECKPOINT", help="resume from this checkpoint file")
 
 
+def _analyze_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sae-release", help="SAE release (analysis.sae_release; see `pva-sae saes`)")
+    p.add_argument("--sae-dir", help="local directory mirroring the SAE repository (analysis.sae_local_dir)")
+    p.add_argument("--site", choices=("resid_post", "resid_pre"), help="residual site (analysis.site)")
+
+
 def _overrides(args: argparse.Namespace) -> list[str]:
     out = list(args.overrides)
     mapping = {"run_dir": "output.run_dir", "model": "model.name", "start": "data.start_idx",
-               "end": "data.end_idx", "format": "output.save_format", "resume_from": "checkpoint.resume_from"}
+               "end": "data.end_idx", "format": "output.save_format", "resume_from": "checkpoint.resume_from",
+               "sae_release": "analysis.sae_release", "sae_dir": "analysis.sae_local_dir", "site": "analysis.site"}
     for attr, key in mapping.items():
         value = getattr(args, attr, None)
         if value is not None:
@@ -63,6 +70,18 @@ def cmd_build(args: argparse.Namespace) -> int:
     n_pass = sum(r["passed"] for r in records)
     print(f"built {len(records)} samples ({n_pass} passed, {n_pass / max(len(records), 1):.1%}) "
           f"in {cfg.output.run_dir}/datasets")
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from .analyze import AnalysisPaths, analyze
+    from .rundir import RunDir
+
+    cfg = _config(args)
+    summary = analyze(cfg, progress=not args.quiet)
+    paths = AnalysisPaths.of(RunDir.at(cfg.output.run_dir))
+    print(f"analysed {summary['n_tasks']} tasks ({summary['n_correct']} correct) with {summary['release']}; "
+          f"ranked latents in {paths.ranked_parquet}")
     return 0
 
 
@@ -97,6 +116,15 @@ def cmd_models(args: argparse.Namespace) -> int:  # noqa: ARG001
     return 0
 
 
+def cmd_saes(args: argparse.Namespace) -> int:  # noqa: ARG001
+    from .sae import list_releases
+
+    for entry in list_releases():
+        print(f"{entry['key']:<24} model={entry.get('model')} arch={entry.get('arch')} layers={entry.get('n_layers')} "
+              f"{entry.get('repo') or entry.get('path', '')}")
+    return 0
+
+
 def cmd_checkpoints(args: argparse.Namespace) -> int:
     from .checkpoint import Checkpointer
     from .config import CheckpointConfig
@@ -114,11 +142,14 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, list[Callable]]] = {
-    "run": (cmd_run, "run every pipeline stage (default: the embedded model, offline)", [_build_args]),
+    "run": (cmd_run, "run every pipeline stage (default: the embedded model, offline)", [_build_args, _analyze_args]),
     "build": (cmd_build, "stage 1: generate MBPP solutions, run their tests, save the labelled dataset",
               [_build_args]),
+    "analyze": (cmd_analyze, "stage 2: SAE latents at the last prompt token that separate correct from incorrect",
+                [_analyze_args]),
     "config": (cmd_config, "print the resolved config (--docs: every field with its documentation)", []),
     "models": (cmd_models, "list the model registry", []),
+    "saes": (cmd_saes, "list the SAE release registry", []),
     "checkpoints": (cmd_checkpoints, "list the checkpoints of a run directory (* = latest)", []),
 }
 

@@ -30,6 +30,9 @@ def doc(default: Any = dataclasses.MISSING, help: str = "", factory: Any = datac
     return field(default=default, metadata={"help": help})
 
 
+# Sections whose values change the records of the build stage (a resume must match them exactly).
+BUILD_SECTIONS = ("model", "data", "prompt", "generation", "sandbox")
+
 DEFAULT_TEMPLATE = "{text}\n\n{tests}\n\n{initiator}"
 
 DEFAULT_STOP_STRINGS = (
@@ -141,6 +144,40 @@ class OutputConfig:
 
 
 @dataclass
+class AnalysisConfig:
+    sae_release: str = doc(
+        "auto", "SAE release (see `pva-sae saes`); 'auto' takes the model's default release from the registry."
+    )
+    sae_width: str | None = doc(None, "SAE width such as '16k'; None takes the release's default.")
+    sae_l0: int | None = doc(None, "SAE average L0 folder; None takes the release's canonical L0 for each layer.")
+    sae_local_dir: str | None = doc(
+        None, "Directory mirroring the SAE repository layout; when set, SAEs load from it instead of the hub."
+    )
+    layers: tuple[int, ...] | None = doc(None, "Layers to analyse; None means every layer of the model.")
+    site: str = doc(
+        "resid_post",
+        "'resid_post' = output of decoder layer L (where GemmaScope layer_L SAEs were trained); 'resid_pre' = "
+        "its input, which reproduces the thesis code's off-by-one.",
+    )
+    batch_size: int = doc(16, "Prompts per forward pass when capturing activations.")
+    general_corpus: str = doc(
+        "auto",
+        "General-text corpus for the language filter: 'auto' (the model's registered default), 'pile-10k' "
+        "(NeelNanda/pile-10k via `datasets`, needs network), 'packaged' (the embedded default's held-out code), "
+        "or a local .txt / .jsonl / .parquet file.",
+    )
+    general_n_docs: int = doc(10000, "Documents of the general corpus to use (fewer if the corpus is smaller).")
+    general_seed: int = doc(42, "Seed of the one random word position chosen per general-corpus document.")
+    general_max_tokens: int = doc(128, "Longest document prefix fed to the model for the general filter.")
+    general_max_frequency: float = doc(
+        0.02, "Latents firing on at least this share of general-corpus documents are excluded before ranking."
+    )
+    top_k: int = doc(20, "Latents kept per direction, per layer and overall, in the ranked table.")
+    cache_dir: str = doc("~/.cache/pva-sae", "Cache for general-corpus firing frequencies (keyed by model, SAE, corpus, seed).")
+    plots: bool = doc(True, "Write PNG plots (scatter of firing frequencies, activation histograms).")
+
+
+@dataclass
 class Config:
     model: ModelConfig = doc(factory=ModelConfig, help="Which model and how to load it.")
     data: DataConfig = doc(factory=DataConfig, help="Dataset source, task range and splits.")
@@ -149,6 +186,7 @@ class Config:
     sandbox: SandboxConfig = doc(factory=SandboxConfig, help="Limits for running generated code.")
     checkpoint: CheckpointConfig = doc(factory=CheckpointConfig, help="Checkpoints, autosaves and resume.")
     output: OutputConfig = doc(factory=OutputConfig, help="Where and how results are written.")
+    analysis: AnalysisConfig = doc(factory=AnalysisConfig, help="SAE analysis: SAEs, site, general filter, ranking.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -318,6 +356,11 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("checkpoint.every_n_records must be >= 1")
     if cfg.data.start_idx < 0 or (cfg.data.end_idx is not None and cfg.data.end_idx < cfg.data.start_idx):
         raise ConfigError(f"bad task range start_idx={cfg.data.start_idx} end_idx={cfg.data.end_idx}")
+    a = cfg.analysis
+    if a.site not in ("resid_post", "resid_pre"):
+        raise ConfigError(f"analysis.site must be resid_post or resid_pre, not {a.site!r}")
+    if not 0 < a.general_max_frequency <= 1:
+        raise ConfigError(f"analysis.general_max_frequency must be in (0, 1], got {a.general_max_frequency}")
     for key in ("{text}", "{tests}", "{initiator}"):
         if key not in cfg.prompt.template:
             raise ConfigError(f"prompt.template must contain {key}; got {cfg.prompt.template!r}")
