@@ -1,0 +1,226 @@
+"""Batch planning and generation on the tiny random Gemma-2 (CPU, float32)."""
+
+import itertools
+
+import pytest
+import torch
+
+from pva_sae.config import ModelConfig, GenerationConfig
+from pva_sae.generation import Generator, batch_seed, cut_at_stop, plan_batches
+from pva_sae.models import load_model
+from pva_sae.tiny import mbpp_texts
+
+MAX_NEW = 20
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    """Twelve MBPP-shaped prompts of different token lengths, ending at the code initiator."""
+    texts = itertools.islice(mbpp_texts(), 12)
+    return [(task_id, text.split("# Solution:")[0] + "# Solution:") for task_id, text in enumerate(texts, start=1)]
+
+
+def greedy(**overrides):
+    return GenerationConfig(**{"max_new_tokens": MAX_NEW, "stop_strings": (), **overrides})
+
+
+@pytest.fixture(scope="module")
+def unstopped(tiny_loaded, prompts):
+    """Greedy samples of all prompts in one batch, without stop strings."""
+    return Generator(tiny_loaded, greedy()).generate_batch([(t, 0, p) for t, p in prompts], 0)
+
+
+def token_texts(tokenizer, sample):
+    ids = tokenizer(sample.prompt + sample.raw_completion)["input_ids"][sample.n_prompt_tokens:]
+    return [tokenizer.decode([i]) for i in ids]
+
+
+def pick_stop_string(tokenizer, samples):
+    """A token text that first appears in the middle of some sample, so that sample must stop there."""
+    for s in samples:
+        pieces = token_texts(tokenizer, s)
+        for k in range(2, len(pieces) - 2):
+            text_before = "".join(pieces[:k])
+            if pieces[k].strip() and pieces[k].isprintable() and pieces[k] not in text_before + pieces[k][:-1]:
+                return s.task_id, k, pieces[k]
+    pytest.fail("no usable stop string in the greedy outputs")
+
+
+# --------------------------------------------------------------------------- plan
+
+
+def test_plan_is_sorted_deterministic_and_complete(tiny_loaded, prompts):
+    tok = tiny_loaded.tokenizer
+    plan = plan_batches(prompts, tok, batch_size=5, n_samples=1)
+    assert plan == plan_batches(list(reversed(prompts)), tok, batch_size=5, n_samples=1)
+    assert [len(b) for b in plan] == [5, 5, 2]
+    flat = [item for batch in plan for item in batch]
+    lengths = [len(tok(p)["input_ids"]) for _, _, p in flat]
+    assert lengths == sorted(lengths, reverse=True)
+    assert sorted(t for t, _, _ in flat) == [t for t, _ in prompts]
+
+
+def test_plan_ties_break_by_task_id(tiny_loaded):
+    same = [(9, "x = 1"), (3, "y = 2"), (5, "z = 3")]
+    plan = plan_batches(same, tiny_loaded.tokenizer, batch_size=2, n_samples=1)
+    assert [[t for t, _, _ in b] for b in plan] == [[3, 5], [9]]
+
+
+def test_plan_unsorted_keeps_input_order(tiny_loaded, prompts):
+    plan = plan_batches(prompts, tiny_loaded.tokenizer, batch_size=4, n_samples=1, sort_by_length=False)
+    assert [t for b in plan for t, _, _ in b] == [t for t, _ in prompts]
+
+
+def test_plan_n_samples_gives_indices_0_to_n(tiny_loaded, prompts):
+    plan = plan_batches(prompts[:3], tiny_loaded.tokenizer, batch_size=4, n_samples=3)
+    flat = [(t, s) for b in plan for t, s, _ in b]
+    assert len(flat) == 9 and len(set(flat)) == 9
+    for task_id, _ in prompts[:3]:
+        assert [s for t, s in flat if t == task_id] == [0, 1, 2]
+
+
+def test_plan_refuses_duplicate_tasks(tiny_loaded):
+    with pytest.raises(ValueError, match="same task_id twice"):
+        plan_batches([(1, "a"), (1, "b")], tiny_loaded.tokenizer, 2, 1)
+
+
+# --------------------------------------------------------------------------- greedy
+
+
+def test_greedy_alone_equals_batched_with_longer_prompts(tiny_loaded, prompts, unstopped):
+    """Left padding and the attention mask make padding invisible: in float32 the tokens are identical."""
+    gen = Generator(tiny_loaded, greedy())
+    shortest = min(unstopped, key=lambda s: s.n_prompt_tokens)
+    assert shortest.n_prompt_tokens < max(s.n_prompt_tokens for s in unstopped)  # it really was padded
+    for batched in [shortest, *unstopped[:3]]:
+        alone = gen.generate_batch([(batched.task_id, 0, batched.prompt)], 0)[0]
+        assert alone.raw_completion == batched.raw_completion
+        assert (alone.n_new_tokens, alone.n_prompt_tokens) == (batched.n_new_tokens, batched.n_prompt_tokens)
+
+
+def test_sample_fields(tiny_loaded, prompts, unstopped):
+    tok = tiny_loaded.tokenizer
+    for s, (task_id, prompt) in zip(unstopped, prompts):
+        assert (s.task_id, s.sample_index, s.prompt, s.batch_index, s.temperature) == (task_id, 0, prompt, 0, 0.0)
+        assert s.n_prompt_tokens == len(tok(prompt)["input_ids"])
+        assert (s.finish_reason, s.n_new_tokens) == ("length", MAX_NEW)
+        assert s.completion == s.raw_completion
+    assert len({s.gen_time_s for s in unstopped}) == 1 and unstopped[0].gen_time_s > 0
+
+
+# --------------------------------------------------------------------------- stop strings and EOS
+
+
+def test_hf_stop_strings_stop_only_the_finished_row_under_left_padding(tiny_loaded, prompts, unstopped):
+    """transformers' own stop_strings: the matching row is padded after its stop, the others run on."""
+    tok, model = tiny_loaded.tokenizer, tiny_loaded.model
+    task_id, k, stop = pick_stop_string(tok, unstopped)
+    enc = tok([p for _, p in prompts], return_tensors="pt", padding=True)
+    kwargs = dict(max_new_tokens=MAX_NEW, do_sample=False, pad_token_id=tok.pad_token_id)
+    plain = model.generate(**enc, **kwargs)[:, enc["input_ids"].shape[1]:]
+    stopped = model.generate(**enc, **kwargs, stop_strings=[stop], tokenizer=tok)[:, enc["input_ids"].shape[1]:]
+    row = [t for t, _ in prompts].index(task_id)
+    assert torch.equal(stopped[row, :k + 1], plain[row, :k + 1])
+    assert (stopped[row, k + 1:] == tok.pad_token_id).all()
+    for other, sample in enumerate(unstopped):
+        if stop not in sample.raw_completion:
+            assert torch.equal(stopped[other], plain[other])
+
+
+def test_stop_strings_cut_completion_and_set_finish_reason(tiny_loaded, unstopped):
+    task_id, k, stop = pick_stop_string(tiny_loaded.tokenizer, unstopped)
+    gen = Generator(tiny_loaded, greedy(stop_strings=(stop, "never-generated")))
+    stopped = gen.generate_batch([(s.task_id, 0, s.prompt) for s in unstopped], 0)
+    for before, after in zip(unstopped, stopped):
+        expected, found = cut_at_stop(before.raw_completion, [stop])
+        assert after.completion == expected
+        assert before.raw_completion.startswith(after.raw_completion)
+        if found:
+            assert after.finish_reason == "stop" and stop in after.raw_completion
+        else:
+            assert (after.finish_reason, after.raw_completion, after.n_new_tokens) == ("length",
+                                                                                      before.raw_completion, MAX_NEW)
+        if after.task_id == task_id:
+            assert after.n_new_tokens == k + 1 and after.raw_completion.endswith(stop)
+
+
+def test_eos_ends_a_row_and_is_not_text(tiny_model_dir, unstopped):
+    loaded = load_model(ModelConfig(name=str(tiny_model_dir), device="cpu"))  # a copy we may change
+    task_id, k, stop = pick_stop_string(loaded.tokenizer, unstopped)
+    eos_like = loaded.tokenizer.convert_tokens_to_ids(loaded.tokenizer.tokenize(stop))
+    assert len(eos_like) == 1
+    loaded.model.generation_config.eos_token_id = [loaded.tokenizer.eos_token_id, eos_like[0]]
+    before = next(s for s in unstopped if s.task_id == task_id)
+    after = Generator(loaded, greedy()).generate_batch([(task_id, 0, before.prompt)], 0)[0]
+    assert (after.finish_reason, after.n_new_tokens) == ("eos", k + 1)
+    assert before.raw_completion.startswith(after.raw_completion + stop)
+    assert after.completion == after.raw_completion
+
+
+def test_cut_at_stop_takes_the_earliest():
+    assert cut_at_stop("x = 1\nprint(x)\nassert x", ["\nassert ", "\nprint("]) == ("x = 1", True)
+    assert cut_at_stop("x = 1", ["\nassert "]) == ("x = 1", False)
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def sampled(loaded, batch, batch_index, **overrides):
+    cfg = GenerationConfig(max_new_tokens=12, temperature=1.0, stop_strings=(), **overrides)
+    return [s.raw_completion for s in Generator(loaded, cfg).generate_batch(batch, batch_index)]
+
+
+def test_sampling_is_reproducible_per_seed_and_batch(tiny_loaded, prompts):
+    batch = [(t, 0, p) for t, p in prompts[:4]]
+    first = sampled(tiny_loaded, batch, batch_index=3, seed=7)
+    torch.manual_seed(12345)  # the global RNG must not matter ...
+    state = torch.get_rng_state()
+    assert sampled(tiny_loaded, batch, batch_index=3, seed=7) == first
+    assert torch.equal(torch.get_rng_state(), state)  # ... nor be changed
+    assert sampled(tiny_loaded, batch, batch_index=3, seed=8) != first
+    assert sampled(tiny_loaded, batch, batch_index=4, seed=7) != first
+
+
+def test_samples_of_one_task_differ(tiny_loaded, prompts):
+    task_id, prompt = prompts[0]
+    plan = plan_batches([(task_id, prompt)], tiny_loaded.tokenizer, batch_size=4, n_samples=4)
+    cfg = GenerationConfig(max_new_tokens=12, temperature=1.0, n_samples=4, stop_strings=())
+    samples = Generator(tiny_loaded, cfg).generate_batch(plan[0], 0)
+    assert [s.sample_index for s in samples] == [0, 1, 2, 3]
+    assert len({s.raw_completion for s in samples}) > 1
+    assert all(s.temperature == 1.0 for s in samples)
+
+
+def test_batch_seed_is_stable():
+    assert batch_seed(42, 0) == batch_seed(42, 0)
+    assert len({batch_seed(s, b) for s in range(3) for b in range(3)}) == 9
+    assert 0 <= batch_seed(2**40, 10**6) < 2**63
+
+
+def test_model_generation_defaults_do_not_leak(tiny_model_dir, prompts):
+    """A checkpoint asking for sampling (as Llama-3.1's does) must not turn greedy decoding into sampling."""
+    loaded = load_model(ModelConfig(name=str(tiny_model_dir), device="cpu"))
+    batch = [(t, 0, p) for t, p in prompts[:2]]
+    reference = [s.raw_completion for s in Generator(loaded, greedy()).generate_batch(batch, 0)]
+    loaded.model.generation_config.do_sample = True
+    loaded.model.generation_config.temperature = 5.0
+    assert [s.raw_completion for s in Generator(loaded, greedy()).generate_batch(batch, 0)] == reference
+
+
+# --------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_generation_is_seeded_and_restores_rng(tiny_model_dir, prompts):
+    loaded = load_model(ModelConfig(name=str(tiny_model_dir)))  # auto device and dtype
+    assert loaded.device.type == "cuda" and loaded.dtype == torch.bfloat16
+    assert next(loaded.model.parameters()).device.type == "cuda"
+    assert loaded.model.config._attn_implementation == "eager"
+    batch = [(t, 0, p) for t, p in prompts[:6]]
+    cuda_state = torch.cuda.get_rng_state()
+    first = sampled(loaded, batch, batch_index=1, seed=3)
+    assert torch.equal(torch.cuda.get_rng_state(), cuda_state)
+    assert sampled(loaded, batch, batch_index=1, seed=3) == first
+    assert sampled(loaded, batch, batch_index=1, seed=4) != first
+    greedy_samples = Generator(loaded, GenerationConfig(max_new_tokens=MAX_NEW)).generate_batch(batch, 0)
+    assert all(s.finish_reason in ("stop", "eos", "length") and s.n_new_tokens >= 1 for s in greedy_samples)
