@@ -146,7 +146,9 @@ class OutputConfig:
 @dataclass
 class AnalysisConfig:
     sae_release: str = doc(
-        "auto", "SAE release (see `pva-sae saes`); 'auto' takes the model's default release from the registry."
+        "auto",
+        "SAE release (see `pva-sae saes`); 'auto' takes the model's default release from the registry; 'local' "
+        "reads GemmaScope-format files <analysis.sae_local_dir>/layer_{L}/params.npz (e.g. from `pva-sae train-sae`).",
     )
     sae_width: str | None = doc(None, "SAE width such as '16k'; None takes the release's default.")
     sae_l0: int | None = doc(None, "SAE average L0 folder; None takes the release's canonical L0 for each layer.")
