@@ -1,0 +1,143 @@
+"""End-to-end dataset building on CPU with a tiny random Gemma-2 loaded through from_pretrained."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pva_sae.build import build_dataset, load_records
+from pva_sae.config import resolve_config
+from pva_sae.rundir import RunDir
+
+# Wall-clock measurements differ between runs; every other field must be identical.
+TIMING_FIELDS = {"gen_time_s", "exec_time_s"}
+
+
+def overrides(model_dir, run_dir, n_tasks=12, **extra):
+    items = {
+        "model.name": model_dir, "output.run_dir": run_dir, "data.start_idx": 0, "data.end_idx": n_tasks - 1,
+        "generation.max_new_tokens": 24, "generation.batch_size": 3, "checkpoint.every_n_records": 3,
+        "sandbox.timeout_s": 5, "checkpoint.resume": "auto",
+    }
+    items.update(extra)
+    return [f"{k}={v}" for k, v in items.items()]
+
+
+def comparable(records):
+    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in records]
+
+
+def cli(*args, **kwargs):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "pva_sae.cli", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_model_dir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("ref") / "run"
+    cfg = resolve_config(overrides=overrides(tiny_model_dir, run_dir))
+    records = build_dataset(cfg, interactive=False, progress=False)
+    return run_dir, records
+
+
+def test_outputs_are_complete(reference_run):
+    run_dir, records = reference_run
+    run = RunDir.at(run_dir)
+    assert len(records) == 12
+    assert [r["task_id"] for r in records] == list(range(1, 13))
+    for path in (run.config, run.manifest, run.splits, run.dataset_json, run.dataset_parquet,
+                 run.dataset_metadata, run.marker("build")):
+        assert path.is_file(), path
+    assert list(run.logs.glob("build_*.log"))
+    manifest = json.loads(run.manifest.read_text())
+    for key in ("pva_sae_version", "python", "versions", "model", "dataset", "seeds", "device"):
+        assert key in manifest
+    assert manifest["dataset"]["sha256"] and manifest["model"]["revision"].startswith("sha256:")
+    meta = json.loads(run.dataset_metadata.read_text())
+    assert meta["n_records"] == 12 and "by_split" in meta["pass_rate"] and "by_difficulty" in meta["pass_rate"]
+    for record in records:
+        assert record["prompt"].endswith("# Solution:")
+        assert record["split"] in ("sae", "tuning", "validation")
+        assert record["status"] in ("passed", "failed", "error", "timeout")
+        assert record["finish_reason"] in ("stop", "eos", "length")
+    import pyarrow.parquet as pq
+
+    assert comparable(pq.read_table(run.dataset_parquet).to_pylist()) == comparable(records)
+    assert comparable(load_records(str(run_dir))) == comparable(records)
+
+
+def test_config_change_is_refused(reference_run, tiny_model_dir):
+    run_dir, _ = reference_run
+    cfg = resolve_config(overrides=overrides(tiny_model_dir, run_dir, **{"generation.max_new_tokens": 5}))
+    with pytest.raises(RuntimeError, match="generation.max_new_tokens"):
+        build_dataset(cfg, interactive=False, progress=False)
+
+
+def wait_for(predicate, timeout_s=120.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_sigkill_then_resume_gives_identical_records(reference_run, tiny_model_dir, tmp_path):
+    _, expected = reference_run
+    run_dir = tmp_path / "run"
+    args = ["build", "--quiet", *sum((["--set", o] for o in overrides(tiny_model_dir, run_dir)), [])]
+    proc = cli(*args)
+    run = RunDir.at(run_dir)
+    assert wait_for(lambda: any(run.checkpoints.glob("checkpoint_*.json")) if run.checkpoints.is_dir() else False)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not run.is_done("build"), "the build finished before it could be killed"
+    assert not run.dataset_json.exists()
+    resumed = cli(*args)
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert "resuming from" in err
+    assert comparable(load_records(str(run_dir))) == comparable(expected)
+
+
+def test_sigterm_writes_emergency_save_and_exits_cleanly(tiny_model_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["build", "--quiet", *sum((["--set", o] for o in overrides(
+        tiny_model_dir, run_dir, **{"checkpoint.every_n_records": 1000})), [])]
+    proc = cli(*args)
+    run = RunDir.at(run_dir)
+    assert wait_for(lambda: run.manifest.is_file())
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    if run.is_done("build"):
+        pytest.fail("the build finished before SIGTERM arrived")
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "emergency save" in err and "Traceback" not in err
+    saves = list(run.checkpoints.glob("emergency_*.json"))
+    assert len(saves) == 1
+
+
+def test_bad_model_path_is_a_clear_error(tmp_path):
+    proc = cli("build", "--model", str(tmp_path / "no-such-model"), "--run-dir", str(tmp_path / "run"),
+               "--end", "1")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert "no-such-model" in err and "Traceback" not in err
+
+
+def test_python_api_matches_seed_quick_start(tiny_model_dir, tmp_path):
+    import pva_sae
+
+    records = pva_sae.build_dataset(model=str(tiny_model_dir), start_idx=0, end_idx=1, save_format="json",
+                                    run_dir=str(tmp_path / "api"), overrides={"generation.max_new_tokens": 8},
+                                    progress=False)
+    assert [r["task_id"] for r in records] == [1, 2]
+    run = RunDir.at(tmp_path / "api")
+    assert run.dataset_json.is_file() and not run.dataset_parquet.exists()
