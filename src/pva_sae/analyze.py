@@ -190,8 +190,10 @@ def analyze(cfg: Config, progress: bool = True) -> dict[str, Any]:
         "excluded_general": {str(layer): int((general[layer] >= cfg.analysis.general_max_frequency).sum())
                              for layer in layers},
         "saes": {str(layer): saes[layer].meta for layer in layers},
-        "top": {d: [r for r in table if r["direction"] == d and r["scope"] == "overall"][:5]
-                for d in ("correct", "incorrect")},
+        "top": {d: [r for r in table if r["direction"] == d and r["scope"] == "overall"
+                    and r["metric"] == "separation"][:5] for d in ("correct", "incorrect")},
+        "top_by_t": {d: [r for r in table if r["direction"] == d and r["scope"] == "overall"
+                         and r["metric"] == "t"][:5] for d in ("correct", "incorrect")},
     }
     atomic_write_json(paths.summary, summary)
     run.mark_done(STAGE, {"release": release, "n_tasks": len(sae_ids)})

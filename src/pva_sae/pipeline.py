@@ -1,7 +1,8 @@
 """`pva-sae run`: every stage that exists, in order, on one config (by default the embedded model).
 
-Each stage is skipped when its ``.done`` marker is present in the run directory, so rerunning an
-interrupted pipeline continues where it stopped.
+Stages: build (labelled dataset) -> analyze (SAE latents). A stage whose ``.done`` marker is present
+is not redone when its inputs are unchanged, so rerunning an interrupted pipeline continues where it
+stopped.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from .config import Config
 
 def run_pipeline(cfg: Config, progress: bool = True) -> list[str]:
     """Run the stages; return human-readable summary lines (where the results are)."""
+    from .analyze import AnalysisPaths, analyze
     from .build import build_dataset
     from .rundir import RunDir
 
@@ -21,7 +23,19 @@ def run_pipeline(cfg: Config, progress: bool = True) -> list[str]:
     started = time.perf_counter()
     records = build_dataset(cfg, progress=progress)
     n_pass = sum(r["passed"] for r in records)
-    lines.append(f"build: {len(records)} samples, {n_pass} passed ({n_pass / max(len(records), 1):.1%}) "
+    lines.append(f"build:   {len(records)} samples, {n_pass} passed ({n_pass / max(len(records), 1):.1%}) "
                  f"-> {run.datasets}")
+    t0 = time.perf_counter()
+    summary = analyze(cfg, progress=progress)
+    paths = AnalysisPaths.of(run)
+    lines.append(f"analyze: {summary['n_tasks']} SAE-split tasks ({summary['n_correct']} correct), "
+                 f"{len(summary['layers'])} layers, release {summary['release']} ({time.perf_counter() - t0:.0f} s)")
+    for direction in ("correct", "incorrect"):
+        top = summary["top"][direction][:1]
+        if top:
+            r = top[0]
+            lines.append(f"         top {direction}-predicting latent: layer {r['layer']} latent {r['latent']} "
+                         f"(separation {r['sep_' + direction]:.3f}, t {r['t_' + direction]:.2f})")
+    lines.append(f"         ranked latents: {paths.ranked_parquet}; plots: {paths.plots}")
     lines.append(f"finished in {time.perf_counter() - started:.0f} s; results in {run.root}")
     return lines
