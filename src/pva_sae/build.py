@@ -150,7 +150,7 @@ def _generate_and_label(plan, state: BuildState, generator, by_id, split_of, cfg
             if batch_index in state.done_batches:
                 continue
             samples = generator.generate_batch(batch, batch_index)
-            programs = [extract_program(s.completion) for s in samples]
+            programs = [extract_program(s.completion, prompt_end=cfg.prompt.initiator) for s in samples]
             jobs = [ExecJob(key=(s.task_id, s.sample_index), program=p, tests=tuple(by_id[s.task_id].test_list),
                             setup_code=by_id[s.task_id].test_setup_code) for s, p in zip(samples, programs)]
             results = run_jobs(jobs, cfg.sandbox)
