@@ -102,7 +102,8 @@ def build_dataset(cfg: Config, *, interactive: bool | None = None, progress: boo
     by_id = {t.task_id: t for t in tasks}
     prompt_list = [(t.task_id, prompts.build_prompt(t, cfg.prompt.template, cfg.prompt.initiator)) for t in tasks]
     plan = plan_batches(prompt_list, loaded.tokenizer, cfg.generation.batch_size, cfg.generation.n_samples,
-                        cfg.generation.sort_by_length)
+                        cfg.generation.sort_by_length, batch_token_budget(cfg.generation.max_batch_tokens, loaded.device),
+                        cfg.generation.max_new_tokens)
     checkpointer = Checkpointer(run, cfg.checkpoint, cfg.to_dict(), cfg.data.start_idx,
                                 cfg.data.end_idx if cfg.data.end_idx is not None else len(tasks_all) - 1)
     if run.is_done(STAGE) and cfg.checkpoint.resume != "never" and not cfg.checkpoint.resume_from:
@@ -132,6 +133,18 @@ def build_dataset(cfg: Config, *, interactive: bool | None = None, progress: boo
     log.info("dataset written to %s (%d records, pass rate %.3f)", run.datasets, len(records),
              metadata["pass_rate"]["overall"])
     return records
+
+
+CPU_BATCH_TOKENS = 8192  # on CPU, decode cost grows with rows x context; on GPU it is nearly flat
+
+
+def batch_token_budget(setting: int, device) -> int | None:
+    """generation.max_batch_tokens resolved: 0 = automatic, -1 = no cap."""
+    if setting == -1:
+        return None
+    if setting == 0:
+        return CPU_BATCH_TOKENS if getattr(device, "type", str(device)) == "cpu" else None
+    return setting
 
 
 def _generate_and_label(plan, state: BuildState, generator, by_id, split_of, cfg: Config,

@@ -96,7 +96,12 @@ class PromptConfig:
 @dataclass
 class GenerationConfig:
     max_new_tokens: int = doc(384, "Hard cap on generated tokens per sample.")
-    batch_size: int = doc(16, "Prompts per generation batch.")
+    batch_size: int = doc(16, "Most prompts per generation batch.")
+    max_batch_tokens: int = doc(
+        0,
+        "Cap on rows x (longest prompt + max_new_tokens) per batch, so rare very long prompts get small "
+        "batches instead of slowing every row of theirs; 0 = automatic (8192 on CPU, no cap on GPU), -1 = no cap.",
+    )
     temperature: float = doc(0.0, "0 means greedy decoding; above 0, seeded multinomial sampling.")
     top_p: float = doc(1.0, "Nucleus sampling mass (only when temperature > 0).")
     n_samples: int = doc(1, "Samples per task (more than 1 only makes sense with temperature > 0).")

@@ -51,13 +51,18 @@ class Sample:
 # --------------------------------------------------------------------------- plan
 
 def plan_batches(prompts: Sequence[tuple[int, str]], tokenizer: Any, batch_size: int, n_samples: int,
-                 sort_by_length: bool = True) -> list[list[PlanItem]]:
+                 sort_by_length: bool = True, max_batch_tokens: int | None = None,
+                 max_new_tokens: int = 0) -> list[list[PlanItem]]:
     """Split ``n_samples`` copies of every (task_id, prompt) into batches; batch i has batch_index i.
 
     With ``sort_by_length`` the items are ordered by prompt token length, longest first, ties by
     task_id then sample_index: rows of a batch need little padding, and the largest batch comes
     first, so running out of memory shows at once rather than hours in. The plan depends on its
     arguments only, so a resumed run rebuilds the same batches.
+
+    ``max_batch_tokens`` caps rows x (longest prompt + max_new_tokens) per batch: a few very long
+    prompts (MBPP has one of ~2,600 tokens) then get small batches of their own instead of making
+    fifteen short rows carry thousands of padding positions through every decode step.
     """
     if batch_size < 1 or n_samples < 1:
         raise ValueError(f"batch_size and n_samples must be >= 1, got {batch_size} and {n_samples}")
@@ -65,10 +70,23 @@ def plan_batches(prompts: Sequence[tuple[int, str]], tokenizer: Any, batch_size:
     if len(set(task_ids)) != len(task_ids):
         raise ValueError("plan_batches got the same task_id twice; each task must appear once")
     items = [(task_id, s, prompt) for task_id, prompt in prompts for s in range(n_samples)]
+    lengths = {task_id: len(tokenizer(prompt)["input_ids"]) for task_id, prompt in prompts}
     if sort_by_length:
-        lengths = {task_id: len(tokenizer(prompt)["input_ids"]) for task_id, prompt in prompts}
         items.sort(key=lambda item: (-lengths[item[0]], item[0], item[1]))
-    return [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+    batches: list[list[PlanItem]] = []
+    current: list[PlanItem] = []
+    longest = 0
+    for item in items:
+        width = max(longest, lengths[item[0]]) + max_new_tokens
+        too_many_tokens = max_batch_tokens is not None and current and (len(current) + 1) * width > max_batch_tokens
+        if len(current) == batch_size or too_many_tokens:
+            batches.append(current)
+            current, longest = [], 0
+        current.append(item)
+        longest = max(longest, lengths[item[0]])
+    if current:
+        batches.append(current)
+    return batches
 
 
 # --------------------------------------------------------------------------- seeding
