@@ -1,0 +1,238 @@
+"""scripts/train_default.py end to end at toy size on CPU, and the corpus module it builds on."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from pva_sae import corpus
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_PREPARE = ["--vocab-size", "320", "--max-train-files", "2", "--max-tasks", "16",
+                "--train-max-chars-per-file", "4000", "--general-max-chars", "30000"]
+TINY_TRAIN = ["--n-layers", "2", "--d-model", "32", "--n-heads", "2", "--n-kv-heads", "1", "--head-dim", "16",
+              "--d-mlp", "64", "--lm-steps", "4", "--lm-batch", "4", "--seq-len", "64", "--lm-log-every", "2",
+              "--sae-width", "64", "--sae-steps", "40", "--sae-batch", "256", "--sae-max-tokens", "4000",
+              "--sae-retries", "0", "--collect-batch", "8", "--device", "cpu"]
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("train_default", ROOT / "scripts" / "train_default.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["train_default"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def script():
+    return load_script()
+
+
+@pytest.fixture(scope="module")
+def built(script, tmp_path_factory):
+    """prepare + train (+ eval with a few new tokens) at toy size; returns (prepared dir, assets dir)."""
+    import torch
+
+    torch.set_num_threads(1)
+    base = tmp_path_factory.mktemp("default")
+    prep, assets = base / "prep", base / "assets"
+    assert script.main(["prepare", "--out", str(prep), *TINY_PREPARE, *TINY_TRAIN[:-2]]) == 0
+    assert script.main(["train", "--prepared", str(prep), "--out", str(assets), "--skip-eval", "--no-png",
+                        *TINY_TRAIN]) == 0
+    return prep, assets
+
+
+# --------------------------------------------------------------------------- prepare
+
+def test_prepare_records_hashes_sizes_and_a_seeded_half(built, script):
+    prep, _ = built
+    info = json.loads((prep / "prepare.json").read_text())
+    assert set(info["files"]) == set(script.PREP_FILES)
+    assert len(info["mbpp"]["memorized_ids"]) == 8 and info["mbpp"]["n_tasks"] == 16
+    assert info["mbpp"]["prompt_not_prefix_of_document"] == []
+    assert info["corpora"]["train"]["n_files"] == 2 and len(info["corpora"]["train"]["sha256"]) == 64
+    assert info["tokens"]["train_corpus"] > 0 and info["projected_asset_bytes"]["total"] > 0
+    assert (prep / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_memorized_half_is_seeded_and_independent_of_order(script):
+    ids = list(range(1, 975))
+    a = script.memorized_task_ids(ids, 1234, 0.5)
+    assert a == script.memorized_task_ids(list(reversed(ids)), 1234, 0.5)
+    assert len(a) == 487 and a != script.memorized_task_ids(ids, 42, 0.5)
+
+
+def test_parameter_count_matches_the_model(script):
+    from transformers import Gemma2ForCausalLM
+
+    recipe = script.Recipe(n_layers=2, d_model=32, n_heads=2, n_kv_heads=1, head_dim=16, d_mlp=64)
+    model = Gemma2ForCausalLM(script.model_config(recipe, 300))
+    assert script.count_parameters(recipe, 300) == sum(p.numel() for p in model.parameters())
+
+
+def test_default_recipe_fits_the_budget(script):
+    recipe = script.Recipe()
+    projected = script.projected_asset_bytes(recipe, recipe.vocab_size, general_bytes=1_800_000,
+                                             tokenizer_bytes=300_000)
+    assert projected["total"] <= recipe.max_asset_bytes
+
+
+def test_length_chunks_bound_the_padding(script):
+    import numpy as np
+
+    rows = [np.zeros(n) for n in (10, 300, 20, 1000, 30)]
+    chunks = script.length_chunks(rows, 600)
+    assert sorted(len(r) for c in chunks for r in c) == [10, 20, 30, 300, 1000]
+    assert all(max(len(r) for r in c) * len(c) <= 600 or len(c) == 1 for c in chunks)
+
+
+# --------------------------------------------------------------------------- train
+
+def test_train_writes_loadable_model_and_saes(built):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pva_sae.sae import load_sae_file
+
+    _, assets = built
+    model = AutoModelForCausalLM.from_pretrained(assets / "model")
+    tok = AutoTokenizer.from_pretrained(assets / "model")
+    assert model.dtype == torch.bfloat16 and model.config.num_hidden_layers == 2
+    ids = tok("def f():\n    pass")["input_ids"]
+    assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+    for layer in (0, 1):
+        sae = load_sae_file(assets / "saes" / f"layer_{layer}" / "params.npz", expected_d_model=32)
+        assert sae.d_sae == 64
+        stats = json.loads((assets / "saes" / f"layer_{layer}" / "stats.json").read_text())
+        assert {"eval", "general_corpus", "mbpp_last_prompt_token", "attempts"} <= set(stats["stats"])
+    assert corpus.load_general_corpus(assets / "general_corpus.jsonl")
+
+
+def test_training_record(built):
+    _, assets = built
+    rec = json.loads((assets / "training.json").read_text())
+    assert rec["lm"]["steps"] == 4 and rec["lm"]["curve"][-1]["step"] == 3
+    assert {"loss_corpus", "loss_mbpp"} <= set(rec["lm"]["curve"][0])
+    assert set(rec["saes"]["layers"]) == {"0", "1"}
+    assert rec["asset_bytes"] > sum(f["bytes"] for f in rec["asset_files"].values())  # + training.json
+    assert "model/model.safetensors" in rec["asset_files"]
+    assert rec["timings_s"]["train_total"] > 0
+
+
+def test_budget_overrun_fails_loudly(built, script, tmp_path):
+    prep, _ = built
+    with pytest.raises(SystemExit, match="over the budget"):
+        script.main(["train", "--prepared", str(prep), "--out", str(tmp_path / "a"), "--skip-eval", "--no-png",
+                     "--max-asset-bytes", "100000", *TINY_TRAIN])
+
+
+def test_eval_and_card(built, script, tmp_path):
+    prep, assets = built
+    assert script.main(["eval", "--assets", str(assets), "--prepared", str(prep), "--device", "cpu",
+                        "--batch-size", "16", "--max-new-tokens", "8"]) == 0
+    rec = json.loads((assets / "training.json").read_text())
+    ev = rec["eval"]
+    assert ev["memorized"]["n"] == 8 and ev["other"]["n"] == 8
+    assert 0 <= ev["memorized"]["pass_at_1"] <= 1
+    card = tmp_path / "card.md"
+    assert script.main(["card", "--assets", str(assets), "--out", str(card),
+                        "--loss-png", str(tmp_path / "loss.png")]) == 0
+    text = card.read_text()
+    assert "TO FILL" not in text and "| memorized | 8 |" in text
+    assert (tmp_path / "loss.png").is_file()
+
+
+def test_card_template_marks_missing_numbers(script, tmp_path):
+    text = script.render_card(tmp_path, None)
+    assert "TO FILL" in text and "## Results" in text
+
+
+# --------------------------------------------------------------------------- corpus
+
+def test_module_lists_are_disjoint_and_exist():
+    assert not set(corpus.TRAIN_MODULES) & set(corpus.GENERAL_MODULES)
+    assert len(corpus.TRAIN_MODULES) >= 150
+    missing = [p for p in corpus.TRAIN_MODULES + corpus.GENERAL_MODULES if not (corpus.stdlib_dir() / p).is_file()]
+    assert missing == [] or sys.version_info[:2] != (3, 11)
+
+
+def test_normalise_source():
+    text, cut = corpus.normalise_source("a = 1  \r\nb = 2\r\n\n\n\n\n\ndef f():\t\n    pass")
+    assert text == "a = 1\nb = 2\n\n\ndef f():\n    pass\n" and not cut
+    text, cut = corpus.normalise_source("line1\nline2\nline3\n", max_chars=13)
+    assert text == "line1\nline2\n" and cut
+
+
+def test_split_documents_bounds_and_covers():
+    src = "\n\n".join(f"def f{i}():\n" + "    x = 1\n" * (i % 7 + 1) for i in range(60))
+    docs = corpus.split_documents(src, min_chars=100, max_chars=300)
+    assert all(len(d) <= 300 for d in docs)
+    assert all(len(d) >= 25 for d in docs)
+    assert "".join(docs).replace("\n", "") == src.replace("\n", "")
+
+
+def test_corpus_hash_changes_with_content(tmp_path):
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "b.py").write_text("y = 2\n")
+    one = corpus.read_stdlib(["a.py", "b.py"], "t", root=tmp_path)
+    (tmp_path / "b.py").write_text("y = 3\n")
+    two = corpus.read_stdlib(["a.py", "b.py"], "t", root=tmp_path)
+    assert one.sha256 != two.sha256 and one.files[0].sha256_text == two.files[0].sha256_text
+    with pytest.raises(corpus.CorpusError, match="missing"):
+        corpus.read_stdlib(["nope.py"], "t", root=tmp_path)
+
+
+def test_load_general_corpus_formats(tmp_path):
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "c.jsonl").write_text('{"id": "a", "text": "one"}\n\n{"id": "b", "text": "two"}\n')
+    assert corpus.load_general_corpus(tmp_path / "c.jsonl") == ["one", "two"]
+    with gzip.open(tmp_path / "c.jsonl.gz", "wt") as f:
+        f.write('{"text": "zipped"}\n')
+    assert corpus.load_general_corpus(tmp_path / "c.jsonl.gz") == ["zipped"]
+    pq.write_table(pa.table({"text": ["p1", "p2"]}), tmp_path / "c.parquet")
+    assert corpus.load_general_corpus(tmp_path / "c.parquet") == ["p1", "p2"]
+    (tmp_path / "c.txt").write_text("first doc\nline two\n\n \nsecond doc\n")
+    assert corpus.load_general_corpus(tmp_path / "c.txt") == ["first doc\nline two", "second doc"]
+    (tmp_path / "bad.jsonl").write_text('{"id": 1}\n')
+    with pytest.raises(corpus.CorpusError, match="text"):
+        corpus.load_general_corpus(tmp_path / "bad.jsonl")
+    with pytest.raises(corpus.CorpusError, match="unsupported"):
+        (tmp_path / "c.csv").write_text("x")
+        corpus.load_general_corpus(tmp_path / "c.csv")
+
+
+def test_pack_and_unpack_round_trip(built, script, tmp_path):
+    prep, assets = built
+    packed = tmp_path / "packed"
+    script.pack(assets, packed, None)
+    assert sorted(p.name for p in packed.iterdir()) == ["model.tar", "saes.tar", "training.json"]
+    out = tmp_path / "restored"
+    assert script.main(["unpack", "--packed", str(packed), "--prepared", str(prep), "--out", str(out),
+                        "--loss-png", str(tmp_path / "x.png")]) == 0
+    for rel in ("saes/layer_1/params.npz", "model/model.safetensors", "general_corpus.jsonl"):
+        assert (out / rel).read_bytes() == (assets / rel).read_bytes()
+    record = json.loads((packed / "training.json").read_text())
+    record["asset_files"]["saes/layer_0/params.npz"]["sha256"] = "0" * 64
+    (packed / "training.json").write_text(json.dumps(record))
+    with pytest.raises(SystemExit, match="differ"):
+        script.main(["unpack", "--packed", str(packed), "--prepared", str(prep), "--out", str(tmp_path / "again")])
+
+
+def test_eval_plan_bounds_attention_memory(script):
+    class Tok:
+        def __call__(self, text):
+            return {"input_ids": [0] * len(text)}
+
+    prompts = [(i, "x" * n) for i, n in enumerate([10, 2000, 30, 30, 500, 20])]
+    plan = script.eval_plan(prompts, Tok(), max_batch=3, max_attention=3 * 500 ** 2)
+    assert sorted(tid for b in plan for tid, _, _ in b) == list(range(6))
+    assert plan[0] == [(1, 0, "x" * 2000)]                      # longest first, alone
+    assert all(len(b) <= 3 for b in plan)
+    assert all(len(b) * len(b[0][2]) ** 2 <= 3 * 500 ** 2 for b in plan[1:])
