@@ -126,11 +126,18 @@ def capture_all(cfg: Config, loaded, records, layers, paths: AnalysisPaths, prog
             return acts, task_ids
     started = time.perf_counter()
     acts = capture_last_token(loaded.model, loaded.tokenizer, [prompts[t] for t in task_ids], layers=layers,
-                              site=cfg.analysis.site, batch_size=cfg.analysis.batch_size, progress=progress)
+                              site=cfg.analysis.site, batch_size=cfg.analysis.batch_size, progress=progress,
+                              max_batch_tokens=token_budget(cfg, loaded))
     save_activations(paths.activations, acts, task_ids, layers, cfg.analysis.site,
                      {"model": loaded.path_or_id, "revision": loaded.revision,
                       "seconds": f"{time.perf_counter() - started:.2f}"})
     return acts, task_ids
+
+
+def token_budget(cfg: Config, loaded) -> int | None:
+    from .build import batch_token_budget
+
+    return batch_token_budget(cfg.generation.max_batch_tokens, loaded.device)
 
 
 def analyze(cfg: Config, progress: bool = True) -> dict[str, Any]:
@@ -174,7 +181,7 @@ def analyze(cfg: Config, progress: bool = True) -> dict[str, Any]:
     general, general_info = general_frequencies(
         loaded, saes, corpus, n_docs=cfg.analysis.general_n_docs, seed=cfg.analysis.general_seed,
         site=cfg.analysis.site, batch_size=cfg.analysis.batch_size, max_tokens=cfg.analysis.general_max_tokens,
-        cache_dir=cfg.analysis.cache_dir, progress=progress)
+        cache_dir=cfg.analysis.cache_dir, progress=progress, max_batch_tokens=token_budget(cfg, loaded))
     scores = score_layers(saes, acts[rows], y, layers)
     table = rank_latents(scores, general, cfg.analysis.general_max_frequency, cfg.analysis.top_k,
                          link=_link_fn(release, saes))

@@ -110,12 +110,14 @@ def _accepts(model: Any, name: str) -> bool:
 
 def capture_last_token(model: Any, tokenizer: Any, prompts: Sequence[str], layers: Sequence[int] | None = None,
                        site: str = "resid_post", batch_size: int = 16, sort_by_length: bool = True,
-                       progress: bool = True, max_length: int | None = None) -> "torch.Tensor":
+                       progress: bool = True, max_length: int | None = None,
+                       max_batch_tokens: int | None = None) -> "torch.Tensor":
     """Residual at the last token of every prompt: (n_prompts, n_layers, d_model) float32 on CPU.
 
     Rows are in the ORIGINAL prompt order whatever ``sort_by_length`` does; columns follow ``layers``
     (default: every layer). One forward pass per batch (no generation, no KV cache) captures all
-    layers. The model is put in eval mode for the call and restored afterwards.
+    layers. The model is put in eval mode for the call and restored afterwards. ``max_batch_tokens``
+    caps rows x longest row per batch, so a rare very long prompt does not pad a whole batch.
     """
     import torch
 
@@ -136,8 +138,7 @@ def capture_last_token(model: Any, tokenizer: Any, prompts: Sequence[str], layer
     try:
         with torch.no_grad(), CaptureHook(model, layers, site=site, positions=-1, stop=True) as hook, \
                 _progress_bar(len(rows), progress) as bar:
-            for start in range(0, len(order), batch_size):
-                idx = order[start:start + batch_size]
+            for idx in _batches(order, [len(r) for r in rows], batch_size, max_batch_tokens):
                 acts = _forward_batch(model, hook, [rows[i] for i in idx], pad_id, device, with_positions)
                 if out is None:
                     out = torch.empty((len(rows), len(layers), acts.shape[-1]), dtype=torch.float32)
@@ -145,6 +146,23 @@ def capture_last_token(model: Any, tokenizer: Any, prompts: Sequence[str], layer
                 bar.update(len(idx))
     finally:
         model.train(was_training)
+    return out
+
+
+def _batches(order: list[int], lengths: list[int], batch_size: int, max_tokens: int | None) -> list[list[int]]:
+    """Consecutive slices of ``order`` with at most batch_size rows and rows x longest <= max_tokens."""
+    out: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for i in order:
+        width = max(longest, lengths[i])
+        if current and (len(current) == batch_size or (max_tokens is not None and (len(current) + 1) * width > max_tokens)):
+            out.append(current)
+            current, longest = [], 0
+        current.append(i)
+        longest = max(longest, lengths[i])
+    if current:
+        out.append(current)
     return out
 
 

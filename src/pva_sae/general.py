@@ -71,7 +71,8 @@ def cache_key(parts: dict[str, Any]) -> str:
 
 def general_frequencies(loaded, saes: dict[int, Any], source: str, *, n_docs: int, seed: int, site: str,
                         batch_size: int, max_tokens: int, cache_dir: str, progress: bool = True,
-                        capture: Callable | None = None) -> tuple[dict[int, Any], dict[str, Any]]:
+                        capture: Callable | None = None,
+                        max_batch_tokens: int | None = None) -> tuple[dict[int, Any], dict[str, Any]]:
     """Per layer, the share of documents on which each latent fires: {layer: (d_sae,) float32 tensor}."""
     import torch
     from safetensors.torch import load_file, save_file
@@ -93,7 +94,8 @@ def general_frequencies(loaded, saes: dict[int, Any], source: str, *, n_docs: in
     texts = word_prefixes(docs, seed)
     capture = capture or capture_last_token
     acts = capture(loaded.model, loaded.tokenizer, texts, layers=layers, site=site, batch_size=batch_size,
-                   max_length=max_tokens, progress=progress)  # (n_docs, n_layers, d_model)
+                   max_length=max_tokens, progress=progress,
+                   max_batch_tokens=max_batch_tokens)  # (n_docs, n_layers, d_model)
     freqs = {}
     for i, layer in enumerate(layers):
         latents = saes[layer].encode(acts[:, i].to(saes[layer].W_enc.device))  # (n_docs, d_sae)
