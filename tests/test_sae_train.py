@@ -228,3 +228,17 @@ def test_train_model_saes_writes_one_loadable_sae_per_layer(tiny_loaded, tmp_pat
     for layer in (0, 1):
         sae = load_sae_file(tmp_path / f"layer_{layer}" / "params.npz", expected_d_model=model.config.hidden_size)
         assert sae.d_sae == 32 and "eval" in results[layer].stats
+
+
+def test_saes_trained_together_keep_their_own_targets():
+    from pva_sae.sae_train import train_saes
+
+    x, _ = planted(20_000, d=32, m=48, k=6, seed=4)
+    cfg = SAETrainConfig(d_sae=64, steps=300, batch_size=512, lr=3e-3, threshold_lr=3e-2, sparsity_coefficient=3e-2,
+                         sparsity_warmup_steps=60, lr_warmup_steps=10, target_l0_rate=0.03, device="cpu", seed=1)
+    sparse, dense = train_saes([x[:18_000], x[:18_000] * 5.0], cfg, eval_acts=[x[18_000:], x[18_000:] * 5.0],
+                               target_l0=[3.0, 12.0], names=["sparse", "dense"])
+    assert sparse.stats["eval"]["mean_l0"] < dense.stats["eval"]["mean_l0"]
+    assert sparse.stats["target_l0"] == 3.0 and dense.stats["trained_together"] == 2
+    assert sparse.stats["input_scale"] == pytest.approx(dense.stats["input_scale"] * 5.0, rel=1e-5)
+    assert dense.stats["eval"]["fve"] > 0.6

@@ -26,23 +26,30 @@ Scope" (arXiv 2408.05147). The facts used, and where this module departs from th
   raw residuals (``b_enc``, ``b_dec`` and the threshold are divided by it; the weights are
   unchanged).
 * Decoder rows have unit norm: after every step they are renormalised and, before it, the gradient
-  component parallel to each row is removed. ``W_enc`` starts as ``W_dec`` transposed, which keeps
-  latents from dying early. Adam with ``beta1 = 0``, ``beta2 = 0.999`` (the papers' settings).
-  ``lambda`` is warmed up linearly from 0; the learning rate warms up and decays linearly to 0 at the
-  end. Initial threshold and bandwidth 0.001 in normalised units are the papers' values.
-* Departures, each a config field that can be switched off: ``b_dec`` starts at the data mean and
-  ``b_enc`` at ``-mean @ W_enc`` (the encoder first sees centred inputs); ``target_l0`` adapts
-  ``lambda`` multiplicatively during training until the mean L0 reaches the target, then freezes it
-  (a fixed ``lambda`` reproduces the paper); latents that have not fired for ``dead_after_tokens``
-  tokens get a small loss pulling their pre-activation up to the threshold (``dead_loss_coefficient``,
-  the pre-activation loss of Anthropic's January 2025 update, applied to dead latents only).
+  component parallel to each row is removed (as saprmarks/dictionary_learning does). ``W_enc``
+  starts as ``W_dec`` transposed, reported to keep latents from dying early. Adam with
+  ``beta1 = 0``, ``beta2 = 0.999``, ``eps = 1e-8`` (the papers' settings); ``lambda`` is warmed up
+  linearly from 0. Initial threshold and bandwidth 0.001 in normalised units are the papers' values.
+* Departures, each a config field: learning rate 1e-3 rather than the papers' 7e-5 (runs of
+  thousands, not hundreds of thousands, of steps on small SAEs), with a linear warm-up, then
+  constant, then a linear decay to 0 over the last ``lr_decay_fraction``; gradient-norm clipping;
+  ``b_dec`` starts at the data mean and ``b_enc`` at ``-mean @ W_enc`` (the encoder first sees
+  centred inputs); ``target_l0`` adapts ``lambda`` multiplicatively until the mean L0 reaches the
+  target, then freezes it for the rest of training (``target_l0=None`` keeps lambda fixed, as in
+  the paper); latents that have not fired for ``dead_after_tokens`` tokens get a small loss pulling
+  their pre-activations up to the threshold (``dead_loss_coefficient``: the pre-activation loss of
+  Anthropic's January 2025 training update, restricted to dead latents as SAELens does).
 
 Quality is measured on held-out activations (:func:`evaluate_sae`): fraction of variance explained
 ``1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2``, mean L0, and the share of dead latents (never
 firing on the held-out set).
 
-:func:`collect_activations` reads the residual stream (``resid_post``) of every token of a list of
-sequences; :func:`save_sae` writes ``params.npz`` (GemmaScope layout) and ``stats.json``.
+:func:`train_sae` trains one SAE; :func:`train_saes` trains several on the same tokens at once (the
+layers of a model: one batched step costs on a GPU about what one SAE's step costs, since SAEs of
+this size are bound by kernel launches, not arithmetic). :func:`collect_activations` reads the
+residual stream (``resid_post``) of every token of a list of sequences; :func:`save_sae` writes
+``params.npz`` (GemmaScope layout) and ``stats.json``; :func:`train_model_saes` does all of it for
+the layers of a model.
 """
 
 from __future__ import annotations
@@ -575,9 +582,8 @@ def train_model_saes(model: Any, sequences: Sequence[Sequence[int]], layers: Seq
     train = [sequences[i] for i in order[n_held:]]
     acts = collect_activations(model, train, layers, pad_id=pad_id)
     held_acts = collect_activations(model, held, layers, pad_id=pad_id)
-    results = {}
-    for layer in layers:
-        result = train_sae(acts[layer], cfg, eval_acts=held_acts[layer], log=log, name=f"layer {layer}")
+    trained = train_saes([acts[layer] for layer in layers], cfg, [held_acts[layer] for layer in layers], log=log,
+                         names=[f"layer {layer}" for layer in layers])
+    for layer, result in zip(layers, trained):
         save_sae(result, Path(out_dir) / f"layer_{layer}", extra={"layer": layer, "site": "resid_post"})
-        results[layer] = result
-    return results
+    return dict(zip(layers, trained))
