@@ -21,7 +21,7 @@ TIMING_FIELDS = {"gen_time_s", "exec_time_s"}
 def overrides(model_dir, run_dir, n_tasks=12, **extra):
     items = {
         "model.name": model_dir, "output.run_dir": run_dir, "data.start_idx": 0, "data.end_idx": n_tasks - 1,
-        "generation.max_new_tokens": 24, "generation.batch_size": 3, "checkpoint.every_n_records": 3,
+        "generation.max_new_tokens": 24, "generation.batch_size": 2, "checkpoint.every_n_records": 2,
         "sandbox.timeout_s": 5, "checkpoint.resume": "auto",
     }
     items.update(extra)
@@ -108,8 +108,10 @@ def test_sigkill_then_resume_gives_identical_records(reference_run, tiny_model_d
 
 def test_sigterm_writes_emergency_save_and_exits_cleanly(tiny_model_dir, tmp_path):
     run_dir = tmp_path / "run"
+    # Enough work (80 tasks, every sample runs to 64 tokens) that the build is still going when the signal lands.
     args = ["build", "--quiet", *sum((["--set", o] for o in overrides(
-        tiny_model_dir, run_dir, **{"checkpoint.every_n_records": 1000})), [])]
+        tiny_model_dir, run_dir, n_tasks=80, **{"checkpoint.every_n_records": 1000, "generation.max_new_tokens": 64,
+                                                "generation.stop_strings": "[]"})), [])]
     proc = cli(*args)
     run = RunDir.at(run_dir)
     assert wait_for(lambda: run.manifest.is_file())
