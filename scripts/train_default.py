@@ -1092,13 +1092,7 @@ def card_text(rec: dict[str, Any]) -> str:
         f"half whole memorized MBPP documents; AdamW (betas 0.9/0.95, weight decay {r['lm_weight_decay']}), one-cycle "
         f"learning rate peaking at {r['lm_lr']}, {_precision(rec)}, gradient clipping {r['lm_grad_clip']}, "
         f"seed {r['seed']}.",
-        f"- SAEs: {r['sae_steps']} steps of {r['sae_batch']} activations, all layers trained together "
-        f"(`pva_sae.sae_train`; method, facts and departures from the papers in its docstring), lambda adapted "
-        f"towards a mean L0 of {r['sae_target_l0']}; data: every non-BOS position of the corpus chunks, the "
-        f"memorized MBPP documents and the other tasks' prompts "
-        f"({_get(rec, 'saes', 'data', 'train_tokens', fmt='{:,}')} tokens), plus "
-        f"{r.get('sae_prompt_end_copies', 0)} copies of each prompt's last-token residual (the position the "
-        f"analysis reads); {r['sae_heldout_fraction']:.0%} of the sequences held out for the numbers below.",
+        _sae_training_line(rec, r),
         "- Commands: `python scripts/train_default.py prepare --out .prep` (CPU, Python 3.11), then "
         "`PYTHONPATH=src python scripts/train_default.py train --prepared .prep --out ASSETS` on the GPU "
         "(`--pack DIR` and `unpack` carry the result back; see the script's docstring).",
@@ -1109,7 +1103,7 @@ def card_text(rec: dict[str, Any]) -> str:
         "",
         "## Results",
         "",
-        "Greedy pass@1 (the pipeline's prompt, generation, extraction and sandbox; float32):",
+        f"Greedy pass@1 (the pipeline's prompt, generation, extraction and sandbox; float32; {_eval_source(rec)}):",
         "",
         "| tasks | n | passed | pass@1 |",
         "|---|---|---|---|",
@@ -1136,7 +1130,7 @@ def card_text(rec: dict[str, Any]) -> str:
         lines.append(f"| {layer} | {h['fve']:.3f} | {h['mean_l0']:.1f} | {h['dead_fraction']:.3f} | "
                      f"{_fmt(s.get('dead_fraction_heldout_and_general'), '{:.3f}')} | "
                      f"{s['general_corpus']['fve']:.3f} | {s['mbpp_last_prompt_token']['fve']:.3f} | "
-                     f"{_fmt(s.get('target_l0'), '{:.0f}')} | {s['final_lambda']:.2e} |")
+                     f"{_fmt(_chosen_target(s), '{:.0f}')} | {s['final_lambda']:.2e} |")
     lines += ["", "FVE = 1 - squared error / variance around the mean, on each evaluation set. The last-prompt-token "
               "set (one residual per MBPP prompt, all tasks) is part of the SAE training data when prompt-end "
               "copies are added, and its variance is small (every prompt ends with the same tokens), which lowers "
@@ -1146,6 +1140,32 @@ def card_text(rec: dict[str, Any]) -> str:
               "  use it to check the pipeline and to learn it, not to draw conclusions about real models.",
               "- Corpora depend on the Python version that built them (recorded above with their hashes).", ""]
     return "\n".join(lines)
+
+
+def _sae_training_line(rec: dict[str, Any], r: dict[str, Any]) -> str:
+    data = (f"every non-BOS position of the corpus chunks, the memorized MBPP documents and the other tasks' "
+            f"prompts ({_get(rec, 'saes', 'data', 'train_tokens', fmt='{:,}')} tokens)")
+    how = (f"{r['sae_steps']} steps of {r['sae_batch']} activations, lambda adapted towards a mean L0 target "
+           f"(per layer below; `pva_sae.sae_train`: method, facts and departures from the papers in its docstring)")
+    if "sae_prompt_end_copies" in r:  # recipes that train all layers together
+        return (f"- SAEs: {how}, all layers trained together; data: {data}, plus {r['sae_prompt_end_copies']} "
+                f"copies of each prompt's last-token residual (the position the analysis reads); "
+                f"{r['sae_heldout_fraction']:.0%} of the sequences held out for the numbers below.")
+    return (f"- SAEs: {how}, one layer at a time, retried with a higher target where FVE fell short; data: {data}; "
+            f"{r['sae_heldout_fraction']:.0%} of the sequences held out for the numbers below.")
+
+
+def _chosen_target(layer_summary: dict[str, Any]) -> float | None:
+    if layer_summary.get("target_l0") is not None:
+        return layer_summary["target_l0"]
+    attempts = layer_summary.get("attempts") or []
+    chosen = [a for a in attempts if a.get("chosen")] or attempts[-1:]
+    return chosen[0]["target_l0"] if chosen else None
+
+
+def _eval_source(rec: dict[str, Any]) -> str:
+    ev = rec.get("eval") or {}
+    return ev.get("source") or (f"measured on {ev['device']}" if ev.get("device") else TODO)
 
 
 def _fmt(value: Any, fmt: str) -> str:
