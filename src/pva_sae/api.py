@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import Config, resolve_config
+from .config import Config
 
 
 def make_config(model: str | None = None, *, start_idx: int | None = None, end_idx: int | None = None,
@@ -23,7 +23,9 @@ def make_config(model: str | None = None, *, start_idx: int | None = None, end_i
              "output.save_format": save_format, "output.run_dir": run_dir, "checkpoint.resume": resume,
              "checkpoint.resume_from": resume_from, **(overrides or {})}
     items = [f"{k}={_text(v)}" for k, v in pairs.items() if v is not None]
-    return resolve_config(config_file, items)
+    from .models import resolve_for_model
+
+    return resolve_for_model(config_file, items)
 
 
 def _text(value: Any) -> str:

@@ -82,6 +82,8 @@ def build_dataset(cfg: Config, *, interactive: bool | None = None, progress: boo
 
     tasks_all = data.load_tasks(cfg.data.source)
     tasks = data.select_range(tasks_all, cfg.data.start_idx, cfg.data.end_idx)
+    if cfg.data.task_ids is not None:
+        tasks = data.select_ids(tasks, cfg.data.task_ids)
     splits = data.make_splits(tasks_all, cfg.data.split_fractions, cfg.data.split_seed)
     split_of = {tid: name for name, ids in splits.items() for tid in ids}
     atomic_write_json(run.splits, {"seed": cfg.data.split_seed, "fractions": cfg.data.split_fractions,

@@ -12,7 +12,7 @@ import argparse
 import sys
 from typing import Any, Callable, Sequence
 
-from .config import ConfigError, describe, resolve_config
+from .config import ConfigError, describe
 
 EXIT_USER_ERROR = 2
 
@@ -58,8 +58,11 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     return out
 
 
-def _config(args: argparse.Namespace, base: dict[str, Any] | None = None):
-    return resolve_config(args.config, _overrides(args), base=base)
+def _config(args: argparse.Namespace):
+    """The resolved config: defaults <- the model's registered defaults <- --config file <- overrides."""
+    from .models import resolve_for_model
+
+    return resolve_for_model(args.config, _overrides(args))
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -82,6 +85,31 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     paths = AnalysisPaths.of(RunDir.at(cfg.output.run_dir))
     print(f"analysed {summary['n_tasks']} tasks ({summary['n_correct']} correct) with {summary['release']}; "
           f"ranked latents in {paths.ranked_parquet}")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from .report import write_report
+    from .validate import ValidationPaths, validate
+    from .rundir import RunDir
+
+    cfg = _config(args)
+    results = validate(cfg, progress=not args.quiet)
+    html_path, _ = write_report(cfg.output.run_dir)
+    for direction in ("correct", "incorrect"):
+        r = results["validation"][direction][0]
+        print(f"{r['label']} -> {direction}: AUROC {r['metrics']['auroc']['estimate']:.3f}, "
+              f"F1 {r['metrics']['f1']['estimate']:.3f}")
+    print(f"results in {ValidationPaths.of(RunDir.at(cfg.output.run_dir)).results}; report {html_path}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    cfg = _config(args)
+    html_path, md_path = write_report(cfg.output.run_dir)
+    print(f"report: {html_path} (Markdown: {md_path})")
     return 0
 
 
@@ -147,6 +175,9 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, list[Callabl
               [_build_args]),
     "analyze": (cmd_analyze, "stage 2: SAE latents at the last prompt token that separate correct from incorrect",
                 [_analyze_args]),
+    "validate": (cmd_validate, "stage 3: AUROC/F1 of the chosen latents on held-out tasks, baselines, robustness",
+                 []),
+    "report": (cmd_report, "write the HTML and Markdown report of a run directory", []),
     "config": (cmd_config, "print the resolved config (--docs: every field with its documentation)", []),
     "models": (cmd_models, "list the model registry", []),
     "saes": (cmd_saes, "list the SAE release registry", []),

@@ -77,6 +77,9 @@ class DataConfig:
     )
     start_idx: int = doc(0, "First task index (0-based position in the dataset, inclusive).")
     end_idx: int | None = doc(None, "Last task index (inclusive); None means the last task.")
+    task_ids: tuple[int, ...] | None = doc(
+        None, "Build only these MBPP task ids (within the index range); None means every task of the range."
+    )
     split_fractions: tuple[float, float, float] = doc(
         (0.5, 0.1, 0.4), "Fractions for the (sae, tuning, validation) splits; must sum to 1."
     )
@@ -185,6 +188,27 @@ class AnalysisConfig:
 
 
 @dataclass
+class ValidationConfig:
+    selection_metric: str = doc(
+        "t", "How the two predictor latents are chosen on the SAE-analysis split: 't' (Welch t) or 'separation'."
+    )
+    bootstrap_resamples: int = doc(1000, "Bootstrap resamples for every interval (tasks are resampled, not samples).")
+    bootstrap_seed: int = doc(42, "Seed of the bootstrap resamples (and of the random baseline).")
+    ci_level: float = doc(0.95, "Confidence level of the bootstrap intervals.")
+    probe_folds: int = doc(5, "Cross-validation folds choosing the logistic-regression probe's regularisation.")
+    probe_cs: int = doc(10, "Inverse-regularisation strengths tried (log-spaced 1e-4..1e4) for the probe.")
+    temperatures: tuple[float, ...] = doc(
+        (0.0, 0.5, 1.0, 1.5, 2.0), "Temperatures at which the validation split is regenerated and relabelled."
+    )
+    samples_per_temperature: int = doc(3, "Samples per task at every temperature above 0 (greedy needs one).")
+    robustness_max_tasks: int = doc(
+        0, "Regenerate at most this many validation tasks per temperature (seeded subset); 0 = all of them."
+    )
+    robustness_seed: int = doc(42, "Seed of the robustness task subset; sampling uses generation.seed.")
+    plots: bool = doc(True, "Write PNG plots (ROC/PR with bands, histograms, metrics vs temperature/difficulty).")
+
+
+@dataclass
 class Config:
     model: ModelConfig = doc(factory=ModelConfig, help="Which model and how to load it.")
     data: DataConfig = doc(factory=DataConfig, help="Dataset source, task range and splits.")
@@ -194,6 +218,8 @@ class Config:
     checkpoint: CheckpointConfig = doc(factory=CheckpointConfig, help="Checkpoints, autosaves and resume.")
     output: OutputConfig = doc(factory=OutputConfig, help="Where and how results are written.")
     analysis: AnalysisConfig = doc(factory=AnalysisConfig, help="SAE analysis: SAEs, site, general filter, ranking.")
+    validation: ValidationConfig = doc(factory=ValidationConfig,
+                                       help="Statistical validation: metrics, baselines, robustness.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -368,9 +394,25 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"analysis.site must be resid_post or resid_pre, not {a.site!r}")
     if not 0 < a.general_max_frequency <= 1:
         raise ConfigError(f"analysis.general_max_frequency must be in (0, 1], got {a.general_max_frequency}")
+    _validate_validation(cfg.validation)
     for key in ("{text}", "{tests}", "{initiator}"):
         if key not in cfg.prompt.template:
             raise ConfigError(f"prompt.template must contain {key}; got {cfg.prompt.template!r}")
+
+
+def _validate_validation(v: ValidationConfig) -> None:
+    if v.selection_metric not in ("t", "separation"):
+        raise ConfigError(f"validation.selection_metric must be t or separation, not {v.selection_metric!r}")
+    if v.bootstrap_resamples < 10:
+        raise ConfigError(f"validation.bootstrap_resamples must be >= 10, got {v.bootstrap_resamples}")
+    if not 0 < v.ci_level < 1:
+        raise ConfigError(f"validation.ci_level must be in (0, 1), got {v.ci_level}")
+    if v.probe_folds < 2 or v.probe_cs < 1:
+        raise ConfigError("validation.probe_folds must be >= 2 and validation.probe_cs >= 1")
+    if any(t < 0 for t in v.temperatures) or len(set(v.temperatures)) != len(v.temperatures):
+        raise ConfigError(f"validation.temperatures must be distinct and >= 0, got {v.temperatures}")
+    if v.samples_per_temperature < 1 or v.robustness_max_tasks < 0:
+        raise ConfigError("validation.samples_per_temperature must be >= 1 and validation.robustness_max_tasks >= 0")
 
 
 def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, Any, str]]:

@@ -290,6 +290,18 @@ def select_range(tasks: Sequence[Task], start_idx: int, end_idx: int | None) -> 
     return list(tasks[start_idx:end + 1])
 
 
+def select_ids(tasks: Sequence[Task], task_ids: Sequence[int]) -> list[Task]:
+    """The tasks whose ids are in ``task_ids`` (in the order of ``tasks``); unknown ids are an error."""
+    wanted = set(task_ids)
+    missing = sorted(wanted - {t.task_id for t in tasks})
+    if missing:
+        raise DataError(f"data.task_ids {missing[:10]}{' ...' if len(missing) > 10 else ''} are not in the selected "
+                        "task range; check data.task_ids, data.start_idx and data.end_idx")
+    if not wanted:
+        raise DataError("data.task_ids is empty; use None for every task of the range")
+    return [t for t in tasks if t.task_id in wanted]
+
+
 # --------------------------------------------------------------------------- splits
 
 def split_sizes(n: int, fractions: Sequence[float]) -> list[int]:

@@ -85,6 +85,22 @@ def registry_entry(name: str) -> dict[str, Any] | None:
     return None
 
 
+def model_config_defaults(name: str) -> dict[str, Any]:
+    """Config values a registry entry sets for its model (e.g. a smaller robustness study for the CPU
+    default), as a nested dict; a config file and ``--set`` overrides still win over them."""
+    entry = registry_entry(name)
+    return dict(entry.get("config_defaults") or {}) if entry else {}
+
+
+def resolve_for_model(file: str | Path | None, overrides: list[str]):
+    """resolve_config with the model's registered defaults under the file and overrides."""
+    from .config import resolve_config
+
+    cfg = resolve_config(file, overrides)
+    defaults = model_config_defaults(cfg.model.name)
+    return resolve_config(file, overrides, base=defaults) if defaults else cfg
+
+
 def packaged_path(entry: dict[str, Any]) -> Path:
     """Directory of a registry entry that ships inside the package (``path`` relative to it)."""
     return PACKAGE_DIR / entry["path"]

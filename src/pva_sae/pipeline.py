@@ -1,6 +1,7 @@
 """`pva-sae run`: every stage that exists, in order, on one config (by default the embedded model).
 
-Stages: build (labelled dataset) -> analyze (SAE latents). A stage whose ``.done`` marker is present
+Stages: build (labelled dataset) -> analyze (SAE latents) -> validate (held-out metrics, robustness),
+then the report. A stage whose ``.done`` marker is present
 is not redone when its inputs are unchanged, so rerunning an interrupted pipeline continues where it
 stopped.
 """
@@ -16,7 +17,9 @@ def run_pipeline(cfg: Config, progress: bool = True) -> list[str]:
     """Run the stages; return human-readable summary lines (where the results are)."""
     from .analyze import AnalysisPaths, analyze
     from .build import build_dataset
+    from .report import write_report
     from .rundir import RunDir
+    from .validate import validate
 
     run = RunDir.at(cfg.output.run_dir)
     lines = []
@@ -37,5 +40,24 @@ def run_pipeline(cfg: Config, progress: bool = True) -> list[str]:
             lines.append(f"         top {direction}-predicting latent: layer {r['layer']} latent {r['latent']} "
                          f"(separation {r['sep_' + direction]:.3f}, t {r['t_' + direction]:.2f})")
     lines.append(f"         ranked latents: {paths.ranked_parquet}; plots: {paths.plots}")
+    t0 = time.perf_counter()
+    results = validate(cfg, progress=progress)
+    for direction in ("correct", "incorrect"):
+        rows = {r["name"]: r for r in results["validation"][direction]}
+        lat, probe, maj = rows["latent"], rows["probe"], rows["majority"]
+        lines.append(f"validate: {lat['label']} -> {direction}: AUROC {_ci(lat, 'auroc')}, F1 {_ci(lat, 'f1')} "
+                     f"(probe AUROC {_ci(probe, 'auroc')}; majority F1 {_ci(maj, 'f1')})")
+    lines.append(f"         temperatures {', '.join(results['temperature'])}; {time.perf_counter() - t0:.0f} s")
+    html_path, _ = write_report(run.root)
+    lines.append(f"report:  {html_path}")
     lines.append(f"finished in {time.perf_counter() - started:.0f} s; results in {run.root}")
     return lines
+
+
+def _ci(row: dict, metric: str) -> str:
+    m = row["metrics"][metric]
+    if m["estimate"] is None:
+        return "n/a"
+    if m["low"] is None:
+        return f"{m['estimate']:.3f}"
+    return f"{m['estimate']:.3f} [{m['low']:.3f}, {m['high']:.3f}]"

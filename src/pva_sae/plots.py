@@ -79,3 +79,129 @@ def plot_top_histograms(path: Path, table: list[dict[str, Any]], saes, acts, lab
 def plot_analysis(folder: Path, scores, table, saes, acts, labels, layers) -> list[Path]:
     return [plot_frequency_scatter(folder / "frequency_scatter.png", scores, table),
             plot_top_histograms(folder / "top_latent_histograms.png", table, saes, acts, labels, layers)]
+
+
+# --------------------------------------------------------------------------- validation
+
+COLORS = {"latent": "tab:blue", "probe": "tab:orange", "diff_means": "tab:purple", "majority": "0.4", "random": "0.7"}
+
+
+def _save(fig, path: Path) -> Path:
+    plt = _pyplot()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_roc_pr(path: Path, predictors, feats, val_ids, y_val, cfg) -> Path:
+    """ROC and PR curves on the validation split: the latent with a 95% bootstrap band, baselines as lines."""
+    import numpy as np
+
+    from .metrics import curve_band, pr_curve, roc_curve
+    from .predictors import positive
+
+    plt = _pyplot()
+    v = cfg.validation
+    fig, axes = plt.subplots(2, 2, figsize=(9, 8), squeeze=False)
+    for row, direction in enumerate(("correct", "incorrect")):
+        y = positive(y_val, direction)
+        for p in (p for p in predictors if p.direction == direction and p.name in ("latent", "probe", "diff_means")):
+            s = p.score(feats, val_ids)
+            fpr, tpr, _ = roc_curve(s, y)
+            precision, recall, _ = pr_curve(s, y)
+            axes[row, 0].plot(fpr, tpr, color=COLORS[p.name], label=p.label, lw=1.5 if p.name == "latent" else 1)
+            axes[row, 1].step(np.r_[0, recall], np.r_[precision[:1], precision], where="post", color=COLORS[p.name],
+                              label=p.label, lw=1.5 if p.name == "latent" else 1)
+            if p.name == "latent":
+                for col, kind in enumerate(("roc", "pr")):
+                    band = curve_band(s, y, np.arange(len(s)), kind, v.bootstrap_resamples, v.bootstrap_seed,
+                                      v.ci_level)
+                    axes[row, col].fill_between(band["grid"], band["low"], band["high"], color=COLORS[p.name],
+                                                alpha=0.2, label=f"{v.ci_level:.0%} band (latent)")
+        axes[row, 0].plot([0, 1], [0, 1], ls="--", color=COLORS["random"], label="chance")
+        axes[row, 1].axhline(y.mean(), ls="--", color=COLORS["random"], label=f"prevalence {y.mean():.2f}")
+        axes[row, 0].set(xlabel="false positive rate", ylabel="true positive rate",
+                         title=f"ROC, predicting {direction} (validation)")
+        axes[row, 1].set(xlabel="recall", ylabel="precision", title=f"PR, predicting {direction} (validation)")
+        for ax in axes[row]:
+            ax.legend(fontsize=7, loc="lower right" if ax is axes[row, 0] else "upper right")
+            ax.set_xlim(-0.01, 1.01)
+            ax.set_ylim(-0.01, 1.01)
+    return _save(fig, path)
+
+
+def plot_latent_histograms(path: Path, predictors, feats, val_ids, y_val) -> Path:
+    """Validation activations of the two chosen latents by class, with the tuned threshold."""
+    import numpy as np
+
+    plt = _pyplot()
+    latents = [p for p in predictors if p.name == "latent"]
+    fig, axes = plt.subplots(1, len(latents), figsize=(4.5 * len(latents), 3.2), squeeze=False)
+    for ax, p in zip(axes.flat, latents):
+        s = p.score(feats, val_ids)
+        bins = np.linspace(0, max(float(s.max()), p.threshold, 1e-6) * 1.02, 25)
+        ax.hist(s[y_val], bins=bins, alpha=0.6, color="tab:green", label=f"correct (n={int(y_val.sum())})")
+        ax.hist(s[~y_val], bins=bins, alpha=0.6, color="tab:red", label=f"incorrect (n={int((~y_val).sum())})")
+        ax.axvline(p.threshold, color="k", ls="--", label=f"threshold {p.threshold:.3g} (tuning split)")
+        ax.set(title=f"{p.label}, predicts {p.direction}", xlabel="activation", ylabel="tasks")
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def _errorbar(ax, xs, intervals, **kw):
+    import numpy as np
+
+    est = np.array([np.nan if i["estimate"] is None else i["estimate"] for i in intervals], dtype=float)
+    lo = np.array([np.nan if i["low"] is None else i["low"] for i in intervals], dtype=float)
+    hi = np.array([np.nan if i["high"] is None else i["high"] for i in intervals], dtype=float)
+    ax.errorbar(xs, est, yerr=[np.clip(est - lo, 0, None), np.clip(hi - est, 0, None)], capsize=3, marker="o", **kw)
+
+
+def plot_temperature(path: Path, results: dict[str, Any]) -> Path:
+    """AUROC and F1 of the latents and the probe, and the pass rate, against temperature (cluster-bootstrap bars)."""
+    plt = _pyplot()
+    temps = list(results["temperature"].values())
+    xs = [t["temperature"] for t in temps]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for metric, ax in zip(("auroc", "f1"), axes[:2]):
+        for direction, ls in (("correct", "-"), ("incorrect", "--")):
+            for name in ("latent", "probe"):
+                rows = [[r for r in t["rows"][direction] if r["name"] == name][0] for t in temps]
+                _errorbar(ax, xs, [r["metrics"][metric] for r in rows], ls=ls, color=COLORS[name],
+                          label=f"{rows[0]['label']} -> {direction}")
+        ax.set(xlabel="temperature", ylabel=metric.upper() if metric == "auroc" else "F1",
+               title=f"{metric.upper() if metric == 'auroc' else 'F1'} vs temperature")
+        ax.legend(fontsize=6)
+    _errorbar(axes[2], xs, [t["pass_rate"] for t in temps], color="k")
+    axes[2].set(xlabel="temperature", ylabel="pass rate", title="share of samples passing", ylim=(-0.02, 1.02))
+    return _save(fig, path)
+
+
+def plot_difficulty(path: Path, results: dict[str, Any]) -> Path:
+    """AUROC and F1 per difficulty bucket (validation split), with bootstrap bars."""
+    import numpy as np
+
+    plt = _pyplot()
+    buckets = [b for b, d in results["difficulty"].items() if d["n"]]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    series = [(d, n) for d in ("correct", "incorrect") for n in ("latent", "probe")]
+    width = 0.8 / len(series)
+    for ax, metric in zip(axes, ("auroc", "f1")):
+        for k, (direction, name) in enumerate(series):
+            rows = [[r for r in results["difficulty"][b]["rows"][direction] if r["name"] == name][0] for b in buckets]
+            xs = np.arange(len(buckets)) + (k - (len(series) - 1) / 2) * width
+            _errorbar(ax, xs, [r["metrics"][metric] for r in rows], ls="none", color=COLORS[name],
+                      alpha=1.0 if direction == "correct" else 0.55, label=f"{rows[0]['label']} -> {direction}")
+        ax.set_xticks(range(len(buckets)), [f"{b}\n(n={results['difficulty'][b]['n']})" for b in buckets])
+        ax.set(ylabel=metric.upper() if metric == "auroc" else "F1", title=f"{metric.upper()} by difficulty")
+        ax.legend(fontsize=6)
+    return _save(fig, path)
+
+
+def plot_validation(folder: Path, results, predictors, feats, val_ids, y_val, cfg) -> list[Path]:
+    return [plot_roc_pr(folder / "roc_pr.png", predictors, feats, val_ids, y_val, cfg),
+            plot_latent_histograms(folder / "latent_histograms.png", predictors, feats, val_ids, y_val),
+            plot_temperature(folder / "temperature.png", results),
+            plot_difficulty(folder / "difficulty.png", results)]
