@@ -55,7 +55,7 @@ def test_fitting_reads_only_sae_and_tuning_labels():
     preds = fit_predictors(SELECTION, feats, sealed, split(split_of, ids, "sae"), split(split_of, ids, "tuning"),
                            folds=3, n_cs=4, seed=0)
     assert set(sealed.reads) == {"sae", "tuning"}
-    assert {p.name for p in preds} == {"latent", "probe", "diff_means", "majority", "random"}
+    assert {p.name for p in preds} == {"latent", "probe", "diff_means", "majority", "always_positive", "random"}
 
 
 def test_choices_do_not_depend_on_validation_labels():
@@ -81,6 +81,8 @@ def test_planted_signal_is_recovered_on_validation():
     assert 0.35 < auroc(by["correct", "random"].score(feats, val), y) < 0.65
     assert by["correct", "majority"].info["majority_class"] == "incorrect"
     assert by["incorrect", "majority"].score(feats, val).min() >= by["incorrect", "majority"].threshold
+    always = by["correct", "always_positive"]
+    assert (always.score(feats, val) >= always.threshold).all()
 
 
 def test_random_scores_depend_on_task_id_only():

@@ -45,7 +45,7 @@ def test_results_structure(validated):
     assert saved["validation"] == res["validation"]
     for direction in ("correct", "incorrect"):
         names = [r["name"] for r in res["validation"][direction]]
-        assert names == ["latent", "probe", "diff_means", "majority", "random"]
+        assert names == ["latent", "probe", "diff_means", "majority", "always_positive", "random"]
         for r in res["validation"][direction]:
             assert set(r["metrics"]) == {"auroc", "f1", "precision", "recall", "average_precision"}
     splits = json.loads(run.splits.read_text())["splits"]
@@ -61,7 +61,9 @@ def test_temperature_subruns(validated):
     t0, t1 = res["temperature"]["0"], res["temperature"]["1"]
     assert t0["source"].startswith("build stage") and t0["n_samples"] == t0["n_tasks"]
     assert t1["n_samples"] == 2 * t1["n_tasks"] and t1["n_tasks"] <= 5
-    sub = RunDir.at(ValidationPaths.of(run).temperature_run(1.0))
+    subs = list((ValidationPaths.of(run).root / "temperature").glob("t1_*"))
+    assert len(subs) == 1
+    sub = RunDir.at(subs[0])
     assert sub.is_done("build")
     records = json.loads(sub.dataset_json.read_text())["records"]
     assert {r["temperature"] for r in records} == {1.0} and {r["sample_index"] for r in records} == {0, 1}

@@ -153,9 +153,6 @@ def _generate_and_label(plan, state: BuildState, generator, by_id, split_of, cfg
                         checkpointer: Checkpointer, progress: bool) -> None:
     from tqdm.auto import tqdm
 
-    from .extract import extract_program
-    from .sandbox import ExecJob, run_jobs
-
     total = sum(len(b) for b in plan)
     bar = tqdm(total=total, initial=state.n_records, desc="build", unit="sample", disable=not progress,
                dynamic_ncols=True)
@@ -164,13 +161,7 @@ def _generate_and_label(plan, state: BuildState, generator, by_id, split_of, cfg
         for batch_index, batch in enumerate(plan):
             if batch_index in state.done_batches:
                 continue
-            samples = generator.generate_batch(batch, batch_index)
-            programs = [extract_program(s.completion, prompt_end=cfg.prompt.initiator) for s in samples]
-            jobs = [ExecJob(key=(s.task_id, s.sample_index), program=p, tests=tuple(by_id[s.task_id].test_list),
-                            setup_code=by_id[s.task_id].test_setup_code) for s, p in zip(samples, programs)]
-            results = run_jobs(jobs, cfg.sandbox)
-            new = [make_record(s, p, r, by_id[s.task_id], split_of.get(s.task_id))
-                   for s, p, r in zip(samples, programs, results)]
+            new = label_samples(generator.generate_batch(batch, batch_index), by_id, split_of, cfg)
             # The batch's records and its "done" mark change together, so a save never holds half a batch.
             state.records.extend(new)
             state.done_batches.add(batch_index)
@@ -180,6 +171,19 @@ def _generate_and_label(plan, state: BuildState, generator, by_id, split_of, cfg
             checkpointer.maybe_save(state)
     finally:
         bar.close()
+
+
+def label_samples(samples, by_id, split_of, cfg: Config) -> list[dict[str, Any]]:
+    """Extract each sample's program, run its task's tests in the sandbox, and make the records."""
+    from .extract import extract_program
+    from .sandbox import ExecJob, run_jobs
+
+    programs = [extract_program(s.completion, prompt_end=cfg.prompt.initiator) for s in samples]
+    jobs = [ExecJob(key=(s.task_id, s.sample_index), program=p, tests=tuple(by_id[s.task_id].test_list),
+                    setup_code=by_id[s.task_id].test_setup_code) for s, p in zip(samples, programs)]
+    results = run_jobs(jobs, cfg.sandbox)
+    return [make_record(s, p, r, by_id[s.task_id], split_of.get(s.task_id))
+            for s, p, r in zip(samples, programs, results)]
 
 
 def make_record(sample, program: str, result, task, split: str | None) -> dict[str, Any]:

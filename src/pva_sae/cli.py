@@ -104,6 +104,21 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_steer(args: argparse.Namespace) -> int:
+    from .report import write_report
+    from .steer import SteeringPaths, steer
+    from .rundir import RunDir
+
+    cfg = _config(args)
+    results = steer(cfg, progress=not args.quiet)
+    html_path, _ = write_report(cfg.output.run_dir)
+    for name, e in results["experiments"].items():
+        print(f"{name}: {e['successes']}/{e['n']} vs controls {e['control_successes']}/{e['control_n']} "
+              f"(binomial p {e['binomial_p_vs_control']})")
+    print(f"results in {SteeringPaths.of(RunDir.at(cfg.output.run_dir)).results}; report {html_path}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
 
@@ -177,6 +192,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, list[Callabl
                 [_analyze_args]),
     "validate": (cmd_validate, "stage 3: AUROC/F1 of the chosen latents on held-out tasks, baselines, robustness",
                  []),
+    "steer": (cmd_steer, "stage 4: steering with latent directions: correction/corruption vs control latents", []),
     "report": (cmd_report, "write the HTML and Markdown report of a run directory", []),
     "config": (cmd_config, "print the resolved config (--docs: every field with its documentation)", []),
     "models": (cmd_models, "list the model registry", []),

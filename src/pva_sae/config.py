@@ -209,6 +209,37 @@ class ValidationConfig:
 
 
 @dataclass
+class SteeringConfig:
+    selection_metric: str = doc(
+        "separation", "How the steered latents are chosen on the SAE-analysis split: 'separation' (as the original "
+        "study) or 't'.")
+    normalize: str = doc(
+        "unit", "'unit': steer along the unit-normalised decoder row; 'raw': the raw row (reproduces coefficients of "
+        "studies that used raw rows).")
+    alpha_units: str = doc(
+        "residual_norm", "'residual_norm': alphas are multiples of the mean residual norm at the layer (last prompt "
+        "token, SAE-analysis split), comparable across models; 'absolute': plain coefficients.")
+    alpha_grid: tuple[float, ...] = doc(
+        (0.05, 0.1, 0.2, 0.5, 1.0, 2.0), "Coefficients tried on the tuning split (see alpha_units), then refined.")
+    refine_steps: int = doc(1, "Refinement rounds: geometric midpoints between the best alpha and its neighbours.")
+    max_corruption: float = doc(
+        0.1, "Objective for the correct direction: maximise correction subject to corruption of initially correct "
+        "tuning tasks <= this. The incorrect direction maximises corruption.")
+    alphas: tuple[float, float] | None = doc(
+        None, "Fixed (correct, incorrect) coefficients in alpha_units; skips the tuning grid.")
+    positions: str = doc("all", "Where to add the vector: 'all' (prompt and generated tokens), 'prompt' or 'generated'.")
+    site: str | None = doc(None, "Residual site; None = analysis.site (the SAE's site).")
+    n_controls: int = doc(10, "Control latents per direction: same layer, near-zero separation, matched firing rate.")
+    control_max_separation: float = doc(0.02, "Largest |f_correct - f_incorrect| of a control latent.")
+    max_tasks: int = doc(0, "Validation tasks used (seeded subset); 0 = all.")
+    tuning_max_tasks: int = doc(0, "Tuning tasks used for the alpha grid (seeded subset); 0 = all.")
+    control_max_tasks: int = doc(0, "Tasks each control latent is run on (seeded subset of the target's); 0 = all.")
+    seed: int = doc(42, "Seed of task subsets and control choice.")
+    ci_level: float = doc(0.95, "Level of the Wilson intervals.")
+    plots: bool = doc(True, "Write PNG plots (rates vs alpha, target vs controls, selective vs constant).")
+
+
+@dataclass
 class Config:
     model: ModelConfig = doc(factory=ModelConfig, help="Which model and how to load it.")
     data: DataConfig = doc(factory=DataConfig, help="Dataset source, task range and splits.")
@@ -220,6 +251,7 @@ class Config:
     analysis: AnalysisConfig = doc(factory=AnalysisConfig, help="SAE analysis: SAEs, site, general filter, ranking.")
     validation: ValidationConfig = doc(factory=ValidationConfig,
                                        help="Statistical validation: metrics, baselines, robustness.")
+    steering: SteeringConfig = doc(factory=SteeringConfig, help="Causal validation by steering with SAE directions.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -395,6 +427,7 @@ def _validate(cfg: Config) -> None:
     if not 0 < a.general_max_frequency <= 1:
         raise ConfigError(f"analysis.general_max_frequency must be in (0, 1], got {a.general_max_frequency}")
     _validate_validation(cfg.validation)
+    _validate_steering(cfg.steering)
     for key in ("{text}", "{tests}", "{initiator}"):
         if key not in cfg.prompt.template:
             raise ConfigError(f"prompt.template must contain {key}; got {cfg.prompt.template!r}")
@@ -413,6 +446,22 @@ def _validate_validation(v: ValidationConfig) -> None:
         raise ConfigError(f"validation.temperatures must be distinct and >= 0, got {v.temperatures}")
     if v.samples_per_temperature < 1 or v.robustness_max_tasks < 0:
         raise ConfigError("validation.samples_per_temperature must be >= 1 and validation.robustness_max_tasks >= 0")
+
+
+def _validate_steering(s: SteeringConfig) -> None:
+    choices = {"selection_metric": ("separation", "t"), "normalize": ("unit", "raw"),
+               "alpha_units": ("residual_norm", "absolute"), "positions": ("all", "prompt", "generated")}
+    for name, allowed in choices.items():
+        if getattr(s, name) not in allowed:
+            raise ConfigError(f"steering.{name} must be one of {', '.join(allowed)}, not {getattr(s, name)!r}")
+    if s.site not in (None, "resid_post", "resid_pre"):
+        raise ConfigError(f"steering.site must be resid_post, resid_pre or None, not {s.site!r}")
+    if not s.alpha_grid or any(a <= 0 for a in s.alpha_grid):
+        raise ConfigError(f"steering.alpha_grid must hold positive values, got {s.alpha_grid}")
+    if s.n_controls < 1 or s.refine_steps < 0 or min(s.max_tasks, s.tuning_max_tasks, s.control_max_tasks) < 0:
+        raise ConfigError("steering.n_controls must be >= 1; refine_steps and the *max_tasks fields >= 0")
+    if not 0 <= s.max_corruption <= 1 or not 0 < s.ci_level < 1:
+        raise ConfigError("steering.max_corruption must be in [0, 1] and steering.ci_level in (0, 1)")
 
 
 def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, Any, str]]:

@@ -1,7 +1,7 @@
 """`pva-sae run`: every stage that exists, in order, on one config (by default the embedded model).
 
-Stages: build (labelled dataset) -> analyze (SAE latents) -> validate (held-out metrics, robustness),
-then the report. A stage whose ``.done`` marker is present
+Stages: build (labelled dataset) -> analyze (SAE latents) -> validate (held-out metrics, robustness) ->
+steer (causal tests), then the report. A stage whose ``.done`` marker is present
 is not redone when its inputs are unchanged, so rerunning an interrupted pipeline continues where it
 stopped.
 """
@@ -19,6 +19,7 @@ def run_pipeline(cfg: Config, progress: bool = True) -> list[str]:
     from .build import build_dataset
     from .report import write_report
     from .rundir import RunDir
+    from .steer import steer
     from .validate import validate
 
     run = RunDir.at(cfg.output.run_dir)
@@ -48,6 +49,14 @@ def run_pipeline(cfg: Config, progress: bool = True) -> list[str]:
         lines.append(f"validate: {lat['label']} -> {direction}: AUROC {_ci(lat, 'auroc')}, F1 {_ci(lat, 'f1')} "
                      f"(probe AUROC {_ci(probe, 'auroc')}; majority F1 {_ci(maj, 'f1')})")
     lines.append(f"         temperatures {', '.join(results['temperature'])}; {time.perf_counter() - t0:.0f} s")
+    t0 = time.perf_counter()
+    steering = steer(cfg, progress=progress)
+    for name, e in steering["experiments"].items():
+        rate = "n/a" if e["rate"] is None else f"{e['rate']:.1%}"
+        control = "n/a" if e["control_rate"] is None else f"{e['control_rate']:.1%}"
+        lines.append(f"steer:   {name}: {e['successes']}/{e['n']} ({rate}) vs controls {control}")
+    lines.append(f"         noise floor {steering['noise_floor']['flips']}/{steering['noise_floor']['n']} flips; "
+                 f"{time.perf_counter() - t0:.0f} s")
     html_path, _ = write_report(run.root)
     lines.append(f"report:  {html_path}")
     lines.append(f"finished in {time.perf_counter() - started:.0f} s; results in {run.root}")

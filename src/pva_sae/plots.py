@@ -205,3 +205,75 @@ def plot_validation(folder: Path, results, predictors, feats, val_ids, y_val, cf
             plot_latent_histograms(folder / "latent_histograms.png", predictors, feats, val_ids, y_val),
             plot_temperature(folder / "temperature.png", results),
             plot_difficulty(folder / "difficulty.png", results)]
+
+
+# --------------------------------------------------------------------------- steering
+
+def plot_steering_tuning(path: Path, results: dict[str, Any]) -> Path:
+    """Correction and corruption rates against alpha on the tuning split, chosen alpha marked."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, direction in zip(axes, ("correct", "incorrect")):
+        tuned = results["tuning"][direction]
+        rows = tuned["table"]
+        if rows:
+            xs = [r["alpha"] for r in rows]
+            for key, color in (("correction", "tab:green"), ("corruption", "tab:red")):
+                ys = [r[key] for r in rows]
+                if any(y is not None for y in ys):
+                    ax.plot(xs, [float("nan") if y is None else y for y in ys], marker="o", color=color, label=key)
+            ax.axvline(tuned["chosen"]["alpha"], color="k", ls="--", label=f"chosen {tuned['chosen']['alpha']:.3g}")
+            ax.set_xscale("log")
+        t = results["targets"][direction]
+        ax.set(xlabel=f"alpha ({t['alpha_units']})", ylabel="rate", ylim=(-0.02, 1.02),
+               title=f"{direction} direction, L{t['layer']}:{t['latent']} (tuning split)")
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_steering_experiments(path: Path, results: dict[str, Any]) -> Path:
+    """Target vs pooled-control rates with Wilson intervals; dots = individual control latents."""
+    import numpy as np
+
+    plt = _pyplot()
+    names = list(results["experiments"])
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    for i, name in enumerate(names):
+        e = results["experiments"][name]
+        for offset, (rate, ci, color, label) in enumerate((
+                (e["rate"], e["wilson"], "tab:blue", "target latent"),
+                (e["control_rate"], e["control_wilson"], "0.6", "controls (pooled)"))):
+            x = i + (offset - 0.5) * 0.35
+            r = 0.0 if rate is None else rate
+            lo, hi = (r, r) if ci[0] is None or np.isnan(ci[0]) else ci
+            ax.bar(x, r, width=0.33, color=color, label=label if i == 0 else None)
+            ax.errorbar(x, r, yerr=[[max(r - lo, 0)], [max(hi - r, 0)]], color="k", capsize=3)
+        ctrl = [c["successes"] / c["n"] for c in e["per_control"] if c["n"]]
+        ax.scatter([i + 0.175] * len(ctrl), ctrl, s=8, color="k", zorder=3, label="single controls" if i == 0 else None)
+        p = e["binomial_p_vs_control"]
+        ax.text(i, 1.02, f"n={e['n']}, p={p:.2g}" if p is not None else f"n={e['n']}", ha="center", fontsize=7)
+    ax.set_xticks(range(len(names)), [n.replace("_", " ") for n in names])
+    ax.set(ylabel="rate (validation)", ylim=(0, 1.1), title="Steering: target latent vs control latents")
+    ax.legend(fontsize=7, loc="upper right")
+    return _save(fig, path)
+
+
+def plot_selective(path: Path, results: dict[str, Any]) -> Path:
+    plt = _pyplot()
+    sel = results["selective"]
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    for i, key in enumerate(("correction", "corruption")):
+        for offset, (mode, color) in enumerate((("constant", "tab:blue"), ("selective", "tab:orange"))):
+            v = sel[mode][key]
+            ax.bar(i + (offset - 0.5) * 0.35, 0.0 if v is None else v, width=0.33, color=color,
+                   label=mode if i == 0 else None)
+    ax.set_xticks([0, 1], ["correction", "corruption"])
+    ax.set(ylabel="rate", ylim=(0, 1.05), title=f"Selective steering ({sel['n_flagged']}/{sel['n_tasks']} tasks flagged)")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_steering(folder: Path, results: dict[str, Any]) -> list[Path]:
+    return [plot_steering_tuning(folder / "rates_vs_alpha.png", results),
+            plot_steering_experiments(folder / "target_vs_controls.png", results),
+            plot_selective(folder / "selective.png", results)]

@@ -8,6 +8,8 @@ Every predictor gives each task a score (higher = more likely its *positive* cla
   regularisation chosen by stratified k-fold cross-validation on the SAE-analysis split.
 - ``diff_means``: projection on the difference of the class means (SAE-analysis split) at that layer.
 - ``majority``: the SAE-analysis split's majority class for every task (constant score).
+- ``always_positive``: the predicted class for every task; its F1 is the bar an F1 must clear
+  (with 70% failures, always answering "incorrect" scores F1 = 0.82).
 - ``random``: a seeded uniform score per task id.
 
 Fitting reads the SAE-analysis split, thresholds are F1-optimal on the tuning split; the
@@ -25,7 +27,7 @@ import numpy as np
 from .metrics import best_f1_threshold
 
 DIRECTIONS = ("correct", "incorrect")
-BASELINES = ("probe", "diff_means", "majority", "random")
+BASELINES = ("probe", "diff_means", "majority", "always_positive", "random")
 
 
 class LeakageError(RuntimeError):
@@ -104,14 +106,15 @@ class Predictor:
         if self.name == "latent":
             return f"latent L{self.layer}:{self.latent}"
         return {"probe": f"logistic probe L{self.layer}", "diff_means": f"difference of means L{self.layer}",
-                "majority": "majority class", "random": "random"}[self.name]
+                "majority": "majority class", "always_positive": f"always '{self.direction}'",
+                "random": "random"}[self.name]
 
     def score(self, feats: Features, task_ids: Sequence[int]) -> np.ndarray:
         if self.name == "latent":
             return feats.latent_acts[(self.layer, self.latent)][feats.rows(task_ids)].astype(np.float64)
         if self.name in ("probe", "diff_means"):
             return feats.residual(self.layer, task_ids).astype(np.float64) @ self.weights + self.bias
-        if self.name == "majority":
+        if self.name in ("majority", "always_positive"):
             return np.full(len(task_ids), self.constant, dtype=np.float64)
         if self.name == "random":
             return random_scores(self.seed, task_ids)
@@ -180,10 +183,11 @@ def fit_predictors(selection: dict[str, dict[str, Any]], feats: Features, labels
             Predictor("diff_means", direction, layer, weights=diff),
             Predictor("majority", direction, constant=float(majority_correct == (direction == "correct")),
                       info={"majority_class": "correct" if majority_correct else "incorrect"}),
+            Predictor("always_positive", direction, constant=1.0),
             Predictor("random", direction, seed=seed),
         ]
         for p in made:
-            if p.name == "majority":
+            if p.constant is not None:
                 p.threshold = 0.5  # predicts positive iff the majority class is the positive class
                 continue
             p.threshold, p.tuning_f1 = best_f1_threshold(p.score(feats, tuning_ids), pos_tune)

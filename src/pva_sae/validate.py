@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import Config
+from .config import BUILD_SECTIONS, Config
 from .logs import setup_logging
 from .rundir import RunDir, atomic_write_json, read_json
 
@@ -59,8 +59,10 @@ class ValidationPaths:
     def plots(self) -> Path:
         return self.root / "plots"
 
-    def temperature_run(self, temperature: float) -> Path:
-        return self.root / "temperature" / f"t{temperature:g}"
+    def temperature_run(self, temperature: float, key: str) -> Path:
+        """Sub-run directory of one temperature; ``key`` hashes its task set and settings, so a changed
+        robustness config gets a fresh directory instead of clashing with the saved one."""
+        return self.root / "temperature" / f"t{temperature:g}_{key}"
 
 
 # --------------------------------------------------------------------------- inputs
@@ -147,7 +149,7 @@ def temperature_results(cfg: Config, run: RunDir, paths: ValidationPaths, predic
         records, source = temperature_records(cfg, paths, temperature, ids, main_records, progress)
         tasks = [r["task_id"] for r in records]
         correct = np.array([bool(r["passed"]) for r in records])
-        rate = bootstrap_metrics(correct.astype(float), np.ones(len(correct), bool), 0.5, clusters=tasks,
+        rate = bootstrap_metrics(np.ones(len(correct)), correct, 0.5, clusters=tasks,  # precision = pass rate
                                  n_resamples=v.bootstrap_resamples, seed=v.bootstrap_seed, level=v.ci_level)["precision"]
         rows = []
         for p in predictors:
@@ -179,11 +181,15 @@ def temperature_records(cfg: Config, paths: ValidationPaths, temperature: float,
     if temperature == 0 and g.temperature == 0:
         wanted = set(ids)
         return [r for r in main_records if r["task_id"] in wanted], "build stage (greedy)"
+    import hashlib
+    import json
+
     sub = cfg.to_dict()
-    sub["output"] = {**sub["output"], "run_dir": str(paths.temperature_run(temperature))}
-    sub["data"] = {**sub["data"], "task_ids": list(ids)}
     n = 1 if temperature == 0 else cfg.validation.samples_per_temperature
+    sub["data"] = {**sub["data"], "task_ids": list(ids)}
     sub["generation"] = {**sub["generation"], "temperature": temperature, "n_samples": n}
+    key = hashlib.sha256(json.dumps({k: sub[k] for k in BUILD_SECTIONS}, sort_keys=True).encode()).hexdigest()[:10]
+    sub["output"] = {**sub["output"], "run_dir": str(paths.temperature_run(temperature, key))}
     if sub["checkpoint"]["resume"] == "ask":
         sub["checkpoint"] = {**sub["checkpoint"], "resume": "auto"}
     log.info("temperature %g: generating %d tasks x %d samples", temperature, len(ids), n)
