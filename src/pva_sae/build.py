@@ -73,7 +73,7 @@ def prepare_run(cfg: Config, stage: str = STAGE) -> RunDir:
 def build_dataset(cfg: Config, *, interactive: bool | None = None, progress: bool = True) -> list[dict[str, Any]]:
     """Run the whole stage and return the records (sorted by task id, then sample index)."""
     from . import data, prompts
-    from .generation import Generator, plan_batches
+    from .generation import Generator, plan_batches, resolve_batch_size
     from .models import load_model
 
     run = prepare_run(cfg)
@@ -103,7 +103,9 @@ def build_dataset(cfg: Config, *, interactive: bool | None = None, progress: boo
 
     by_id = {t.task_id: t for t in tasks}
     prompt_list = [(t.task_id, prompts.build_prompt(t, cfg.prompt.template, cfg.prompt.initiator)) for t in tasks]
-    plan = plan_batches(prompt_list, loaded.tokenizer, cfg.generation.batch_size, cfg.generation.n_samples,
+    generator = Generator(loaded, cfg.generation)
+    batch_size = resolve_batch_size(generator, [p for _, p in prompt_list])
+    plan = plan_batches(prompt_list, loaded.tokenizer, batch_size, cfg.generation.n_samples,
                         cfg.generation.sort_by_length, batch_token_budget(cfg.generation.max_batch_tokens, loaded.device),
                         cfg.generation.max_new_tokens)
     checkpointer = Checkpointer(run, cfg.checkpoint, cfg.to_dict(), cfg.data.start_idx,
@@ -114,7 +116,6 @@ def build_dataset(cfg: Config, *, interactive: bool | None = None, progress: boo
     run.clear_done(STAGE)
     state = decide_resume(checkpointer, cfg.checkpoint, interactive)
 
-    generator = Generator(loaded, cfg.generation)
     started = time.perf_counter()
     try:
         with _signals_raise():

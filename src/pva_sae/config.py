@@ -99,7 +99,9 @@ class PromptConfig:
 @dataclass
 class GenerationConfig:
     max_new_tokens: int = doc(384, "Hard cap on generated tokens per sample.")
-    batch_size: int = doc(16, "Most prompts per generation batch.")
+    batch_size: int = doc(
+        16, "Most prompts per generation batch; 0 = as many as fit in 80% of free GPU memory with the fast backend "
+        "(KV cache and prefill for the longest prompt), else 16.")
     max_batch_tokens: int = doc(
         0,
         "Cap on rows x (longest prompt + max_new_tokens) per batch, so rare very long prompts get small "
@@ -115,6 +117,13 @@ class GenerationConfig:
         "what follows are dropped). They mark the start of top-level test code or a new problem.",
     )
     sort_by_length: bool = doc(True, "Sort prompts by token length before batching (less padding).")
+    backend: str = doc(
+        "auto",
+        "'hf' (transformers generate), 'fast' (pva-sae's static-cache decoder with CUDA-graph steps, Gemma-2 "
+        "only; greedy output equals 'hf'), or 'auto' (fast for Gemma-2 on CUDA, else hf).")
+    compile: bool = doc(
+        False, "Fast backend on CUDA: torch.compile the decode step's layer math (fused kernels; ~1.3x faster "
+        "decoding after a warm-up of about a minute). Worth it for long runs.")
 
 
 @dataclass
@@ -410,11 +419,15 @@ def _validate(cfg: Config) -> None:
     g = cfg.generation
     if g.temperature < 0:
         raise ConfigError(f"generation.temperature must be >= 0, got {g.temperature}")
-    for name in ("max_new_tokens", "batch_size", "n_samples"):
+    if g.batch_size < 0:
+        raise ConfigError(f"generation.batch_size must be >= 0 (0 = automatic), got {g.batch_size}")
+    for name in ("max_new_tokens", "n_samples"):
         if getattr(g, name) < 1:
             raise ConfigError(f"generation.{name} must be >= 1, got {getattr(g, name)}")
     if g.n_samples > 1 and g.temperature == 0:
         raise ConfigError("generation.n_samples > 1 needs generation.temperature > 0 (greedy samples are identical)")
+    if g.backend not in ("auto", "hf", "fast"):
+        raise ConfigError(f"generation.backend must be auto, hf or fast, not {g.backend!r}")
     if not 0 < g.top_p <= 1:
         raise ConfigError(f"generation.top_p must be in (0, 1], got {g.top_p}")
     if cfg.checkpoint.every_n_records < 1:

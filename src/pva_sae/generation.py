@@ -26,6 +26,7 @@ from .config import GenerationConfig
 if TYPE_CHECKING:
     import torch
 
+    from .fastgen import Steering
     from .models import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -132,6 +133,14 @@ class Generator:
         self.stop_strings = tuple(cfg.stop_strings)
         self.hf_config = self._hf_generation_config()
         self._stop_criterion = self._make_stop_criterion()
+        self.backend = resolve_backend(cfg.backend, loaded)
+        self.fast = None
+        if self.backend == "fast":
+            from .fastgen import StaticDecoder
+
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
+            self.fast = StaticDecoder(loaded.model, self.eos_ids, pad,
+                                      compile=cfg.compile and loaded.device.type == "cuda")
 
     def _hf_generation_config(self) -> Any:
         """Every setting that changes the output is explicit, so a checkpoint's generation_config.json
@@ -161,8 +170,13 @@ class Generator:
 
         return StopStringCriteria(self.tokenizer, list(self.stop_strings))
 
-    def generate_batch(self, batch: Sequence[PlanItem], batch_index: int) -> list[Sample]:
-        """Generate every item of ``batch``; samples come back in batch order."""
+    def generate_batch(self, batch: Sequence[PlanItem], batch_index: int, steering: "Steering | None" = None
+                       ) -> list[Sample]:
+        """Generate every item of ``batch``; samples come back in batch order.
+
+        ``steering`` adds ``alpha * direction`` at one layer while generating (hooks.SteeringHook with
+        the 'hf' backend, inside the captured step with 'fast').
+        """
         import torch
 
         if not batch:
@@ -170,8 +184,12 @@ class Generator:
         prompts = [prompt for _, _, prompt in batch]
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True).to(self.loaded.device)
         started = time.perf_counter()
-        with torch.inference_mode(), seeded_rng(batch_seed(self.cfg.seed, batch_index), self.loaded.device):
-            out = self.model.generate(**enc, generation_config=self.hf_config, tokenizer=self.tokenizer)
+        seed = batch_seed(self.cfg.seed, batch_index)
+        if self.fast is not None:
+            out = self._generate_fast(enc, seed, steering)
+        else:
+            with torch.inference_mode(), seeded_rng(seed, self.loaded.device), _steering_hook(self.model, steering):
+                out = self.model.generate(**enc, generation_config=self.hf_config, tokenizer=self.tokenizer)
         elapsed = time.perf_counter() - started
         out = out.cpu()                                       # (B, P + T)
         prompt_len = enc["input_ids"].shape[1]
@@ -183,6 +201,33 @@ class Generator:
                          per_sample, batch_index)
             for row, item in enumerate(batch)
         ]
+
+    def _generate_fast(self, enc, seed: int, steering) -> "torch.Tensor":
+        import torch
+
+        generator = None
+        if self.sampling:
+            generator = torch.Generator(device=self.loaded.device)
+            generator.manual_seed(seed)
+        return self.fast.generate(enc["input_ids"], enc["attention_mask"], self.cfg.max_new_tokens, steering=steering,
+                                  temperature=self.cfg.temperature, top_p=self.cfg.top_p, generator=generator,
+                                  stop_check=self._stop_checker())
+
+    def _stop_checker(self):
+        """For the fast backend: marks rows whose text ends with a stop string at any step since the last
+        check (the criterion ``generate`` applies after every step)."""
+        if self._stop_criterion is None:
+            return None
+        checked = {"steps": 0}
+
+        def check(out, prompt_len: int, done):
+            steps = out.shape[1] - prompt_len
+            for t in range(checked["steps"], steps):
+                done = done | self._stop_criterion(out[:, :prompt_len + t + 1], None).cpu()
+            checked["steps"] = steps
+            return done
+
+        return check
 
     def _row_ends(self, out: "torch.Tensor", prompt_len: int) -> tuple["torch.Tensor", list[str]]:
         """Number of new tokens each row generated (pads after its end excluded), and what ended it.
@@ -227,6 +272,42 @@ class Generator:
                       raw_completion=raw, n_prompt_tokens=len(prompt_ids), n_new_tokens=n_new,
                       gen_time_s=gen_time_s, finish_reason=reason, temperature=self.cfg.temperature,
                       batch_index=batch_index)
+
+
+def resolve_batch_size(generator: "Generator", prompts: Sequence[str]) -> int:
+    """generation.batch_size, or for 0 the largest batch the free GPU memory holds (fast backend), else 16."""
+    if generator.cfg.batch_size > 0:
+        return generator.cfg.batch_size
+    if generator.fast is None:
+        return 16
+    from .fastgen import free_memory_batch_size
+
+    longest = max(len(generator.tokenizer(p)["input_ids"]) for p in prompts)
+    return free_memory_batch_size(generator.model, longest + generator.cfg.max_new_tokens)
+
+
+def resolve_backend(spec: str, loaded: "LoadedModel") -> str:
+    """'auto' -> 'fast' for Gemma-2 on CUDA, else 'hf'; an explicit 'fast' on another model is an error."""
+    from .fastgen import FastGenError, supports
+
+    if spec == "auto":
+        return "fast" if loaded.device.type == "cuda" and supports(loaded.model) else "hf"
+    if spec == "fast" and not supports(loaded.model):
+        raise FastGenError(f"generation.backend='fast' implements Gemma-2 only; {loaded.path_or_id} is "
+                           f"{loaded.model.config.model_type!r}: use 'hf' or 'auto'")
+    return spec
+
+
+@contextmanager
+def _steering_hook(model, steering) -> Iterator[None]:
+    if steering is None:
+        yield
+        return
+    from .hooks import SteeringHook
+
+    with SteeringHook(model, steering.layer, steering.direction, steering.alpha, site=steering.site,
+                      positions=steering.positions):
+        yield
 
 
 # --------------------------------------------------------------------------- text helpers

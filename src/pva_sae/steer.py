@@ -22,7 +22,6 @@ stage resumes at the next condition. Outputs under ``<run>/steering/`` (``Steeri
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import hashlib
 import json
@@ -97,7 +96,7 @@ class Steerer:
     def __init__(self, cfg: Config, run: RunDir, baseline: dict[int, dict[str, Any]], progress: bool):
         from . import data, prompts
         from .build import batch_token_budget
-        from .generation import Generator
+        from .generation import Generator, resolve_batch_size
         from .models import load_model
 
         self.cfg, self.run, self.paths, self.progress = cfg, run, SteeringPaths.of(run), progress
@@ -107,6 +106,7 @@ class Steerer:
         self.prompts = {t.task_id: prompts.build_prompt(t, cfg.prompt.template, cfg.prompt.initiator) for t in tasks}
         self.split_of = {t: name for name, ids in read_json(run.splits)["splits"].items() for t in ids}
         self.generator = Generator(self.loaded, cfg.generation)
+        self.batch_size = resolve_batch_size(self.generator, list(self.prompts.values()))
         self.budget = batch_token_budget(cfg.generation.max_batch_tokens, self.loaded.device)
         self.baseline = baseline
         self.site = cfg.steering.site or cfg.analysis.site
@@ -115,22 +115,21 @@ class Steerer:
     def run_condition(self, cond: Condition, vector) -> list[dict[str, Any]]:
         """Per-task outcomes of ``cond`` (from the cache when this exact condition already ran)."""
         from .build import label_samples
+        from .fastgen import Steering
         from .generation import plan_batches
-        from .hooks import SteeringHook
 
         extra = {"model": self.cfg.model.name, "site": self.site, "normalize": self.cfg.steering.normalize,
-                 "generation": self.cfg.to_dict()["generation"]}
+                 "generation": self.cfg.to_dict()["generation"], "backend": self.generator.backend}
         path = self.paths.condition(cond.key(extra))
         if path.is_file():
             return read_json(path)["tasks"]
         plan = plan_batches([(t, self.prompts[t]) for t in cond.task_ids], self.loaded.tokenizer,
-                            self.cfg.generation.batch_size, 1, True, self.budget, self.cfg.generation.max_new_tokens)
+                            self.batch_size, 1, True, self.budget, self.cfg.generation.max_new_tokens)
         records = []
+        steering = (Steering(cond.layer, vector, cond.alpha, site=self.site, positions=cond.positions)
+                    if vector is not None else None)
         for index, batch in enumerate(plan):
-            hook = (SteeringHook(self.loaded.model, cond.layer, vector, cond.alpha, site=self.site,
-                                 positions=cond.positions) if vector is not None else contextlib.nullcontext())
-            with hook:
-                samples = self.generator.generate_batch(batch, index)
+            samples = self.generator.generate_batch(batch, index, steering=steering)
             records += label_samples(samples, self.by_id, self.split_of, self.cfg)
             self.n_generated += len(batch)
         out = [self._outcome(r) for r in sorted(records, key=lambda r: r["task_id"])]
