@@ -122,6 +122,11 @@ def test_steering_end_to_end(steered):
     assert res["noise_floor"]["n"] == res["tasks"]["validation"]
     for name in ("rates_vs_alpha.png", "target_vs_controls.png", "selective.png"):
         assert (paths.plots / name).stat().st_size > 1000
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(paths.tasks).to_pylist()
+    assert {"baseline_program", "program", "baseline_passed", "steered_passed", "similarity"} <= set(rows[0])
+    assert {r["role"] for r in rows} == {"target", "control", "rerun"}
 
 
 def test_steering_resumes_from_cached_conditions(steered):

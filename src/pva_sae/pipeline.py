@@ -45,9 +45,10 @@ def run_pipeline(cfg: Config, progress: bool = True) -> list[str]:
     results = validate(cfg, progress=progress)
     for direction in ("correct", "incorrect"):
         rows = {r["name"]: r for r in results["validation"][direction]}
-        lat, probe, maj = rows["latent"], rows["probe"], rows["majority"]
+        lat, probe = rows["latent"], rows["probe"]
+        trivial = max((rows["majority"], rows["always_positive"]), key=lambda r: r["metrics"]["f1"]["estimate"])
         lines.append(f"validate: {lat['label']} -> {direction}: AUROC {_ci(lat, 'auroc')}, F1 {_ci(lat, 'f1')} "
-                     f"(probe AUROC {_ci(probe, 'auroc')}; majority F1 {_ci(maj, 'f1')})")
+                     f"(probe AUROC {_ci(probe, 'auroc')}; {trivial['label']} F1 {_ci(trivial, 'f1')})")
     lines.append(f"         temperatures {', '.join(results['temperature'])}; {time.perf_counter() - t0:.0f} s")
     t0 = time.perf_counter()
     steering = steer(cfg, progress=progress)

@@ -141,7 +141,7 @@ class Steerer:
         return {"task_id": r["task_id"], "baseline_passed": bool(base["passed"]), "steered_passed": bool(r["passed"]),
                 "similarity": difflib.SequenceMatcher(None, base["program"], r["program"]).ratio(),
                 "status": r["status"], "error_type": r["error_type"], "n_new_tokens": r["n_new_tokens"],
-                "finish_reason": r["finish_reason"], "program": r["program"]}
+                "finish_reason": r["finish_reason"], "baseline_program": base["program"], "program": r["program"]}
 
 
 # --------------------------------------------------------------------------- choices
