@@ -143,3 +143,22 @@ def test_python_api_matches_seed_quick_start(tiny_model_dir, tmp_path):
     assert [r["task_id"] for r in records] == [1, 2]
     run = RunDir.at(tmp_path / "api")
     assert run.dataset_json.is_file() and not run.dataset_parquet.exists()
+
+
+def test_automatic_batch_size_is_kept_on_resume(tiny_model_dir, tmp_path, monkeypatch):
+    import pva_sae.generation as generation
+    from pva_sae.build import build_dataset
+    from pva_sae.config import resolve_config
+
+    run_dir = tmp_path / "run"
+    cfg = resolve_config(overrides=[f"model.name={tiny_model_dir}", f"output.run_dir={run_dir}", "data.end_idx=5",
+                                    "generation.max_new_tokens=2", "generation.batch_size=0",
+                                    "checkpoint.resume=auto"])
+    monkeypatch.setattr(generation, "resolve_batch_size", lambda gen, prompts: 4)
+    build_dataset(cfg, progress=False)
+    assert json.loads(RunDir.at(run_dir).batch_plan.read_text())["batch_size"] == 4
+    RunDir.at(run_dir).clear_done("build")                  # as if interrupted before the end
+    monkeypatch.setattr(generation, "resolve_batch_size", lambda gen, prompts: 7)
+    records = build_dataset(cfg, progress=False)
+    assert json.loads(RunDir.at(run_dir).batch_plan.read_text())["batch_size"] == 4
+    assert max(r["batch_index"] for r in records) == 1      # 6 tasks in batches of 4

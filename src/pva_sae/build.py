@@ -73,7 +73,7 @@ def prepare_run(cfg: Config, stage: str = STAGE) -> RunDir:
 def build_dataset(cfg: Config, *, interactive: bool | None = None, progress: bool = True) -> list[dict[str, Any]]:
     """Run the whole stage and return the records (sorted by task id, then sample index)."""
     from . import data, prompts
-    from .generation import Generator, plan_batches, resolve_batch_size
+    from .generation import Generator, plan_batches
     from .models import load_model
 
     run = prepare_run(cfg)
@@ -104,7 +104,7 @@ def build_dataset(cfg: Config, *, interactive: bool | None = None, progress: boo
     by_id = {t.task_id: t for t in tasks}
     prompt_list = [(t.task_id, prompts.build_prompt(t, cfg.prompt.template, cfg.prompt.initiator)) for t in tasks]
     generator = Generator(loaded, cfg.generation)
-    batch_size = resolve_batch_size(generator, [p for _, p in prompt_list])
+    batch_size = _planned_batch_size(run, cfg, generator, [p for _, p in prompt_list])
     plan = plan_batches(prompt_list, loaded.tokenizer, batch_size, cfg.generation.n_samples,
                         cfg.generation.sort_by_length, batch_token_budget(cfg.generation.max_batch_tokens, loaded.device),
                         cfg.generation.max_new_tokens)
@@ -136,6 +136,19 @@ def build_dataset(cfg: Config, *, interactive: bool | None = None, progress: boo
     log.info("dataset written to %s (%d records, pass rate %.3f)", run.datasets, len(records),
              metadata["pass_rate"]["overall"])
     return records
+
+
+def _planned_batch_size(run: RunDir, cfg: Config, generator, prompts: list[str]) -> int:
+    """generation.batch_size, resolved once per run: with 0 (from free memory) a resumed build reuses the
+    size its first attempt chose, since the checkpointed batch indices refer to that plan."""
+    from .generation import resolve_batch_size
+
+    if cfg.generation.batch_size == 0 and run.batch_plan.is_file() and cfg.checkpoint.resume != "never":
+        size = int(read_json(run.batch_plan)["batch_size"])
+    else:
+        size = resolve_batch_size(generator, prompts)
+    atomic_write_json(run.batch_plan, {"batch_size": size, "configured": cfg.generation.batch_size})
+    return size
 
 
 CPU_BATCH_TOKENS = 8192  # on CPU, decode cost grows with rows x context; on GPU it is nearly flat

@@ -8,6 +8,7 @@ Layout (``<run>`` is ``output.run_dir``)::
     <run>/logs/<stage>_<timestamp>.log
     <run>/datasets/dataset.json       labelled samples (and dataset.parquet)
     <run>/datasets/dataset_metadata.json
+    <run>/datasets/batch_plan.json     resolved batch size (generation.batch_size=0 picks it from free memory)
     <run>/datasets/checkpoints/checkpoint_<start>_<end>_<timestamp>.json
     <run>/datasets/autosaves/autosave_<start>_<end>_<timestamp>.json
     <run>/stages/<stage>.done          written last by a stage that completed
@@ -119,6 +120,11 @@ class RunDir:
     @property
     def dataset_metadata(self) -> Path:
         return self.datasets / "dataset_metadata.json"
+
+    @property
+    def batch_plan(self) -> Path:
+        """The resolved generation batch size (so a resumed build rebuilds the same batch plan)."""
+        return self.datasets / "batch_plan.json"
 
     @property
     def checkpoints(self) -> Path:
