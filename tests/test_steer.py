@@ -145,3 +145,10 @@ def test_report_steering_section(steered):
     assert "## Steering" in md and "The steering stage has not run" not in md
     e = res["experiments"]["corruption"]
     assert f"| corruption | incorrect | {e['successes']}/{e['n']} |" in md
+
+
+def test_missing_stages_are_named_and_nothing_is_written(tmp_path):
+    cfg = resolve_config(overrides=[f"output.run_dir={tmp_path / 'nothing'}"])
+    with pytest.raises(FileNotFoundError, match="no finished build stage"):
+        steer(cfg, progress=False)
+    assert not (tmp_path / "nothing").exists()

@@ -285,9 +285,10 @@ def load_inputs(run: RunDir, cfg: Config):
 
     if cfg.generation.temperature != 0:
         raise ValueError("steering compares greedy generations with the greedy build: set generation.temperature=0")
-    for stage in ("analyze", "validate"):
+    for stage in ("build", "analyze", "validate"):
         if not run.is_done(stage):
-            raise FileNotFoundError(f"{run.root} has no finished {stage} stage; run `pva-sae {stage}` first")
+            raise FileNotFoundError(f"{run.root} has no finished {stage} stage; run `pva-sae {stage} --run-dir "
+                                    f"{run.root}` first")
     records = {r["task_id"]: r for r in load_records(str(run.root)) if r["sample_index"] == 0}
     apaths = AnalysisPaths.of(run)
     summary = read_json(apaths.summary)
@@ -325,10 +326,10 @@ def steer(cfg: Config, progress: bool = True) -> dict[str, Any]:
     started = time.perf_counter()
     run = RunDir.at(cfg.output.run_dir)
     paths = SteeringPaths.of(run)
+    records, summary, targets, saes, norms, choices, vpaths = load_inputs(run, cfg)
     paths.root.mkdir(parents=True, exist_ok=True)
     setup_logging(run.log_file(STAGE))
     atomic_write_json(paths.root / "config.json", cfg.to_dict())
-    records, summary, targets, saes, norms, choices, vpaths = load_inputs(run, cfg)
     s = cfg.steering
     splits = read_json(run.splits)["splits"]
     tuning_ids = subset([t for t in splits["tuning"] if t in records], s.tuning_max_tasks, s.seed)
