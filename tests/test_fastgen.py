@@ -1,7 +1,5 @@
 """The fast decoder reproduces transformers' greedy generation (plain and steered), on CPU and GPU."""
 
-from dataclasses import replace
-
 import pytest
 import torch
 

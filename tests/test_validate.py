@@ -10,7 +10,8 @@ import pytest
 from pva_sae.config import resolve_config
 from pva_sae.report import write_report
 from pva_sae.rundir import RunDir, atomic_write_json
-from pva_sae.validate import ValidationPaths, robustness_subset, validate
+from pva_sae.data import seeded_subset as robustness_subset
+from pva_sae.validate import ValidationPaths, validate
 
 VALIDATION_SETTINGS = ["validation.temperatures=[0.0, 1.0]", "validation.samples_per_temperature=2",
                        "validation.robustness_max_tasks=5", "validation.bootstrap_resamples=50",

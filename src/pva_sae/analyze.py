@@ -229,17 +229,11 @@ def _link_fn(release: str, saes):
 
 
 def _save_outputs(paths: AnalysisPaths, scores, table) -> None:
-    import io
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     from safetensors.torch import save
 
-    from .rundir import atomic_write_bytes
+    from .rundir import atomic_write_bytes, atomic_write_parquet
 
     flat = {f"{name}/layer_{layer}": t.contiguous() for layer, per in scores.items() for name, t in per.items()}
     atomic_write_bytes(paths.scores, save(flat))
-    buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(table), buf)
-    atomic_write_bytes(paths.ranked_parquet, buf.getvalue())
+    atomic_write_parquet(paths.ranked_parquet, table)
     atomic_write_json(paths.ranked_json, table)

@@ -275,16 +275,9 @@ def save_dataset(run: RunDir, records: list[dict[str, Any]], metadata: dict[str,
 
 
 def _write_parquet(run: RunDir, records: list[dict[str, Any]]) -> None:
-    import io
+    from .rundir import atomic_write_parquet
 
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from .rundir import atomic_write_bytes
-
-    buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(records), buf)
-    atomic_write_bytes(run.dataset_parquet, buf.getvalue())
+    atomic_write_parquet(run.dataset_parquet, records)
 
 
 def _read_parquet(run: RunDir) -> list[dict[str, Any]]:

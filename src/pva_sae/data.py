@@ -290,6 +290,15 @@ def select_range(tasks: Sequence[Task], start_idx: int, end_idx: int | None) -> 
     return list(tasks[start_idx:end + 1])
 
 
+def seeded_subset(ids: Sequence[int], max_n: int, seed: int) -> list[int]:
+    """At most ``max_n`` of ``ids`` (0 = all), drawn without replacement with a seeded generator; sorted."""
+    import numpy as np
+
+    if max_n == 0 or max_n >= len(ids):
+        return sorted(ids)
+    return sorted(int(t) for t in np.random.default_rng(seed).choice(list(ids), size=max_n, replace=False))
+
+
 def select_ids(tasks: Sequence[Task], task_ids: Sequence[int]) -> list[Task]:
     """The tasks whose ids are in ``task_ids`` (in the order of ``tasks``); unknown ids are an error."""
     wanted = set(task_ids)

@@ -271,16 +271,15 @@ class StaticDecoder:
 
     def _decode_step(self, st: "_State", steering: Steering | None, greedy: bool) -> None:
         """One decode step on the state's buffers (graph-capturable: no host sync, fixed shapes)."""
-        import torch
-
         max_len = st.valid.shape[1]
         masks = self._masks(st.valid, st.idx, max_len)
         layer, site = (steering.layer, steering.site) if steering else (None, None)
         logits = self._forward(st.tok, st.pos, st.idx, masks, st.caches, st.delta, layer, site,
                                fns=self._decode_fns)
-        st.logits.copy_(logits)
         if greedy:
             self._advance(st, logits.argmax(dim=-1))
+        else:
+            st.logits.copy_(logits)                   # sampled outside the graph
 
     def _advance(self, st: "_State", nxt) -> None:
         import torch

@@ -17,7 +17,7 @@ def run_pipeline(cfg: Config, progress: bool = True) -> list[str]:
     """Run the stages; return human-readable summary lines (where the results are)."""
     from .analyze import AnalysisPaths, analyze
     from .build import build_dataset
-    from .report import write_report
+    from .report import fmt_ci, write_report
     from .rundir import RunDir
     from .steer import steer
     from .validate import validate
@@ -47,8 +47,9 @@ def run_pipeline(cfg: Config, progress: bool = True) -> list[str]:
         rows = {r["name"]: r for r in results["validation"][direction]}
         lat, probe = rows["latent"], rows["probe"]
         trivial = max((rows["majority"], rows["always_positive"]), key=lambda r: r["metrics"]["f1"]["estimate"])
-        lines.append(f"validate: {lat['label']} -> {direction}: AUROC {_ci(lat, 'auroc')}, F1 {_ci(lat, 'f1')} "
-                     f"(probe AUROC {_ci(probe, 'auroc')}; {trivial['label']} F1 {_ci(trivial, 'f1')})")
+        m, pm, tm = lat["metrics"], probe["metrics"], trivial["metrics"]
+        lines.append(f"validate: {lat['label']} -> {direction}: AUROC {fmt_ci(m['auroc'])}, F1 {fmt_ci(m['f1'])} "
+                     f"(probe AUROC {fmt_ci(pm['auroc'])}; {trivial['label']} F1 {fmt_ci(tm['f1'])})")
     lines.append(f"         temperatures {', '.join(results['temperature'])}; {time.perf_counter() - t0:.0f} s")
     t0 = time.perf_counter()
     steering = steer(cfg, progress=progress)
@@ -63,11 +64,3 @@ def run_pipeline(cfg: Config, progress: bool = True) -> list[str]:
     lines.append(f"finished in {time.perf_counter() - started:.0f} s; results in {run.root}")
     return lines
 
-
-def _ci(row: dict, metric: str) -> str:
-    m = row["metrics"][metric]
-    if m["estimate"] is None:
-        return "n/a"
-    if m["low"] is None:
-        return f"{m['estimate']:.3f}"
-    return f"{m['estimate']:.3f} [{m['low']:.3f}, {m['high']:.3f}]"

@@ -68,8 +68,11 @@ class Features:
     layers: list[int]
     latent_acts: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)  # (layer, latent) -> (n_tasks,)
 
+    def __post_init__(self) -> None:
+        self._index = {t: i for i, t in enumerate(self.task_ids)}
+
     def rows(self, task_ids: Sequence[int]) -> np.ndarray:
-        index = {t: i for i, t in enumerate(self.task_ids)}
+        index = self._index
         missing = [t for t in task_ids if t not in index]
         if missing:
             raise KeyError(f"no captured activations for task ids {missing[:10]}; rerun the analysis stage")

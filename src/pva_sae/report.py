@@ -51,6 +51,11 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
+def images(folder: Path, items) -> list[Block]:
+    """An image block per (file name, caption) whose file exists in ``folder``."""
+    return [Block("img", caption, path=folder / name) for name, caption in items if (folder / name).is_file()]
+
+
 # --------------------------------------------------------------------------- sections
 
 def dataset_section(run: RunDir) -> list[Block]:
@@ -95,10 +100,8 @@ def analysis_section(run: RunDir) -> list[Block]:
         out.append(Block("h3", f"Top latents {title}"))
         out.append(Block("table", headers=["predicts", "rank", "latent", "t", "separation", "f_correct",
                                            "f_incorrect", "general freq."], rows=rows))
-    for name, caption in (("frequency_scatter.png", "Firing frequency, correct vs incorrect tasks, per layer"),
-                          ("top_latent_histograms.png", "Activations of the top latents by class")):
-        if (paths.plots / name).is_file():
-            out.append(Block("img", caption, path=paths.plots / name))
+    out += images(paths.plots, (("frequency_scatter.png", "Firing frequency, correct vs incorrect tasks, per layer"),
+                                ("top_latent_histograms.png", "Activations of the top latents by class")))
     return out
 
 
@@ -149,10 +152,9 @@ def validation_section(run: RunDir) -> list[Block]:
         out.append(Block("h3", f"Predicting '{direction}'"))
         out.append(Block("table", headers=METRIC_HEADERS, rows=[_metric_row(r) for r in rows]))
         out.append(Block("p", standing(rows)))
-    for name, caption in (("roc_pr.png", "ROC and PR curves on the validation split (band: bootstrap, latent)"),
-                          ("latent_histograms.png", "Validation activations of the chosen latents, with thresholds")):
-        if (paths.plots / name).is_file():
-            out.append(Block("img", caption, path=paths.plots / name))
+    out += images(paths.plots, (
+        ("roc_pr.png", "ROC and PR curves on the validation split (band: bootstrap, latent)"),
+        ("latent_histograms.png", "Validation activations of the chosen latents, with thresholds")))
     out += robustness_blocks(res, paths)
     return out
 
@@ -172,8 +174,7 @@ def robustness_blocks(res: dict[str, Any], paths) -> list[Block]:
                                  fmt_ci(r["metrics"]["f1"])])
     out.append(Block("table", headers=["temperature", "tasks", "samples", "pass rate", "predictor", "AUROC", "F1"],
                      rows=rows))
-    if (paths.plots / "temperature.png").is_file():
-        out.append(Block("img", "Metrics and pass rate against temperature", path=paths.plots / "temperature.png"))
+    out += images(paths.plots, (("temperature.png", "Metrics and pass rate against temperature"),))
     out.append(Block("h3", "Difficulty (cyclomatic complexity of the reference solution)"))
     rows = []
     for bucket, d in res["difficulty"].items():
@@ -185,8 +186,7 @@ def robustness_blocks(res: dict[str, Any], paths) -> list[Block]:
                 rows.append([bucket, str(d["n"]), str(d["n_correct"]), f"{r['label']} -> {direction}",
                              fmt_ci(r["metrics"]["auroc"]), fmt_ci(r["metrics"]["f1"])])
     out.append(Block("table", headers=["bucket", "tasks", "correct", "predictor", "AUROC", "F1"], rows=rows))
-    if (paths.plots / "difficulty.png").is_file():
-        out.append(Block("img", "Metrics by difficulty bucket", path=paths.plots / "difficulty.png"))
+    out += images(paths.plots, (("difficulty.png", "Metrics by difficulty bucket"),))
     return out
 
 
@@ -228,11 +228,9 @@ def steering_section(run: RunDir) -> list[Block]:
                      rows=[[m, f"{sel[m]['corrected']}/{sel['n_incorrect']} ({_pct(sel[m]['correction'])})",
                             f"{sel[m]['broken']}/{sel['n_correct']} ({_pct(sel[m]['corruption'])})"]
                            for m in ("constant", "selective")]))
-    for name, caption in (("rates_vs_alpha.png", "Rates against alpha on the tuning split"),
-                          ("target_vs_controls.png", "Target latent vs control latents (Wilson intervals)"),
-                          ("selective.png", "Selective vs constant steering")):
-        if (paths.plots / name).is_file():
-            out.append(Block("img", caption, path=paths.plots / name))
+    out += images(paths.plots, (("rates_vs_alpha.png", "Rates against alpha on the tuning split"),
+                                ("target_vs_controls.png", "Target latent vs control latents (Wilson intervals)"),
+                                ("selective.png", "Selective vs constant steering")))
     return out
 
 

@@ -171,12 +171,6 @@ def pick_controls(scores: dict[str, Any], target: int, n_correct: int, n_incorre
             for j in candidates[order[:n]]]
 
 
-def subset(ids: list[int], max_tasks: int, seed: int) -> list[int]:
-    if max_tasks == 0 or max_tasks >= len(ids):
-        return sorted(ids)
-    return sorted(int(t) for t in np.random.default_rng(seed).choice(ids, size=max_tasks, replace=False))
-
-
 def rates(outcomes: list[dict[str, Any]]) -> dict[str, Any]:
     """Counts and rates of one steered run, split by the baseline outcome."""
     inc = [o for o in outcomes if not o["baseline_passed"]]
@@ -303,13 +297,17 @@ def load_inputs(run: RunDir, cfg: Config):
     return records, summary, targets, saes, norms, choices, vpaths
 
 
-def _scores_of_layer(run: RunDir, layer: int) -> dict[str, Any]:
+def _scores_by_layer(run: RunDir) -> dict[int, dict[str, Any]]:
+    """The analysis stage's per-latent scores: {layer: {name: (d_sae,) array}}."""
     from safetensors.numpy import load_file
 
     from .analyze import AnalysisPaths
 
-    flat = load_file(str(AnalysisPaths.of(run).scores))
-    return {k.split("/")[0]: v for k, v in flat.items() if k.endswith(f"/layer_{layer}")}
+    out: dict[int, dict[str, Any]] = {}
+    for key, values in load_file(str(AnalysisPaths.of(run).scores)).items():
+        name, layer = key.split("/layer_")
+        out.setdefault(int(layer), {})[name] = values
+    return out
 
 
 def _flagged(vpaths, choices: dict[str, Any], ids: list[int]) -> tuple[set[int], dict[str, Any]]:
@@ -323,6 +321,8 @@ def _flagged(vpaths, choices: dict[str, Any], ids: list[int]) -> tuple[set[int],
 
 def steer(cfg: Config, progress: bool = True) -> dict[str, Any]:
     """Run the stage; returns the results written to ``steering/results.json``."""
+    from .data import seeded_subset
+
     started = time.perf_counter()
     run = RunDir.at(cfg.output.run_dir)
     paths = SteeringPaths.of(run)
@@ -332,9 +332,10 @@ def steer(cfg: Config, progress: bool = True) -> dict[str, Any]:
     atomic_write_json(paths.root / "config.json", cfg.to_dict())
     s = cfg.steering
     splits = read_json(run.splits)["splits"]
-    tuning_ids = subset([t for t in splits["tuning"] if t in records], s.tuning_max_tasks, s.seed)
-    val_ids = subset([t for t in splits["validation"] if t in records], s.max_tasks, s.seed)
+    tuning_ids = seeded_subset([t for t in splits["tuning"] if t in records], s.tuning_max_tasks, s.seed)
+    val_ids = seeded_subset([t for t in splits["validation"] if t in records], s.max_tasks, s.seed)
     steerer = Steerer(cfg, run, records, progress)
+    scores = _scores_by_layer(run)
 
     results: dict[str, Any] = {"targets": {}, "tuning": {}, "controls": {}, "experiments": {}}
     runs: dict[str, list[dict[str, Any]]] = {}
@@ -355,10 +356,9 @@ def steer(cfg: Config, progress: bool = True) -> dict[str, Any]:
         ids = val_ids if direction == "correct" else [t for t in val_ids if records[t]["passed"]]
         runs[direction] = steerer.run_condition(
             Condition("target", direction, layer, latent, alpha, s.positions, tuple(ids)), vector)
-        scores = _scores_of_layer(run, layer)
-        controls = pick_controls(scores, latent, summary["n_correct"], summary["n_incorrect"], s.n_controls,
+        controls = pick_controls(scores[layer], latent, summary["n_correct"], summary["n_incorrect"], s.n_controls,
                                  s.control_max_separation, s.seed)
-        control_ids = subset(ids, s.control_max_tasks, s.seed + 1)
+        control_ids = seeded_subset(ids, s.control_max_tasks, s.seed + 1)
         results["controls"][direction] = controls
         control_runs[direction] = {
             c["latent"]: steerer.run_condition(
@@ -389,17 +389,10 @@ def steer(cfg: Config, progress: bool = True) -> dict[str, Any]:
 
 
 def _save_tasks(paths: SteeringPaths, runs, control_runs, rerun) -> None:
-    import io
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from .rundir import atomic_write_bytes
+    from .rundir import atomic_write_parquet
 
     rows = [{"role": "target", "direction": d, "latent": None, **o} for d, outs in runs.items() for o in outs]
     rows += [{"role": "control", "direction": d, "latent": j, **o} for d, per in control_runs.items()
              for j, outs in per.items() for o in outs]
     rows += [{"role": "rerun", "direction": None, "latent": None, **o} for o in rerun]
-    buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows), buf)
-    atomic_write_bytes(paths.tasks, buf.getvalue())
+    atomic_write_parquet(paths.tasks, rows)

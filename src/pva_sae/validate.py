@@ -143,7 +143,9 @@ def temperature_results(cfg: Config, run: RunDir, paths: ValidationPaths, predic
     from .metrics import bootstrap_metrics
 
     v = cfg.validation
-    ids = robustness_subset(val_ids, v.robustness_max_tasks, v.robustness_seed)
+    from .data import seeded_subset
+
+    ids = seeded_subset(val_ids, v.robustness_max_tasks, v.robustness_seed)
     out = {}
     for temperature in v.temperatures:
         records, source = temperature_records(cfg, paths, temperature, ids, main_records, progress)
@@ -161,13 +163,6 @@ def temperature_results(cfg: Config, run: RunDir, paths: ValidationPaths, predic
         out[f"{temperature:g}"] = {"temperature": temperature, "n_tasks": len(set(tasks)), "n_samples": len(records),
                                    "pass_rate": rate.as_dict(), "source": source, "rows": _by_direction(rows)}
     return out
-
-
-def robustness_subset(val_ids: list[int], max_tasks: int, seed: int) -> list[int]:
-    if max_tasks == 0 or max_tasks >= len(val_ids):
-        return list(val_ids)
-    rng = np.random.default_rng(seed)
-    return sorted(int(t) for t in rng.choice(val_ids, size=max_tasks, replace=False))
 
 
 def temperature_records(cfg: Config, paths: ValidationPaths, temperature: float, ids: list[int], main_records,
@@ -261,18 +256,11 @@ def validate(cfg: Config, progress: bool = True) -> dict[str, Any]:
 
 def _save_scores(paths: ValidationPaths, predictors, feats, val_ids, y_val, difficulty) -> None:
     """Per validation task: label, difficulty and every predictor's score (for re-analysis and steering)."""
-    import io
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from .rundir import atomic_write_bytes
+    from .rundir import atomic_write_parquet
 
     columns: dict[str, Any] = {"task_id": val_ids, "correct": y_val.tolist(),
                                "difficulty": [difficulty[t] for t in val_ids]}
     for p in predictors:
         columns[f"{p.direction}/{p.name}"] = p.score(feats, val_ids).tolist()
-    buf = io.BytesIO()
-    pq.write_table(pa.table(columns), buf)
-    atomic_write_bytes(paths.predictions, buf.getvalue())
+    atomic_write_parquet(paths.predictions, columns)
 
