@@ -78,7 +78,7 @@ def timed(fn):
 
 
 def steering_for(model, alpha: float):
-    from pva_sae.fastgen import Steering
+    from pva_sae.model.fastgen import Steering
 
     d = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0))
     return Steering(model.config.num_hidden_layers // 2, d / d.norm(), alpha)
@@ -87,7 +87,7 @@ def steering_for(model, alpha: float):
 def hf_generate(model, ids, new_tokens: int, steering):
     from transformers import GenerationConfig
 
-    from pva_sae.generation import _steering_hook
+    from pva_sae.model.generation import _steering_hook
 
     gc = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, num_beams=1,
                           eos_token_id=None, pad_token_id=0)
@@ -96,7 +96,7 @@ def hf_generate(model, ids, new_tokens: int, steering):
 
 
 def bench_generation(model, args, shape: str) -> list[dict]:
-    from pva_sae.fastgen import StaticDecoder
+    from pva_sae.model.fastgen import StaticDecoder
 
     rows = []
     g = torch.Generator(device="cuda").manual_seed(1)
@@ -163,9 +163,9 @@ class IdTokenizer:
 
 
 def bench_analysis(model, args, shape: str) -> list[dict]:
-    from pva_sae.capture import capture_last_token
-    from pva_sae.sae import JumpReLUSAE
-    from pva_sae.stats import score_layer
+    from pva_sae.model.capture import capture_last_token
+    from pva_sae.sae.registry import JumpReLUSAE
+    from pva_sae.stats.latents import score_layer
 
     rows, skip = [], set(args.skip.split(","))
     n_layers, d = model.config.num_hidden_layers, model.config.hidden_size

@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from pva_sae import stats
+from pva_sae.stats import latents as stats
 
 
 def parse_args() -> argparse.Namespace:
@@ -114,7 +114,7 @@ def bench_scipy(args, labels: torch.Tensor) -> float:
 
 def bench_encode(args, device: str) -> float:
     """Seconds to encode (tasks, d_model) residuals through a random (d_model, latents) JumpReLU SAE, all layers."""
-    from pva_sae.sae import JumpReLUSAE
+    from pva_sae.sae.registry import JumpReLUSAE
 
     gen = torch.Generator().manual_seed(args.seed)
     W_dec = torch.randn(args.latents, args.d_model, generator=gen)

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import pva_sae
 from pva_sae.config import SandboxConfig
-from pva_sae.sandbox import ExecJob, ExecResult, probe, run_jobs
+from pva_sae.execution.sandbox import ExecJob, ExecResult, probe, run_jobs
 
 MBPP_PATH = Path(pva_sae.__file__).parent / "assets" / "mbpp" / "mbpp.jsonl"
 

@@ -14,7 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_gpu import random_model  # noqa: E402
 
-from pva_sae.fastgen import StaticDecoder  # noqa: E402
+from pva_sae.model.fastgen import StaticDecoder
 
 
 def main() -> None:

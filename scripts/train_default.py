@@ -122,7 +122,7 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def sha256_file(path: Path) -> str:
-    from pva_sae.manifest import sha256_file as _sha
+    from pva_sae.rundir.manifest import sha256_file as _sha
 
     return _sha(path)
 
@@ -139,7 +139,7 @@ def read_json(path: Path) -> Any:
 
 
 def versions() -> dict[str, Any]:
-    from pva_sae.manifest import git_commit, package_versions
+    from pva_sae.rundir.manifest import git_commit, package_versions
 
     out: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(),
                            **package_versions(("torch", "transformers", "tokenizers", "numpy", "safetensors"))}
@@ -157,7 +157,7 @@ def versions() -> dict[str, Any]:
 # --------------------------------------------------------------------------- sizes
 
 def model_config(recipe: Recipe, vocab_size: int):
-    from pva_sae.tiny import tiny_gemma2_config
+    from pva_sae.default.tiny import tiny_gemma2_config
 
     return tiny_gemma2_config(vocab_size, n_layers=recipe.n_layers, d_model=recipe.d_model,
                               n_heads=recipe.n_heads, n_kv_heads=recipe.n_kv_heads, head_dim=recipe.head_dim,
@@ -215,7 +215,7 @@ def encode(tok, texts: list[str], tasks, prompts: dict[int, str], docs: dict[int
            memorized: set[int]) -> tuple[dict[str, np.ndarray], list[int]]:
     """Token arrays of the corpus (files joined, each ending with EOS) and of the MBPP documents
     (BOS ... EOS), and the tasks whose prompt does not tokenize as a prefix of their document."""
-    from pva_sae.tiny import BOS_ID, EOS_ID
+    from pva_sae.default.tiny import BOS_ID, EOS_ID
 
     stream, offsets = [], [0]
     for text in texts:
@@ -259,10 +259,10 @@ def token_counts(arrays: dict[str, np.ndarray], general_tokens: int, max_new_tok
 def prepare(out: Path, recipe: Recipe) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
-    from pva_sae import corpus as corpora
-    from pva_sae.data import dataset_sha256, load_tasks
-    from pva_sae.prompts import build_prompt
-    from pva_sae.tiny import build_bpe_tokenizer
+    from pva_sae.default import corpus as corpora
+    from pva_sae.data.mbpp import dataset_sha256, load_tasks
+    from pva_sae.data.prompts import build_prompt
+    from pva_sae.default.tiny import build_bpe_tokenizer
 
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
@@ -379,7 +379,7 @@ class RowSampler:
     """Seeded training rows: corpus windows and memorized MBPP documents, every row starting with BOS."""
 
     def __init__(self, prep: Prepared, recipe: Recipe, seed: int):
-        from pva_sae.tiny import BOS_ID
+        from pva_sae.default.tiny import BOS_ID
 
         self.rng = np.random.default_rng(seed)
         self.bos = BOS_ID
@@ -519,7 +519,7 @@ def save_model(model, prep: Prepared, out: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, GenerationConfig
 
-    from pva_sae.tiny import BOS_ID, EOS_ID, PAD_ID
+    from pva_sae.default.tiny import BOS_ID, EOS_ID, PAD_ID
 
     target = out / "model"
     if target.exists():
@@ -550,7 +550,7 @@ def sae_sequences(prep: Prepared, recipe: Recipe) -> tuple[list[np.ndarray], lis
     documents and the prompts of the other tasks (the inputs the analysis reads). A seeded
     ``sae_heldout_fraction`` of the sequences is held out; the rest is capped at ``sae_max_tokens``.
     """
-    from pva_sae.tiny import BOS_ID
+    from pva_sae.default.tiny import BOS_ID
 
     chunk = recipe.seq_len - 1
     pool: list[np.ndarray] = []
@@ -599,7 +599,7 @@ def last_token_acts(model, tok, prompts: list[str], layers: list[int], long_toke
     ``long_tokens`` in small batches (eager attention memory grows with the square of the length)."""
     import torch
 
-    from pva_sae.capture import capture_last_token
+    from pva_sae.model.capture import capture_last_token
 
     lengths = [len(ids) for ids in tok(prompts)["input_ids"]]
     out = None
@@ -616,7 +616,7 @@ def last_token_acts(model, tok, prompts: list[str], layers: list[int], long_toke
 
 
 def sae_config(recipe: Recipe, device, seed: int):
-    from pva_sae.sae_train import SAETrainConfig
+    from pva_sae.sae.train import SAETrainConfig
 
     return SAETrainConfig(d_sae=recipe.sae_width, steps=recipe.sae_steps, batch_size=recipe.sae_batch,
                           lr=recipe.sae_lr, threshold_lr=recipe.sae_threshold_lr, target_l0=recipe.sae_target_l0,
@@ -636,7 +636,7 @@ def next_target(target: float, ev: dict[str, Any]) -> float:
 
 def attempt_rank(ev: dict[str, Any]) -> tuple:
     """Order of preference among SAE attempts: targets met, then L0 in range, then reconstruction."""
-    from pva_sae.sae_train import meets_targets
+    from pva_sae.sae.train import meets_targets
 
     return meets_targets(ev), 10 <= ev["mean_l0"] <= 100, ev["fve"]
 
@@ -645,7 +645,7 @@ def fit_saes(acts: dict[int, Any], held: dict[int, Any], recipe: Recipe, device,
     """Train all layers' SAEs together; layers that miss the targets are trained again (together)
     with another L0 target, at most ``sae_retries`` times and while the time ``deadline`` allows.
     Returns ``{layer: (best result, attempts)}``."""
-    from pva_sae.sae_train import meets_targets, train_saes
+    from pva_sae.sae.train import meets_targets, train_saes
 
     targets = {layer: recipe.sae_target_l0 for layer in acts}
     tried: dict[int, list] = {layer: [] for layer in acts}
@@ -688,8 +688,8 @@ def fit_saes(acts: dict[int, Any], held: dict[int, Any], recipe: Recipe, device,
 def train_all_saes(model, tok, prep: Prepared, recipe: Recipe, device, out: Path, deadline: float) -> dict[str, Any]:
     import torch
 
-    from pva_sae.sae_train import collect_activations, evaluate_sae, meets_targets, save_sae
-    from pva_sae.tiny import PAD_ID
+    from pva_sae.sae.train import collect_activations, evaluate_sae, meets_targets, save_sae
+    from pva_sae.default.tiny import PAD_ID
 
     layers = list(range(recipe.n_layers))
     train_seqs, held_seqs, counts = sae_sequences(prep, recipe)
@@ -887,8 +887,8 @@ def load_tasks_for_eval(assets: Path, prepared: Path | None) -> list[dict[str, A
     if prepared is not None and (prepared / "tasks.jsonl").is_file():
         lines = (prepared / "tasks.jsonl").read_text(encoding="utf-8").splitlines()
         return [json.loads(line) for line in lines if line]
-    from pva_sae.data import packaged_path
-    from pva_sae.prompts import build_prompt
+    from pva_sae.data.mbpp import packaged_path
+    from pva_sae.data.prompts import build_prompt
 
     tasks = []
     for line in packaged_path().read_text(encoding="utf-8").splitlines():
@@ -905,12 +905,12 @@ def load_tasks_for_eval(assets: Path, prepared: Path | None) -> list[dict[str, A
 def evaluate(assets: Path, recipe: Recipe, device_spec: str, prepared: Path | None = None,
              batch_size: int | None = None, max_batch_tokens: int | None = None) -> dict[str, Any]:
     """Greedy pass@1 of the saved model, through the pipeline's own loading, generation, extraction and sandbox."""
-    from pva_sae.build import batch_token_budget
+    from pva_sae.model.generation import batch_token_budget
     from pva_sae.config import GenerationConfig, ModelConfig, SandboxConfig
-    from pva_sae.extract import extract_program
-    from pva_sae.generation import Generator, plan_batches
-    from pva_sae.models import load_model
-    from pva_sae.sandbox import ExecJob, run_jobs
+    from pva_sae.data.extract import extract_program
+    from pva_sae.model.generation import Generator, plan_batches
+    from pva_sae.model.registry import load_model
+    from pva_sae.execution.sandbox import ExecJob, run_jobs
 
     tasks = load_tasks_for_eval(assets, prepared)
     by_id = {t["task_id"]: t for t in tasks}

@@ -16,7 +16,7 @@ def tiny_model_dir_in(base: Path) -> Path:
     For tests that need the model outside the fixture (a subprocess, a module-level helper).
     The model is deterministic (seed 0), so every copy is the same model.
     """
-    from pva_sae.tiny import make_tiny_model
+    from pva_sae.default.tiny import make_tiny_model
 
     key = str(base)
     if key not in _BUILT:
@@ -34,7 +34,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def tiny_loaded(tiny_model_dir):
     """The tiny model loaded through ``pva_sae.models.load_model`` on CPU (float32). Do not mutate it."""
     from pva_sae.config import ModelConfig
-    from pva_sae.models import load_model
+    from pva_sae.model.registry import load_model
 
     return load_model(ModelConfig(name=str(tiny_model_dir), device="cpu"))
 
@@ -45,7 +45,7 @@ D_SAE = 96
 def make_saes(folder, n_layers, d_model, seed=0):
     import numpy as np
 
-    from pva_sae.sae import save_gemmascope_npz
+    from pva_sae.sae.registry import save_gemmascope_npz
 
     rng = np.random.default_rng(seed)
     for layer in range(n_layers):
@@ -61,10 +61,11 @@ def analysed(tiny_model_dir, tmp_path_factory):
     """A finished build (labels planted: task_id % 3 == 0 passes) and analysis on 30 tasks; do not mutate."""
     from transformers import AutoConfig
 
-    from pva_sae.analyze import analyze
-    from pva_sae.build import build_dataset
+    from pva_sae.stages.analyze import analyze
+    from pva_sae.stages.build import build_dataset
     from pva_sae.config import resolve_config
-    from pva_sae.rundir import RunDir, atomic_write_json
+    from pva_sae.rundir.paths import RunDir
+    from pva_sae.rundir.atomic import atomic_write_json
 
     base = tmp_path_factory.mktemp("analyze")
     run_dir = base / "run"

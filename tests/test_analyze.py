@@ -2,7 +2,8 @@
 
 import json
 
-from pva_sae.analyze import AnalysisPaths, analyze
+from pva_sae.rundir.paths import AnalysisPaths
+from pva_sae.stages.analyze import analyze
 
 
 def test_outputs_exist(analysed):

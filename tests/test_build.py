@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from pva_sae.build import build_dataset, load_records
+from pva_sae.stages.build import build_dataset
+from pva_sae.rundir.artifacts import load_records
 from pva_sae.config import resolve_config
-from pva_sae.rundir import RunDir
+from pva_sae.rundir.paths import RunDir
 
 # Wall-clock measurements differ between runs; every other field must be identical.
 TIMING_FIELDS = {"gen_time_s", "exec_time_s"}
@@ -146,8 +147,8 @@ def test_python_api_matches_seed_quick_start(tiny_model_dir, tmp_path):
 
 
 def test_automatic_batch_size_is_kept_on_resume(tiny_model_dir, tmp_path, monkeypatch):
-    import pva_sae.generation as generation
-    from pva_sae.build import build_dataset
+    import pva_sae.execution.dataset as generation  # the module that calls resolve_batch_size
+    from pva_sae.stages.build import build_dataset
     from pva_sae.config import resolve_config
 
     run_dir = tmp_path / "run"

@@ -13,14 +13,9 @@ import math
 import pytest
 import torch
 
-from pva_sae.capture import (
-    capture_last_token,
-    left_pad,
-    load_activations,
-    save_activations,
-    tokenize_prompts,
-)
-from pva_sae.hooks import decoder_layers
+from pva_sae.model.capture import capture_last_token, left_pad, tokenize_prompts
+from pva_sae.rundir.artifacts import load_activations, save_activations
+from pva_sae.model.hooks import decoder_layers
 
 PAD_TOL = 1e-4
 N_LAYERS = 3
@@ -45,7 +40,7 @@ def tok(tiny_model_dir):
 def model3(tok):
     from transformers import Gemma2ForCausalLM
 
-    from pva_sae.tiny import tiny_gemma2_config
+    from pva_sae.default.tiny import tiny_gemma2_config
 
     torch.manual_seed(0)
     model = Gemma2ForCausalLM(tiny_gemma2_config(len(tok), n_layers=N_LAYERS, sliding_window=8))

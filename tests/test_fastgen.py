@@ -4,15 +4,15 @@ import pytest
 import torch
 
 from pva_sae.config import GenerationConfig, ModelConfig
-from pva_sae.fastgen import FastGenError, StaticDecoder, Steering
-from pva_sae.generation import Generator
+from pva_sae.model.fastgen import FastGenError, StaticDecoder, Steering
+from pva_sae.model.generation import Generator
 
 PROMPTS = ["def add(a, b):", "import os\n# list the files in a directory\ndef", "x = [1, 2, 3]\nfor",
            "class Stack:\n    def __init__(self):"]
 
 
 def mbpp_batch(n=8, start=0):
-    from pva_sae import data, prompts
+    from pva_sae.data import mbpp as data, prompts
 
     tasks = data.load_tasks("packaged")[start:start + n]
     return [(t.task_id, 0, prompts.build_prompt(t, "{text}\n\n{tests}\n\n{initiator}", "# Solution:")) for t in tasks]
@@ -33,7 +33,7 @@ def test_greedy_equals_generate_on_the_tiny_random_model(tiny_loaded):
 
 
 def test_greedy_with_stop_strings_equals_generate_on_the_default_model():
-    from pva_sae.models import load_model
+    from pva_sae.model.registry import load_model
 
     loaded = load_model(ModelConfig(name="pva-tiny", device="cpu"))
     got = samples(loaded, mbpp_batch(8), max_new_tokens=160)
@@ -79,7 +79,7 @@ def replace_config(config, **changes):
 @pytest.mark.gpu
 def test_gpu_graph_greedy_equals_generate_in_float32_plain_and_steered():
     """float32 on CUDA: the captured-graph decoder gives generate's greedy output exactly."""
-    from pva_sae.models import load_model
+    from pva_sae.model.registry import load_model
 
     loaded = load_model(ModelConfig(name="pva-tiny", device="cuda", dtype="float32"))
     batch = mbpp_batch(32, start=100)
@@ -97,7 +97,7 @@ def test_gpu_bfloat16_greedy_mostly_equals_generate():
     """bfloat16: attention over the static cache length and other GEMM shapes round differently from
     generate's growing cache, so near-ties can flip a row's continuation (measured: 57/64 rows identical
     over 200 tokens on the embedded default); a real bug would leave few rows equal."""
-    from pva_sae.models import load_model
+    from pva_sae.model.registry import load_model
 
     loaded = load_model(ModelConfig(name="pva-tiny", device="cuda"))
     batch = mbpp_batch(64, start=100)
@@ -108,7 +108,7 @@ def test_gpu_bfloat16_greedy_mostly_equals_generate():
 
 
 def test_chunked_prefill_and_single_token(tiny_loaded, monkeypatch):
-    import pva_sae.fastgen as fg
+    import pva_sae.model.fastgen as fg
 
     batch = [(i, 0, p) for i, p in enumerate(PROMPTS)]
     whole = samples(tiny_loaded, batch, max_new_tokens=10, stop_strings=())["fast"]
@@ -120,7 +120,7 @@ def test_chunked_prefill_and_single_token(tiny_loaded, monkeypatch):
 
 def test_decode_function_slots(tiny_loaded):
     """The path a torch.compile'd decoder takes (functions passed in) computes the same tokens."""
-    import pva_sae.fastgen as fg
+    import pva_sae.model.fastgen as fg
 
     ids = tiny_loaded.tokenizer(PROMPTS, return_tensors="pt", padding=True)
     plain = StaticDecoder(tiny_loaded.model, [1], 0)

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from pva_sae.config import ModelConfig, GenerationConfig
-from pva_sae.generation import Generator, batch_seed, cut_at_stop, plan_batches
-from pva_sae.models import load_model
-from pva_sae.tiny import mbpp_texts
+from pva_sae.model.generation import Generator, batch_seed, cut_at_stop, plan_batches
+from pva_sae.model.registry import load_model
+from pva_sae.default.tiny import mbpp_texts
 
 MAX_NEW = 20
 

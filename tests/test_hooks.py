@@ -10,14 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from pva_sae.hooks import (
-    CaptureHook,
-    SteeringHook,
-    assert_fired_once,
-    decoder_layers,
-    replace_residual,
-    residual_of,
-)
+from pva_sae.model.hooks import (CaptureHook, SteeringHook, assert_fired_once, decoder_layers, replace_residual, residual_of)
 
 N_LAYERS = 3
 PROMPTS = [
@@ -40,7 +33,7 @@ def tok(tiny_model_dir):
 def model3(tok):
     from transformers import Gemma2ForCausalLM
 
-    from pva_sae.tiny import tiny_gemma2_config
+    from pva_sae.default.tiny import tiny_gemma2_config
 
     torch.manual_seed(0)
     model = Gemma2ForCausalLM(tiny_gemma2_config(len(tok), n_layers=N_LAYERS, sliding_window=8))

@@ -7,7 +7,7 @@ import pytest
 from scipy import stats
 from sklearn.metrics import average_precision_score, f1_score, precision_score, recall_score, roc_auc_score
 
-from pva_sae import metrics as m
+from pva_sae.stats import classify as m
 
 
 def random_case(rng, n=None, ties=True):

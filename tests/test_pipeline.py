@@ -3,7 +3,7 @@
 import json
 
 from pva_sae.cli import main
-from pva_sae.rundir import RunDir
+from pva_sae.rundir.paths import RunDir
 
 SMALL = ["data.end_idx=79", "analysis.general_n_docs=200", "validation.temperatures=[0.0, 1.0]",
          "validation.robustness_max_tasks=6", "validation.bootstrap_resamples=200", "validation.probe_cs=3",

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from pva_sae.metrics import auroc
-from pva_sae.predictors import Features, LeakageError, SealedLabels, fit_predictors, random_scores
+from pva_sae.stats.classify import auroc
+from pva_sae.stats.predictors import Features, LeakageError, SealedLabels, fit_predictors, random_scores
 
 
 class FixedSAE:

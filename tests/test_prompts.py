@@ -3,8 +3,8 @@ from dataclasses import dataclass
 import pytest
 
 from pva_sae.config import DEFAULT_TEMPLATE
-from pva_sae.data import load_tasks
-from pva_sae.prompts import PromptError, build_prompt, check_template, format_tests
+from pva_sae.data.mbpp import load_tasks
+from pva_sae.data.prompts import PromptError, build_prompt, check_template, format_tests
 
 
 @dataclass

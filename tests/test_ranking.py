@@ -1,7 +1,7 @@
 import torch
 
-from pva_sae.general import cache_key, word_prefixes
-from pva_sae.ranking import rank_latents
+from pva_sae.sae.general_filter import cache_key, word_prefixes
+from pva_sae.stats.latents import rank_latents
 
 
 def fake_scores(n_latents=6):

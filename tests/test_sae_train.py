@@ -7,19 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from pva_sae.sae_train import (
-    SAETrainConfig,
-    _fold_scale,
-    collect_activations,
-    encode_jumprelu,
-    evaluate_sae,
-    input_scale,
-    jumprelu_ste,
-    meets_targets,
-    save_sae,
-    step_ste,
-    train_sae,
-)
+from pva_sae.sae.train import (SAETrainConfig, _fold_scale, collect_activations, encode_jumprelu, evaluate_sae, input_scale, jumprelu_ste, meets_targets, save_sae, step_ste, train_sae)
 
 
 @pytest.fixture(autouse=True)
@@ -158,7 +146,7 @@ def test_training_is_deterministic():
 
 
 def test_save_sae_writes_a_loadable_gemmascope_file(tmp_path, planted_result):
-    from pva_sae.sae import load_sae_file
+    from pva_sae.sae.registry import load_sae_file
 
     result, _ = planted_result
     path = save_sae(result, tmp_path / "layer_0", extra={"layer": 0})
@@ -204,7 +192,7 @@ def test_collect_activations_keeps_the_first_token_when_asked(tiny_loaded):
 
 
 def test_token_batches_bound_padding_and_keep_order():
-    from pva_sae.sae_train import token_batches
+    from pva_sae.sae.train import token_batches
 
     lengths = [3, 4, 4, 10, 40, 41, 200]
     batches = token_batches(lengths, batch_size=3, max_batch_tokens=100)
@@ -216,8 +204,8 @@ def test_token_batches_bound_padding_and_keep_order():
 
 
 def test_train_model_saes_writes_one_loadable_sae_per_layer(tiny_loaded, tmp_path):
-    from pva_sae.sae import load_sae_file
-    from pva_sae.sae_train import train_model_saes
+    from pva_sae.sae.registry import load_sae_file
+    from pva_sae.sae.train import train_model_saes
 
     model, tok = tiny_loaded.model, tiny_loaded.tokenizer
     texts = [f"def f{i}(x):\n    return x * {i} + {i % 3}\n" for i in range(40)]
@@ -231,7 +219,7 @@ def test_train_model_saes_writes_one_loadable_sae_per_layer(tiny_loaded, tmp_pat
 
 
 def test_saes_trained_together_keep_their_own_targets():
-    from pva_sae.sae_train import train_saes
+    from pva_sae.sae.train import train_saes
 
     x, _ = planted(20_000, d=32, m=48, k=6, seed=4)
     cfg = SAETrainConfig(d_sae=64, steps=300, batch_size=512, lr=3e-3, threshold_lr=3e-2, sparsity_coefficient=3e-2,

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from pva_sae.config import ConfigError, SandboxConfig
-from pva_sae.sandbox import ERROR_TYPES, PROCESS_TAG, STATUSES, ExecJob, probe, run_job, run_jobs
+from pva_sae.execution.sandbox import ERROR_TYPES, PROCESS_TAG, STATUSES, ExecJob, probe, run_job, run_jobs
 
 CFG = SandboxConfig(timeout_s=2.0, cpu_time_s=5, memory_limit_mb=512, output_limit_kb=16, max_processes=16)
 GOOD = "def f(x):\n    return x + 1\n"

@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy import stats as sps
 
-from pva_sae import stats
+from pva_sae.stats import latents as stats
 
 
 def sparse_acts(n, d, p_fire, seed, ties=False):

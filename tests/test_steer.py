@@ -8,8 +8,9 @@ import torch
 from scipy import stats
 
 from pva_sae.config import GenerationConfig, resolve_config
-from pva_sae.rundir import RunDir
-from pva_sae.steer import (SteeringPaths, choose_alpha, experiment_stats, pick_controls, rates, selective, steer)
+from pva_sae.rundir.paths import RunDir
+from pva_sae.rundir.paths import SteeringPaths
+from pva_sae.stages.steer import choose_alpha, experiment_stats, pick_controls, rates, selective, steer
 
 
 def outcome(task_id, before, after, sim=1.0):
@@ -67,8 +68,8 @@ def test_selective_keeps_unflagged_baselines():
 
 def test_batched_steered_generation(tiny_loaded):
     """alpha = 0 under generate is identical to no hook; a large alpha changes the batch's outputs."""
-    from pva_sae.generation import Generator
-    from pva_sae.hooks import SteeringHook, assert_fired_once
+    from pva_sae.model.generation import Generator
+    from pva_sae.model.hooks import SteeringHook, assert_fired_once
 
     gen = Generator(tiny_loaded, GenerationConfig(max_new_tokens=6, stop_strings=()))
     batch = [(1, 0, "def add(a, b):"), (2, 0, "x = 1\nwhile"), (3, 0, "import os\n# list files in a dir")]
@@ -90,7 +91,7 @@ def test_batched_steered_generation(tiny_loaded):
 def steered(analysed, tmp_path_factory):
     from test_validate import copy_run
 
-    from pva_sae.validate import validate
+    from pva_sae.stages.validate import validate
 
     dest = tmp_path_factory.mktemp("steer") / "run"
     cfg = copy_run(analysed, dest)
@@ -137,7 +138,7 @@ def test_steering_resumes_from_cached_conditions(steered):
 
 
 def test_report_steering_section(steered):
-    from pva_sae.report import write_report
+    from pva_sae.stages.report import write_report
 
     cfg, run, res = steered
     html_path, md_path = write_report(run.root)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pva_sae import corpus
+from pva_sae.default import corpus
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_PREPARE = ["--vocab-size", "320", "--max-train-files", "2", "--max-tasks", "16",
@@ -95,7 +95,7 @@ def test_train_writes_loadable_model_and_saes(built):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pva_sae.sae import load_sae_file
+    from pva_sae.sae.registry import load_sae_file
 
     _, assets = built
     model = AutoModelForCausalLM.from_pretrained(assets / "model")

@@ -8,10 +8,12 @@ from html.parser import HTMLParser
 import pytest
 
 from pva_sae.config import resolve_config
-from pva_sae.report import write_report
-from pva_sae.rundir import RunDir, atomic_write_json
-from pva_sae.data import seeded_subset as robustness_subset
-from pva_sae.validate import ValidationPaths, validate
+from pva_sae.stages.report import write_report
+from pva_sae.rundir.paths import RunDir
+from pva_sae.rundir.atomic import atomic_write_json
+from pva_sae.data.mbpp import seeded_subset as robustness_subset
+from pva_sae.rundir.paths import ValidationPaths
+from pva_sae.stages.validate import validate
 
 VALIDATION_SETTINGS = ["validation.temperatures=[0.0, 1.0]", "validation.samples_per_temperature=2",
                        "validation.robustness_max_tasks=5", "validation.bootstrap_resamples=50",

@@ -10,7 +10,7 @@ __all__ = ["__version__", "build_dataset", "make_config"]
 
 def __getattr__(name):
     if name in ("build_dataset", "make_config"):
-        from . import api
+        from pva_sae import api
 
         return getattr(api, name)
     raise AttributeError(f"module 'pva_sae' has no attribute {name!r}")

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import Config
+from pva_sae.config import Config
+from pva_sae.model.registry import resolve_for_model
+from pva_sae.stages.build import build_dataset as _build
 
 
 def make_config(model: str | None = None, *, start_idx: int | None = None, end_idx: int | None = None,
@@ -23,7 +25,6 @@ def make_config(model: str | None = None, *, start_idx: int | None = None, end_i
              "output.save_format": save_format, "output.run_dir": run_dir, "checkpoint.resume": resume,
              "checkpoint.resume_from": resume_from, **(overrides or {})}
     items = [f"{k}={_text(v)}" for k, v in pairs.items() if v is not None]
-    from .models import resolve_for_model
 
     return resolve_for_model(config_file, items)
 
@@ -42,7 +43,6 @@ def build_dataset(model: str | None = None, start_idx: int | None = None, end_id
 
     ``resume`` is 'auto' here (a notebook has no prompt to answer): an interrupted build continues.
     """
-    from .build import build_dataset as _build
 
     cfg = make_config(model, start_idx=start_idx, end_idx=end_idx, save_format=save_format, run_dir=run_dir,
                       resume=resume, resume_from=resume_from, config_file=config_file, overrides=overrides)

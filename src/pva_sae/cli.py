@@ -12,7 +12,7 @@ import argparse
 import sys
 from typing import Callable, Sequence
 
-from .config import ConfigError, describe
+from pva_sae.config import DIRECTIONS, SITES, ConfigError, describe
 
 EXIT_USER_ERROR = 2
 
@@ -39,7 +39,7 @@ def _build_args(p: argparse.ArgumentParser) -> None:
 def _analyze_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sae-release", help="SAE release (analysis.sae_release; see `pva-sae saes`)")
     p.add_argument("--sae-dir", help="local directory mirroring the SAE repository (analysis.sae_local_dir)")
-    p.add_argument("--site", choices=("resid_post", "resid_pre"), help="residual site (analysis.site)")
+    p.add_argument("--site", choices=SITES, help="residual site (analysis.site)")
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
@@ -60,13 +60,13 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 def _config(args: argparse.Namespace):
     """The resolved config: defaults <- the model's registered defaults <- --config file <- overrides."""
-    from .models import resolve_for_model
+    from pva_sae.model.registry import resolve_for_model
 
     return resolve_for_model(args.config, _overrides(args))
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from .build import build_dataset
+    from pva_sae.stages.build import build_dataset
 
     cfg = _config(args)
     records = build_dataset(cfg, progress=not args.quiet)
@@ -77,8 +77,8 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from .analyze import AnalysisPaths, analyze
-    from .rundir import RunDir
+    from pva_sae.rundir.paths import AnalysisPaths, RunDir
+    from pva_sae.stages.analyze import analyze
 
     cfg = _config(args)
     summary = analyze(cfg, progress=not args.quiet)
@@ -89,14 +89,14 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from .report import write_report
-    from .validate import ValidationPaths, validate
-    from .rundir import RunDir
+    from pva_sae.rundir.paths import RunDir, ValidationPaths
+    from pva_sae.stages.report import write_report
+    from pva_sae.stages.validate import validate
 
     cfg = _config(args)
     results = validate(cfg, progress=not args.quiet)
     html_path, _ = write_report(cfg.output.run_dir)
-    for direction in ("correct", "incorrect"):
+    for direction in DIRECTIONS:
         r = results["validation"][direction][0]
         print(f"{r['label']} -> {direction}: AUROC {r['metrics']['auroc']['estimate']:.3f}, "
               f"F1 {r['metrics']['f1']['estimate']:.3f}")
@@ -105,9 +105,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_steer(args: argparse.Namespace) -> int:
-    from .report import write_report
-    from .steer import SteeringPaths, steer
-    from .rundir import RunDir
+    from pva_sae.rundir.paths import RunDir, SteeringPaths
+    from pva_sae.stages.report import write_report
+    from pva_sae.stages.steer import steer
 
     cfg = _config(args)
     results = steer(cfg, progress=not args.quiet)
@@ -120,7 +120,7 @@ def cmd_steer(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import write_report
+    from pva_sae.stages.report import write_report
 
     cfg = _config(args)
     html_path, md_path = write_report(cfg.output.run_dir)
@@ -129,7 +129,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .pipeline import run_pipeline
+    from pva_sae.pipeline import run_pipeline
 
     cfg = _config(args)
     summary = run_pipeline(cfg, progress=not args.quiet)
@@ -151,7 +151,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:  # noqa: ARG001
-    from .models import list_models
+    from pva_sae.model.registry import list_models
 
     for entry in list_models():
         print(f"{entry['key']:<16} {entry.get('hf_id') or entry.get('path', '')}  layers={entry['n_layers']} "
@@ -160,7 +160,7 @@ def cmd_models(args: argparse.Namespace) -> int:  # noqa: ARG001
 
 
 def cmd_saes(args: argparse.Namespace) -> int:  # noqa: ARG001
-    from .sae import list_releases
+    from pva_sae.sae.registry import list_releases
 
     for entry in list_releases():
         print(f"{entry['key']:<24} model={entry.get('model')} arch={entry.get('arch')} layers={entry.get('n_layers')} "
@@ -169,9 +169,9 @@ def cmd_saes(args: argparse.Namespace) -> int:  # noqa: ARG001
 
 
 def cmd_checkpoints(args: argparse.Namespace) -> int:
-    from .checkpoint import Checkpointer
-    from .config import CheckpointConfig
-    from .rundir import RunDir
+    from pva_sae.config import CheckpointConfig
+    from pva_sae.rundir.checkpoint import Checkpointer
+    from pva_sae.rundir.paths import RunDir
 
     cfg = _config(args)
     cp = Checkpointer(RunDir.at(cfg.output.run_dir), CheckpointConfig(), {}, 0, 0)
@@ -216,8 +216,8 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from .build import ConfigMismatch
-    from .checkpoint import CheckpointError
+    from pva_sae.execution.dataset import ConfigMismatch
+    from pva_sae.rundir.checkpoint import CheckpointError
 
     return (ConfigError, ValueError, FileNotFoundError, CheckpointError, ConfigMismatch)
 
@@ -233,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"pva-sae: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except Exception as exc:
-        from .build import BuildInterrupted
+        from pva_sae.execution.dataset import BuildInterrupted
 
         if isinstance(exc, BuildInterrupted):
             print(f"pva-sae: {exc}; rerun the same command to resume", file=sys.stderr)

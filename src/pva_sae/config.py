@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 
 class ConfigError(ValueError):
@@ -32,6 +33,9 @@ def doc(default: Any = dataclasses.MISSING, help: str = "", factory: Any = datac
 
 # Sections whose values change the records of the build stage (a resume must match them exactly).
 BUILD_SECTIONS = ("model", "data", "prompt", "generation", "sandbox")
+# Residual sites (see pva_sae.model.hooks for what each means) and the two predicted classes.
+SITES = ("resid_post", "resid_pre")
+DIRECTIONS = ("correct", "incorrect")
 
 DEFAULT_TEMPLATE = "{text}\n\n{tests}\n\n{initiator}"
 
@@ -435,8 +439,8 @@ def _validate(cfg: Config) -> None:
     if cfg.data.start_idx < 0 or (cfg.data.end_idx is not None and cfg.data.end_idx < cfg.data.start_idx):
         raise ConfigError(f"bad task range start_idx={cfg.data.start_idx} end_idx={cfg.data.end_idx}")
     a = cfg.analysis
-    if a.site not in ("resid_post", "resid_pre"):
-        raise ConfigError(f"analysis.site must be resid_post or resid_pre, not {a.site!r}")
+    if a.site not in SITES:
+        raise ConfigError(f"analysis.site must be one of {SITES}, not {a.site!r}")
     if not 0 < a.general_max_frequency <= 1:
         raise ConfigError(f"analysis.general_max_frequency must be in (0, 1], got {a.general_max_frequency}")
     _validate_validation(cfg.validation)
@@ -467,8 +471,8 @@ def _validate_steering(s: SteeringConfig) -> None:
     for name, allowed in choices.items():
         if getattr(s, name) not in allowed:
             raise ConfigError(f"steering.{name} must be one of {', '.join(allowed)}, not {getattr(s, name)!r}")
-    if s.site not in (None, "resid_post", "resid_pre"):
-        raise ConfigError(f"steering.site must be resid_post, resid_pre or None, not {s.site!r}")
+    if s.site is not None and s.site not in SITES:
+        raise ConfigError(f"steering.site must be one of {SITES} or None, not {s.site!r}")
     if not s.alpha_grid or any(a <= 0 for a in s.alpha_grid):
         raise ConfigError(f"steering.alpha_grid must hold positive values, got {s.alpha_grid}")
     if s.n_controls < 1 or s.refine_steps < 0 or min(s.max_tasks, s.tuning_max_tasks, s.control_max_tasks) < 0:

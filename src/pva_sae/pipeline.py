@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import time
 
-from .config import Config
+from pva_sae.config import DIRECTIONS, Config
+from pva_sae.rundir.paths import AnalysisPaths, RunDir
+from pva_sae.stages.analyze import analyze
+from pva_sae.stages.build import build_dataset
+from pva_sae.stages.report import fmt_ci, write_report
+from pva_sae.stages.steer import steer
+from pva_sae.stages.validate import validate
 
 
 def run_pipeline(cfg: Config, progress: bool = True) -> list[str]:
     """Run the stages; return human-readable summary lines (where the results are)."""
-    from .analyze import AnalysisPaths, analyze
-    from .build import build_dataset
-    from .report import fmt_ci, write_report
-    from .rundir import RunDir
-    from .steer import steer
-    from .validate import validate
 
     run = RunDir.at(cfg.output.run_dir)
     lines = []
@@ -34,7 +34,7 @@ def run_pipeline(cfg: Config, progress: bool = True) -> list[str]:
     paths = AnalysisPaths.of(run)
     lines.append(f"analyze: {summary['n_tasks']} SAE-split tasks ({summary['n_correct']} correct), "
                  f"{len(summary['layers'])} layers, release {summary['release']} ({time.perf_counter() - t0:.0f} s)")
-    for direction in ("correct", "incorrect"):
+    for direction in DIRECTIONS:
         top = summary["top"][direction][:1]
         if top:
             r = top[0]
@@ -43,7 +43,7 @@ def run_pipeline(cfg: Config, progress: bool = True) -> list[str]:
     lines.append(f"         ranked latents: {paths.ranked_parquet}; plots: {paths.plots}")
     t0 = time.perf_counter()
     results = validate(cfg, progress=progress)
-    for direction in ("correct", "incorrect"):
+    for direction in DIRECTIONS:
         rows = {r["name"]: r for r in results["validation"][direction]}
         lat, probe = rows["latent"], rows["probe"]
         trivial = max((rows["majority"], rows["always_positive"]), key=lambda r: r["metrics"]["f1"]["estimate"])

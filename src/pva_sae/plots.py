@@ -6,6 +6,12 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from pva_sae.config import DIRECTIONS
+from pva_sae.stats.classify import curve_band, pr_curve, roc_curve
+from pva_sae.stats.predictors import positive
+
 
 def _pyplot():
     import matplotlib
@@ -97,15 +103,11 @@ def _save(fig, path: Path) -> Path:
 
 def plot_roc_pr(path: Path, predictors, feats, val_ids, y_val, cfg) -> Path:
     """ROC and PR curves on the validation split: the latent with a 95% bootstrap band, baselines as lines."""
-    import numpy as np
-
-    from .metrics import curve_band, pr_curve, roc_curve
-    from .predictors import positive
 
     plt = _pyplot()
     v = cfg.validation
     fig, axes = plt.subplots(2, 2, figsize=(9, 8), squeeze=False)
-    for row, direction in enumerate(("correct", "incorrect")):
+    for row, direction in enumerate(DIRECTIONS):
         y = positive(y_val, direction)
         for p in (p for p in predictors if p.direction == direction and p.name in ("latent", "probe", "diff_means")):
             s = p.score(feats, val_ids)
@@ -134,7 +136,6 @@ def plot_roc_pr(path: Path, predictors, feats, val_ids, y_val, cfg) -> Path:
 
 def plot_latent_histograms(path: Path, predictors, feats, val_ids, y_val) -> Path:
     """Validation activations of the two chosen latents by class, with the tuned threshold."""
-    import numpy as np
 
     plt = _pyplot()
     latents = [p for p in predictors if p.name == "latent"]
@@ -151,8 +152,6 @@ def plot_latent_histograms(path: Path, predictors, feats, val_ids, y_val) -> Pat
 
 
 def _errorbar(ax, xs, intervals, **kw):
-    import numpy as np
-
     est = np.array([np.nan if i["estimate"] is None else i["estimate"] for i in intervals], dtype=float)
     lo = np.array([np.nan if i["low"] is None else i["low"] for i in intervals], dtype=float)
     hi = np.array([np.nan if i["high"] is None else i["high"] for i in intervals], dtype=float)
@@ -181,12 +180,11 @@ def plot_temperature(path: Path, results: dict[str, Any]) -> Path:
 
 def plot_difficulty(path: Path, results: dict[str, Any]) -> Path:
     """AUROC and F1 per difficulty bucket (validation split), with bootstrap bars."""
-    import numpy as np
 
     plt = _pyplot()
     buckets = [b for b, d in results["difficulty"].items() if d["n"]]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    series = [(d, n) for d in ("correct", "incorrect") for n in ("latent", "probe")]
+    series = [(d, n) for d in DIRECTIONS for n in ("latent", "probe")]
     width = 0.8 / len(series)
     for ax, metric in zip(axes, ("auroc", "f1")):
         for k, (direction, name) in enumerate(series):
@@ -213,7 +211,7 @@ def plot_steering_tuning(path: Path, results: dict[str, Any]) -> Path:
     """Correction and corruption rates against alpha on the tuning split, chosen alpha marked."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for ax, direction in zip(axes, ("correct", "incorrect")):
+    for ax, direction in zip(axes, DIRECTIONS):
         tuned = results["tuning"][direction]
         rows = tuned["table"]
         if rows:
@@ -233,7 +231,6 @@ def plot_steering_tuning(path: Path, results: dict[str, Any]) -> Path:
 
 def plot_steering_experiments(path: Path, results: dict[str, Any]) -> Path:
     """Target vs pooled-control rates with Wilson intervals; dots = individual control latents."""
-    import numpy as np
 
     plt = _pyplot()
     names = list(results["experiments"])

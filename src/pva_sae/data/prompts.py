@@ -1,0 +1,89 @@
+"""The prompt: problem description, the test asserts, and a code initiator.
+
+Default template (``config.DEFAULT_TEMPLATE``) ``{text}\\n\\n{tests}\\n\\n{initiator}`` with the
+initiator ``# Solution:``. Normalisation, pinned by the tests:
+
+- the description has its line endings made ``\\n`` and surrounding whitespace stripped;
+- each test is stripped (78 MBPP tests end in a space) and must already be one ``assert``
+  statement. Tests are never prefixed with ``assert``, so ``assert assert`` cannot be produced, and
+  a test that already reads that way is refused instead of passed on to the model;
+- the template and the initiator are used exactly as given.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import string
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+from pva_sae.config import DEFAULT_TEMPLATE
+
+PLACEHOLDERS = ("text", "tests", "initiator")
+_DOUBLED_ASSERT = re.compile(r"^assert\s*\(?\s*assert\b")
+
+
+class PromptError(ValueError):
+    """A prompt cannot be built as asked; the message says what is wrong and how to fix it."""
+
+
+def format_tests(test_list: Sequence[str]) -> str:
+    """The test asserts, stripped, one per line, in the given order."""
+    if isinstance(test_list, str):
+        raise PromptError("test_list must be a sequence of assert strings, not one string")
+    tests = [test.strip() for test in test_list]
+    if not tests:
+        raise PromptError("a prompt needs at least one test assert; the task's test_list is empty")
+    for test in tests:
+        _check_test(test)
+    return "\n".join(tests)
+
+
+def _check_test(test: str) -> None:
+    if _DOUBLED_ASSERT.match(test):
+        raise PromptError(f"test {test!r} has a doubled 'assert'; pass the asserts as they are in MBPP")
+    if not test.startswith("assert"):
+        raise PromptError(f"test {test!r} is not an assert statement; each test must start with 'assert'")
+    if not _is_single_assert(test):
+        raise PromptError(f"test {test!r} is not one valid assert statement")
+
+
+def _is_single_assert(test: str) -> bool:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tree = ast.parse(test)
+    except (SyntaxError, ValueError):
+        return False
+    return len(tree.body) == 1 and isinstance(tree.body[0], ast.Assert)
+
+
+def check_template(template: str) -> None:
+    """Raise PromptError unless ``template`` uses each of {text}, {tests}, {initiator} and nothing else."""
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise PromptError(f"prompt template {template!r} is not a valid format string ({exc}); "
+                          "write literal braces as '{{' and '}}'") from None
+    fields = [(name, conversion, spec) for _, name, spec, conversion in parts if name is not None]
+    unknown = sorted({name for name, _, _ in fields} - set(PLACEHOLDERS))
+    if unknown:
+        raise PromptError(f"prompt template has unknown placeholder(s) {unknown}; the allowed ones are "
+                          f"{{text}}, {{tests}} and {{initiator}} (write literal braces as '{{{{' and '}}}}')")
+    if any(conversion or spec for _, conversion, spec in fields):
+        raise PromptError(f"prompt template {template!r}: placeholders take no conversion or format spec")
+    missing = [name for name in PLACEHOLDERS if name not in {n for n, _, _ in fields}]
+    if missing:
+        raise PromptError(f"prompt template {template!r} lacks placeholder(s) "
+                          f"{', '.join('{' + m + '}' for m in missing)}")
+
+
+def build_prompt(task: Any, template: str = DEFAULT_TEMPLATE, initiator: str = "# Solution:") -> str:
+    """The prompt for ``task`` (anything with ``text`` and ``test_list``, such as ``data.Task``)."""
+    check_template(template)
+    text = task.text.replace("\r\n", "\n").replace("\r", "\n").strip()
+    if not text:
+        raise PromptError(f"task {getattr(task, 'task_id', '?')} has an empty description (text)")
+    return template.format(text=text, tests=format_tests(task.test_list), initiator=initiator)

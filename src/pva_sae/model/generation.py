@@ -1,0 +1,362 @@
+"""Batched generation with stop strings, seeded sampling and one record per sample.
+
+A run is a *plan* of batches that is a pure function of the prompts, the tokenizer and the config
+(:func:`plan_batches`), and each batch is generated independently of the others
+(:meth:`Generator.generate_batch` seeds its own random state from ``(seed, batch_index)``). So a run
+resumed after a crash regenerates exactly the batches it had not finished, with the same results.
+
+Decoding is Hugging Face ``generate`` with left padding (the last prompt token is position -1 of
+every row), stop strings through ``stop_strings=`` (a row stops once its text ends with one; the
+others go on), and the model's EOS ids. Stop strings are then cut from the text: ``completion`` is
+the new text up to the earliest stop string, ``raw_completion`` everything generated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers import GenerationConfig as HFGenerationConfig
+from transformers import StopStringCriteria
+
+from pva_sae.config import GenerationConfig
+from pva_sae.model.fastgen import (
+    FastGenError,
+    StaticDecoder,
+    free_memory_batch_size,
+    supports,
+)
+from pva_sae.model.hooks import SteeringHook
+
+if TYPE_CHECKING:
+    import torch
+
+    from pva_sae.model.fastgen import Steering
+    from pva_sae.model.registry import LoadedModel
+
+log = logging.getLogger(__name__)
+
+PlanItem = tuple[int, int, str]  # (task_id, sample_index, prompt)
+
+
+@dataclass
+class Sample:
+    task_id: int
+    sample_index: int
+    prompt: str
+    completion: str        # new text up to (not including) the earliest stop string
+    raw_completion: str    # all new text, uncut (special tokens such as EOS left out)
+    n_prompt_tokens: int   # without padding, with BOS
+    n_new_tokens: int      # generated tokens up to and including the one that stopped the row
+    gen_time_s: float      # the batch's wall time divided evenly among its samples
+    finish_reason: str     # 'stop' (stop string), 'eos' or 'length' (max_new_tokens reached)
+    temperature: float
+    batch_index: int
+
+
+# --------------------------------------------------------------------------- plan
+
+def plan_batches(prompts: Sequence[tuple[int, str]], tokenizer: Any, batch_size: int, n_samples: int,
+                 sort_by_length: bool = True, max_batch_tokens: int | None = None,
+                 max_new_tokens: int = 0) -> list[list[PlanItem]]:
+    """Split ``n_samples`` copies of every (task_id, prompt) into batches; batch i has batch_index i.
+
+    With ``sort_by_length`` the items are ordered by prompt token length, longest first, ties by
+    task_id then sample_index: rows of a batch need little padding, and the largest batch comes
+    first, so running out of memory shows at once rather than hours in. The plan depends on its
+    arguments only, so a resumed run rebuilds the same batches.
+
+    ``max_batch_tokens`` caps rows x (longest prompt + max_new_tokens) per batch: a few very long
+    prompts (MBPP has one of ~2,600 tokens) then get small batches of their own instead of making
+    fifteen short rows carry thousands of padding positions through every decode step.
+    """
+    if batch_size < 1 or n_samples < 1:
+        raise ValueError(f"batch_size and n_samples must be >= 1, got {batch_size} and {n_samples}")
+    task_ids = [task_id for task_id, _ in prompts]
+    if len(set(task_ids)) != len(task_ids):
+        raise ValueError("plan_batches got the same task_id twice; each task must appear once")
+    items = [(task_id, s, prompt) for task_id, prompt in prompts for s in range(n_samples)]
+    lengths = {task_id: len(tokenizer(prompt)["input_ids"]) for task_id, prompt in prompts}
+    if sort_by_length:
+        items.sort(key=lambda item: (-lengths[item[0]], item[0], item[1]))
+    batches: list[list[PlanItem]] = []
+    current: list[PlanItem] = []
+    longest = 0
+    for item in items:
+        width = max(longest, lengths[item[0]]) + max_new_tokens
+        too_many_tokens = max_batch_tokens is not None and current and (len(current) + 1) * width > max_batch_tokens
+        if len(current) == batch_size or too_many_tokens:
+            batches.append(current)
+            current, longest = [], 0
+        current.append(item)
+        longest = max(longest, lengths[item[0]])
+    if current:
+        batches.append(current)
+    return batches
+
+
+# --------------------------------------------------------------------------- seeding
+
+def batch_seed(seed: int, batch_index: int) -> int:
+    """A 63-bit seed for one batch, from the run seed and the batch's position in the plan.
+
+    Hashing (rather than seed + batch_index) keeps the streams of neighbouring seeds unrelated.
+    """
+    digest = hashlib.sha256(f"pva-sae:{seed}:{batch_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@contextmanager
+def seeded_rng(seed: int, device: "torch.device") -> Iterator[None]:
+    """Seed torch's global RNGs (CPU and ``device``) inside a fork, restoring them afterwards.
+
+    ``generate`` takes no ``torch.Generator``; it samples with ``torch.multinomial`` on the global
+    generator of the logits' device. Forking makes a batch's samples depend only on its seed, and
+    leaves the caller's random state untouched. Same hardware and library versions give the same
+    samples; different GPUs may not.
+    """
+
+    devices = [] if device.type == "cpu" else [device]
+    with torch.random.fork_rng(devices=devices, device_type=device.type):
+        torch.manual_seed(seed)
+        yield
+
+
+# --------------------------------------------------------------------------- generator
+
+class Generator:
+    """Generates one planned batch at a time with the decoding settings of ``cfg``."""
+
+    def __init__(self, loaded: "LoadedModel", cfg: GenerationConfig):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.cfg = cfg
+        self.sampling = cfg.temperature > 0
+        self.eos_ids = eos_token_ids(loaded.model, loaded.tokenizer)
+        self.stop_strings = tuple(cfg.stop_strings)
+        self.hf_config = self._hf_generation_config()
+        self._stop_criterion = self._make_stop_criterion()
+        self.backend = resolve_backend(cfg.backend, loaded)
+        self.fast = None
+        if self.backend == "fast":
+
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
+            self.fast = StaticDecoder(loaded.model, self.eos_ids, pad,
+                                      compile=cfg.compile and loaded.device.type == "cuda")
+
+    def _hf_generation_config(self) -> Any:
+        """Every setting that changes the output is explicit, so a checkpoint's generation_config.json
+        (Llama's sets do_sample, temperature 0.6, top_p 0.9) cannot alter decoding."""
+
+        return HFGenerationConfig(
+            max_new_tokens=self.cfg.max_new_tokens,
+            do_sample=self.sampling,
+            temperature=self.cfg.temperature if self.sampling else 1.0,
+            top_p=self.cfg.top_p if self.sampling else 1.0,
+            top_k=0 if self.sampling else None,  # 0 disables the library's default top-k of 50
+            typical_p=1.0,
+            repetition_penalty=1.0,
+            num_beams=1,
+            eos_token_id=list(self.eos_ids),
+            pad_token_id=self.tokenizer.pad_token_id,
+            stop_strings=list(self.stop_strings) or None,
+        )
+
+    def _make_stop_criterion(self) -> Any:
+        """The same criterion ``generate`` builds for ``stop_strings``, used afterwards to find the
+        step at which each row stopped (the library does not report it)."""
+        if not self.stop_strings:
+            return None
+
+        return StopStringCriteria(self.tokenizer, list(self.stop_strings))
+
+    def generate_batch(self, batch: Sequence[PlanItem], batch_index: int, steering: "Steering | None" = None
+                       ) -> list[Sample]:
+        """Generate every item of ``batch``; samples come back in batch order.
+
+        ``steering`` adds ``alpha * direction`` at one layer while generating (hooks.SteeringHook with
+        the 'hf' backend, inside the captured step with 'fast').
+        """
+
+        if not batch:
+            raise ValueError(f"batch {batch_index} is empty; plan_batches never makes empty batches")
+        prompts = [prompt for _, _, prompt in batch]
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True).to(self.loaded.device)
+        started = time.perf_counter()
+        seed = batch_seed(self.cfg.seed, batch_index)
+        if self.fast is not None:
+            out = self._generate_fast(enc, seed, steering)
+        else:
+            with torch.inference_mode(), seeded_rng(seed, self.loaded.device), _steering_hook(self.model, steering):
+                out = self.model.generate(**enc, generation_config=self.hf_config, tokenizer=self.tokenizer)
+        elapsed = time.perf_counter() - started
+        out = out.cpu()                                       # (B, P + T)
+        prompt_len = enc["input_ids"].shape[1]
+        ends, reasons = self._row_ends(out, prompt_len)
+        attention = enc["attention_mask"].cpu()               # (B, P), zeros on the left padding
+        per_sample = elapsed / len(batch)
+        return [
+            self._sample(item, out[row], attention[row], prompt_len, int(ends[row]), reasons[row],
+                         per_sample, batch_index)
+            for row, item in enumerate(batch)
+        ]
+
+    def _generate_fast(self, enc, seed: int, steering) -> "torch.Tensor":
+        generator = None
+        if self.sampling:
+            generator = torch.Generator(device=self.loaded.device)
+            generator.manual_seed(seed)
+        return self.fast.generate(enc["input_ids"], enc["attention_mask"], self.cfg.max_new_tokens, steering=steering,
+                                  temperature=self.cfg.temperature, top_p=self.cfg.top_p, generator=generator,
+                                  stop_check=self._stop_checker())
+
+    def _stop_checker(self):
+        """For the fast backend: marks rows whose text ends with a stop string at any step since the last
+        check (the criterion ``generate`` applies after every step)."""
+        if self._stop_criterion is None:
+            return None
+        checked = {"steps": 0}
+
+        def check(out, prompt_len: int, done):
+            steps = out.shape[1] - prompt_len
+            for t in range(checked["steps"], steps):
+                done = done | self._stop_criterion(out[:, :prompt_len + t + 1], None).cpu()
+            checked["steps"] = steps
+            return done
+
+        return check
+
+    def _row_ends(self, out: "torch.Tensor", prompt_len: int) -> tuple["torch.Tensor", list[str]]:
+        """Number of new tokens each row generated (pads after its end excluded), and what ended it.
+
+        Replays the stopping rules of ``generate`` step by step: a row ends at the first EOS or at
+        the first step its text ends with a stop string; rows that never end ran out of tokens.
+        The criterion reads the end of the whole text, so a stop string that begins in the prompt
+        also stops a row: it reports 'stop' though its completion holds no stop string to cut.
+        """
+
+        new = out[:, prompt_len:]                             # (B, T)
+        n_rows, n_steps = new.shape
+        done = torch.isin(new, torch.tensor(self.eos_ids))    # (B, T)
+        reason_eos = done.clone()
+        if self._stop_criterion is not None:
+            for t in range(n_steps):
+                done[:, t] |= self._stop_criterion(out[:, :prompt_len + t + 1], None)
+        any_done = done.any(dim=1)
+        first = done.float().argmax(dim=1)                   # (B,) first True, 0 when none
+        ends = torch.where(any_done, first + 1, torch.full_like(first, n_steps))
+        reasons = []
+        for row in range(n_rows):
+            if not any_done[row]:
+                reasons.append("length")
+            else:
+                reasons.append("eos" if reason_eos[row, first[row]] else "stop")
+        return ends, reasons
+
+    def _sample(self, item: PlanItem, row: "torch.Tensor", attention: "torch.Tensor", prompt_len: int,
+                n_new: int, reason: str, gen_time_s: float, batch_index: int) -> Sample:
+        task_id, sample_index, prompt = item
+        prompt_ids = row[:prompt_len][attention.bool()].tolist()
+        new_ids = row[prompt_len:prompt_len + n_new].tolist()
+        if reason == "eos":
+            new_ids = new_ids[:-1]  # the EOS token is not text
+        raw = decode_continuation(self.tokenizer, prompt_ids, new_ids)
+        completion, cut = cut_at_stop(raw, self.stop_strings)
+        if cut:
+            reason = "stop"
+        return Sample(task_id=task_id, sample_index=sample_index, prompt=prompt, completion=completion,
+                      raw_completion=raw, n_prompt_tokens=len(prompt_ids), n_new_tokens=n_new,
+                      gen_time_s=gen_time_s, finish_reason=reason, temperature=self.cfg.temperature,
+                      batch_index=batch_index)
+
+
+def resolve_batch_size(generator: "Generator", prompts: Sequence[str]) -> int:
+    """generation.batch_size, or for 0 the largest batch the free GPU memory holds (fast backend), else 16."""
+    if generator.cfg.batch_size > 0:
+        return generator.cfg.batch_size
+    if generator.fast is None:
+        return 16
+
+    longest = max(len(generator.tokenizer(p)["input_ids"]) for p in prompts)
+    return free_memory_batch_size(generator.model, longest + generator.cfg.max_new_tokens)
+
+
+def resolve_backend(spec: str, loaded: "LoadedModel") -> str:
+    """'auto' -> 'fast' for Gemma-2 on CUDA, else 'hf'; an explicit 'fast' on another model is an error."""
+
+    if spec == "auto":
+        return "fast" if loaded.device.type == "cuda" and supports(loaded.model) else "hf"
+    if spec == "fast" and not supports(loaded.model):
+        raise FastGenError(f"generation.backend='fast' implements Gemma-2 only; {loaded.path_or_id} is "
+                           f"{loaded.model.config.model_type!r}: use 'hf' or 'auto'")
+    return spec
+
+
+@contextmanager
+def _steering_hook(model, steering) -> Iterator[None]:
+    if steering is None:
+        yield
+        return
+
+    with SteeringHook(model, steering.layer, steering.direction, steering.alpha, site=steering.site,
+                      positions=steering.positions):
+        yield
+
+
+# --------------------------------------------------------------------------- text helpers
+
+def eos_token_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:
+    """EOS ids of the model's generation config plus the tokenizer's (instruction-tuned Gemma-2
+    ends turns with <end_of_turn>, which only the generation config lists)."""
+    ids: list[int] = []
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (configured, tokenizer.eos_token_id):
+        if value is None:
+            continue
+        for i in value if isinstance(value, (list, tuple)) else [value]:
+            if int(i) not in ids:
+                ids.append(int(i))
+    if not ids:
+        raise ValueError("neither the model's generation config nor the tokenizer defines an EOS token; "
+                         "set model.generation_config.eos_token_id")
+    return tuple(ids)
+
+
+def decode_continuation(tokenizer: Any, prompt_ids: list[int], new_ids: list[int]) -> str:
+    """Text of ``new_ids`` as it reads after the prompt.
+
+    Decoding the new tokens alone can lose a leading space with some tokenizers (SentencePiece
+    strips it at the start of a text), so decode prompt + new and remove the decoded prompt.
+    """
+    prompt_text = tokenizer.decode(prompt_ids, skip_special_tokens=True)
+    full_text = tokenizer.decode(prompt_ids + new_ids, skip_special_tokens=True)
+    if full_text.startswith(prompt_text):
+        return full_text[len(prompt_text):]
+    return tokenizer.decode(new_ids, skip_special_tokens=True)
+
+
+def cut_at_stop(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
+    """``text`` up to its earliest stop string, and whether one was found."""
+    positions = [i for i in (text.find(s) for s in stop_strings if s) if i >= 0]
+    if not positions:
+        return text, False
+    return text[:min(positions)], True
+
+
+CPU_BATCH_TOKENS = 8192  # on CPU, decode cost grows with rows x context; on GPU it is nearly flat
+
+
+def batch_token_budget(setting: int, device) -> int | None:
+    """generation.max_batch_tokens resolved: 0 = automatic, -1 = no cap."""
+    if setting == -1:
+        return None
+    if setting == 0:
+        return CPU_BATCH_TOKENS if getattr(device, "type", str(device)) == "cpu" else None
+    return setting

@@ -1,0 +1,203 @@
+"""Readers and writers of run artifacts: records, labels, prompts, splits, activations, scores, choices.
+
+A stage that needs another stage's output reads it here, never through the other stage's module;
+paths come from :mod:`pva_sae.rundir.paths`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import torch
+from safetensors import safe_open
+from safetensors.numpy import load_file as load_numpy_file
+from safetensors.torch import save
+
+from pva_sae.config import SITES
+from pva_sae.rundir.atomic import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_parquet,
+    read_json,
+)
+from pva_sae.rundir.paths import AnalysisPaths, RunDir, SteeringPaths, ValidationPaths
+
+BUILD_STAGE = "build"
+
+
+# --------------------------------------------------------------------------- records (build stage)
+
+def load_records(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Records of a finished build (JSON when present, else Parquet), sorted as written."""
+    run = RunDir.at(run_dir)
+    if not run.is_done(BUILD_STAGE):
+        raise FileNotFoundError(f"{run.root} has no finished build stage; run `pva-sae build --run-dir {run.root}` first")
+    return read_saved_records(run)
+
+
+def read_saved_records(run: RunDir) -> list[dict[str, Any]]:
+    if run.dataset_json.is_file():
+        return read_json(run.dataset_json)["records"]
+    return pq.read_table(run.dataset_parquet).to_pylist()
+
+
+def save_dataset(run: RunDir, records: list[dict[str, Any]], metadata: dict[str, Any], fmt: str) -> None:
+    """The dataset as JSON and/or Parquet (``output.save_format``), with its metadata file beside it."""
+    if fmt in ("json", "both"):
+        atomic_write_json(run.dataset_json, {"metadata": metadata, "records": records})
+    if fmt in ("parquet", "both"):
+        atomic_write_parquet(run.dataset_parquet, records)
+    atomic_write_json(run.dataset_metadata, metadata)
+
+
+def task_labels(records: list[dict[str, Any]]) -> dict[int, bool]:
+    """One label per task: its first sample (sample_index 0) passed all tests."""
+    return {r["task_id"]: bool(r["passed"]) for r in records if r["sample_index"] == 0}
+
+
+def task_prompts(records: list[dict[str, Any]]) -> dict[int, str]:
+    return {r["task_id"]: r["prompt"] for r in records if r["sample_index"] == 0}
+
+
+def write_splits(run: RunDir, seed: int, fractions, splits: dict[str, list[int]], summary: dict[str, Any]) -> None:
+    atomic_write_json(run.splits, {"seed": seed, "fractions": fractions, "splits": splits, "summary": summary})
+
+
+def read_splits(run: RunDir) -> dict[str, list[int]]:
+    """{split name: task ids} as the build stage wrote them."""
+    return read_json(run.splits)["splits"]
+
+
+def split_of(run: RunDir) -> dict[int, str]:
+    """{task id: split name}."""
+    return {t: name for name, ids in read_splits(run).items() for t in ids}
+
+
+# --------------------------------------------------------------------------- analysis stage
+
+def save_scores(paths: AnalysisPaths, scores: dict[int, dict[str, Any]]) -> None:
+    """Per-latent scores {layer: {name: (d_sae,) tensor}} as one safetensors file (keys ``name/layer_L``)."""
+    flat = {f"{name}/layer_{layer}": t.contiguous() for layer, per in scores.items() for name, t in per.items()}
+    atomic_write_bytes(paths.scores, save(flat))
+
+
+def load_scores(paths: AnalysisPaths) -> dict[int, dict[str, Any]]:
+    """The analysis stage's per-latent scores as numpy arrays: {layer: {name: (d_sae,) array}}."""
+    out: dict[int, dict[str, Any]] = {}
+    for key, values in load_numpy_file(str(paths.scores)).items():
+        name, layer = key.split("/layer_")
+        out.setdefault(int(layer), {})[name] = values
+    return out
+
+
+def save_ranked(paths: AnalysisPaths, table: list[dict[str, Any]]) -> None:
+    atomic_write_parquet(paths.ranked_parquet, table)
+    atomic_write_json(paths.ranked_json, table)
+
+
+def load_ranked(paths: AnalysisPaths) -> list[dict[str, Any]]:
+    return read_json(paths.ranked_json)
+
+
+def read_analysis_summary(paths: AnalysisPaths) -> dict[str, Any]:
+    return read_json(paths.summary)
+
+
+# --------------------------------------------------------------------------- validation stage
+
+def write_choices(paths: ValidationPaths, choices: dict[str, Any]) -> None:
+    atomic_write_json(paths.choices, choices)
+
+
+def read_choices(paths: ValidationPaths) -> dict[str, Any]:
+    return read_json(paths.choices)
+
+
+def read_validation_scores(paths: ValidationPaths) -> dict[str, list[Any]]:
+    """Per validation task: label, difficulty and every predictor's score, as columns."""
+    return pq.read_table(paths.predictions).to_pydict()
+
+
+# --------------------------------------------------------------------------- steering stage
+
+def read_condition(paths: SteeringPaths, key: str) -> dict[str, Any] | None:
+    """A finished steering condition (its per-task outcomes), or None when it has not run."""
+    path = paths.condition(key)
+    return read_json(path) if path.is_file() else None
+
+
+def write_condition(paths: SteeringPaths, key: str, payload: dict[str, Any]) -> None:
+    atomic_write_json(paths.condition(key), payload)
+
+
+def write_steered_tasks(paths: SteeringPaths, rows: list[dict[str, Any]]) -> None:
+    atomic_write_parquet(paths.tasks, rows)
+
+
+# --------------------------------------------------------------------------- activations
+
+FORMAT = "pva-sae/activations"
+FORMAT_VERSION = "1"
+
+
+def save_activations(path: str | Path, acts: "torch.Tensor", task_ids: Sequence[int], layers: Sequence[int],
+                     site: str, meta: dict[str, Any] | None = None) -> Path:
+    """Write activations (n_tasks, n_layers, d_model) and their task ids to one safetensors file.
+
+    Layers, site and ``meta`` (model id, revision, timings ...) go into the safetensors metadata as
+    JSON strings, so the file alone says what it holds. Written atomically (temp file + rename).
+    """
+
+    if site not in SITES:
+        raise ValueError(f"unknown site {site!r}: use one of {SITES}")
+    task_ids, layers = [int(t) for t in task_ids], [int(layer) for layer in layers]
+    _check_shapes(tuple(acts.shape), len(task_ids), len(layers), where="save_activations")
+    tensors = {"acts": acts.detach().to("cpu", torch.float32).contiguous(),
+               "task_ids": torch.tensor(task_ids, dtype=torch.int64)}
+    metadata = {"format": FORMAT, "version": FORMAT_VERSION, "layers": json.dumps(layers), "site": site,
+                "meta": json.dumps(meta or {}, default=str)}
+    path = Path(path)
+    atomic_write_bytes(path, save(tensors, metadata=metadata))
+    return path
+
+
+def load_activations(path: str | Path) -> tuple["torch.Tensor", list[int], list[int], str, dict[str, Any]]:
+    """Read a file written by :func:`save_activations`: (acts, task_ids, layers, site, meta).
+
+    Every inconsistency (not a safetensors file, missing tensors or metadata, shapes that disagree)
+    raises ``ValueError`` naming the file; the fix is to delete it and capture again.
+    """
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no activations file at {path}; run the capture first")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            keys = set(f.keys())
+            tensors = {k: f.get_tensor(k) for k in keys & {"acts", "task_ids"}}
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise ValueError(f"{path} is not a readable safetensors file ({exc}); delete it and capture again") from exc
+    if metadata.get("format") != FORMAT or not {"acts", "task_ids"} <= keys:
+        raise ValueError(f"{path} is not a pva-sae activations file (format {metadata.get('format')!r}, tensors "
+                         f"{sorted(keys)}); delete it and capture again")
+    try:
+        layers, site, meta = json.loads(metadata["layers"]), metadata["site"], json.loads(metadata["meta"])
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} has incomplete metadata ({exc}); delete it and capture again") from exc
+    acts, task_ids = tensors["acts"], tensors["task_ids"]
+    if task_ids.ndim != 1:
+        raise ValueError(f"{path}: task_ids has shape {tuple(task_ids.shape)}, expected (n_tasks,); "
+                         f"delete it and capture again")
+    _check_shapes(tuple(acts.shape), task_ids.shape[0], len(layers), where=str(path))
+    return acts, task_ids.tolist(), [int(layer) for layer in layers], site, meta
+
+
+def _check_shapes(shape: tuple[int, ...], n_tasks: int, n_layers: int, where: str) -> None:
+    if len(shape) != 3 or shape[0] != n_tasks or shape[1] != n_layers:
+        raise ValueError(f"{where}: activations have shape {shape}, expected ({n_tasks}, {n_layers}, d_model) for "
+                         f"{n_tasks} task ids and {n_layers} layers")

@@ -1,0 +1,147 @@
+"""Stage 2, SAE analysis: which SAE latents separate correct from incorrect tasks?
+
+Input: a finished build in the run directory. For every built task, the residual stream at the last
+prompt token is captured at every analysed layer (one forward pass per batch) and saved; the
+SAE-analysis split alone is then encoded with each layer's SAE and scored (firing frequencies,
+separation scores and Welch t in both directions). Latents that fire on >= 2% of a general corpus are
+excluded before ranking. The tuning and validation splits are captured but not read here.
+
+Outputs under ``<run>/analysis/`` (paths in ``AnalysisPaths``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+
+from pva_sae.config import DIRECTIONS, Config
+from pva_sae.model.capture import capture_last_token
+from pva_sae.model.generation import batch_token_budget
+from pva_sae.model.registry import load_model, registry_entry
+from pva_sae.plots import plot_analysis
+from pva_sae.rundir.artifacts import (
+    load_activations,
+    load_records,
+    read_splits,
+    save_activations,
+    save_ranked,
+    save_scores,
+    task_labels,
+    task_prompts,
+)
+from pva_sae.rundir.atomic import (
+    atomic_write_json,
+)
+from pva_sae.rundir.logs import setup_logging
+from pva_sae.rundir.paths import AnalysisPaths, RunDir
+from pva_sae.sae.general_filter import general_frequencies, resolve_general_corpus
+from pva_sae.sae.registry import load_layer_sae, resolve_release
+from pva_sae.stats.latents import rank_latents, score_layers
+
+log = logging.getLogger(__name__)
+
+STAGE = "analyze"
+NEURONPEDIA = "https://www.neuronpedia.org/{model}/{layer}-gemmascope-res-{width}/{index}"
+
+
+def capture_all(cfg: Config, loaded, records, layers, paths: AnalysisPaths, progress: bool):
+    """Residuals at the last prompt token for every built task (cached in the run directory)."""
+
+    prompts = task_prompts(records)
+    task_ids = sorted(prompts)
+    if paths.activations.is_file():
+        acts, saved_ids, saved_layers, site, meta = load_activations(paths.activations)
+        if list(saved_ids) == task_ids and list(saved_layers) == list(layers) and site == cfg.analysis.site:
+            log.info("reusing captured activations %s", paths.activations)
+            return acts, task_ids
+    started = time.perf_counter()
+    acts = capture_last_token(loaded.model, loaded.tokenizer, [prompts[t] for t in task_ids], layers=layers,
+                              site=cfg.analysis.site, batch_size=cfg.analysis.batch_size, progress=progress,
+                              max_batch_tokens=token_budget(cfg, loaded))
+    save_activations(paths.activations, acts, task_ids, layers, cfg.analysis.site,
+                     {"model": loaded.path_or_id, "revision": loaded.revision,
+                      "seconds": f"{time.perf_counter() - started:.2f}"})
+    return acts, task_ids
+
+
+def token_budget(cfg: Config, loaded) -> int | None:
+    return batch_token_budget(cfg.generation.max_batch_tokens, loaded.device)
+
+
+def analyze(cfg: Config, progress: bool = True) -> dict[str, Any]:
+    """Run the stage; returns the summary written to ``analysis/summary.json``."""
+
+    run = RunDir.at(cfg.output.run_dir)
+    records = load_records(str(run.root))
+    paths = AnalysisPaths.of(run)
+    paths.root.mkdir(parents=True, exist_ok=True)
+    setup_logging(run.log_file(STAGE))
+    atomic_write_json(paths.root / "config.json", cfg.to_dict())
+
+    loaded = load_model(cfg.model)
+    layers = list(cfg.analysis.layers) if cfg.analysis.layers is not None else list(range(loaded.n_layers))
+    bad = [layer for layer in layers if not 0 <= layer < loaded.n_layers]
+    if bad:
+        raise ValueError(f"analysis.layers {bad} out of range: the model has layers 0..{loaded.n_layers - 1}")
+    entry = registry_entry(cfg.model.name)
+    release = resolve_release(cfg, entry["key"] if entry else cfg.model.name)
+    saes = {layer: load_layer_sae(cfg, release, layer, loaded.d_model) for layer in layers}
+
+    acts, task_ids = capture_all(cfg, loaded, records, layers, paths, progress)
+    splits = read_splits(run)
+    labels = task_labels(records)
+    sae_ids = [t for t in task_ids if t in set(splits["sae"])]
+    if not sae_ids:
+        raise ValueError("the build holds no task of the SAE-analysis split; build more tasks (data.start_idx/end_idx)")
+    rows = [task_ids.index(t) for t in sae_ids]
+    y = torch.tensor([labels[t] for t in sae_ids])
+    if y.all() or not y.any():
+        raise ValueError(f"the SAE-analysis split has only {'correct' if y.all() else 'incorrect'} tasks "
+                         f"({len(sae_ids)} tasks): separation needs both classes")
+
+    corpus = resolve_general_corpus(cfg, entry)
+    general, general_info = general_frequencies(
+        loaded, saes, corpus, n_docs=cfg.analysis.general_n_docs, seed=cfg.analysis.general_seed,
+        site=cfg.analysis.site, batch_size=cfg.analysis.batch_size, max_tokens=cfg.analysis.general_max_tokens,
+        cache_dir=cfg.analysis.cache_dir, progress=progress, max_batch_tokens=token_budget(cfg, loaded))
+    scores = score_layers(saes, acts[rows], y, layers)
+    table = rank_latents(scores, general, cfg.analysis.general_max_frequency, cfg.analysis.top_k,
+                         link=_link_fn(release, saes))
+    save_scores(paths, scores)
+    save_ranked(paths, table)
+    if cfg.analysis.plots:
+
+        plot_analysis(paths.plots, scores, table, saes, acts[rows], y, layers)
+    summary = {
+        "release": release, "layers": layers, "site": cfg.analysis.site,
+        "n_tasks": len(sae_ids), "n_correct": int(y.sum()), "n_incorrect": int((~y).sum()),
+        "general": general_info, "general_max_frequency": cfg.analysis.general_max_frequency,
+        "excluded_general": {str(layer): int((general[layer] >= cfg.analysis.general_max_frequency).sum())
+                             for layer in layers},
+        "saes": {str(layer): saes[layer].meta for layer in layers},
+        "top": {d: [r for r in table if r["direction"] == d and r["scope"] == "overall"
+                    and r["metric"] == "separation"][:5] for d in DIRECTIONS},
+        "top_by_t": {d: [r for r in table if r["direction"] == d and r["scope"] == "overall"
+                         and r["metric"] == "t"][:5] for d in DIRECTIONS},
+    }
+    atomic_write_json(paths.summary, summary)
+    run.mark_done(STAGE, {"release": release, "n_tasks": len(sae_ids)})
+    return summary
+
+
+def _link_fn(release: str, saes):
+    """Neuronpedia pages exist for canonical GemmaScope 2b/9b residual latents only."""
+    models = {"gemma-scope-2b-pt-res": "gemma-2-2b", "gemma-scope-9b-pt-res": "gemma-2-9b"}
+    if release not in models:
+        return None
+
+    def link(layer: int, index: int) -> str | None:
+        meta = saes[layer].meta
+        if not meta.get("canonical", True):
+            return None
+        return NEURONPEDIA.format(model=models[release], layer=layer, width=meta.get("width", "16k"), index=index)
+
+    return link

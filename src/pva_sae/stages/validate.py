@@ -1,0 +1,224 @@
+"""Stage 3, statistical validation: do the chosen latents predict correctness on held-out tasks?
+
+Order of work, so that nothing is chosen on the validation split:
+
+1. the correct- and incorrect-predicting latents come from the analysis stage (SAE-analysis split,
+   ``validation.selection_metric``); baselines are fitted on the same split; every threshold is
+   F1-optimal on the tuning split; all of it is written to ``choices.json`` (frozen);
+2. only then are the validation labels unsealed and every predictor scored on the validation split,
+   with bootstrap intervals over tasks;
+3. robustness: the validation split (or a seeded subset) is regenerated at every temperature with
+   the build stage's machinery (batched, checkpointed, resumable: one sub-run directory per
+   temperature), each sample labelled by execution; metrics use a cluster bootstrap over tasks
+   (all samples of a task share one prompt activation); and metrics per difficulty bucket.
+
+Outputs under ``<run>/validation/`` (paths in ``ValidationPaths``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+
+from pva_sae.config import BUILD_SECTIONS, DIRECTIONS, Config, config_from_dict
+from pva_sae.data.mbpp import seeded_subset
+from pva_sae.execution.dataset import build_labelled_dataset
+from pva_sae.plots import plot_validation
+from pva_sae.rundir.artifacts import (
+    load_activations,
+    load_ranked,
+    load_records,
+    read_splits,
+    task_labels,
+    write_choices,
+)
+from pva_sae.rundir.atomic import atomic_write_json, atomic_write_parquet, read_json
+from pva_sae.rundir.logs import setup_logging
+from pva_sae.rundir.paths import AnalysisPaths, RunDir, ValidationPaths
+from pva_sae.sae.registry import load_layer_sae
+from pva_sae.stats.classify import bootstrap_metrics
+from pva_sae.stats.latents import select_latents
+from pva_sae.stats.predictors import Features, SealedLabels, fit_predictors, positive
+
+log = logging.getLogger(__name__)
+
+STAGE = "validate"
+ROBUST_PREDICTORS = ("latent", "probe", "majority")
+
+
+# --------------------------------------------------------------------------- inputs
+
+def load_features(run: RunDir, cfg: Config, layers_needed: list[int]):
+    """Captured residuals of the analysis stage, and each needed layer's SAE."""
+
+    apaths = AnalysisPaths.of(run)
+    if not run.is_done("analyze"):
+        raise FileNotFoundError(f"{run.root} has no finished analysis stage; run `pva-sae analyze --run-dir {run.root}`")
+    acts, task_ids, layers, site, _ = load_activations(apaths.activations)
+    summary = read_json(apaths.summary)
+    feats = Features(acts.numpy().astype(np.float32), list(task_ids), list(layers))
+    saes = {layer: load_layer_sae(cfg, summary["release"], layer, acts.shape[-1]) for layer in layers_needed}
+    return feats, saes, summary
+
+
+def _split_ids(run: RunDir, labels: dict[int, bool]) -> dict[str, list[int]]:
+    splits = read_splits(run)
+    out = {name: [t for t in ids if t in labels] for name, ids in splits.items()}
+    for name, ids in out.items():
+        if not ids:
+            raise ValueError(f"the build holds no task of the {name} split; build the full task range")
+    return out
+
+
+# --------------------------------------------------------------------------- evaluation
+
+def evaluate(predictor, feats, task_ids, correct: np.ndarray, cfg: Config, clusters=None,
+             scores: np.ndarray | None = None) -> dict[str, Any]:
+    """Bootstrap metrics of one frozen predictor on labelled items (tasks, or samples with ``clusters``)."""
+
+    v = cfg.validation
+    s = predictor.score(feats, task_ids) if scores is None else scores
+    y = positive(correct, predictor.direction)
+    ci = bootstrap_metrics(s, y, predictor.threshold, clusters=clusters, n_resamples=v.bootstrap_resamples,
+                           seed=v.bootstrap_seed, level=v.ci_level)
+    return {**predictor.as_dict(), "n": int(len(y)), "n_positive": int(y.sum()),
+            "metrics": {k: iv.as_dict() for k, iv in ci.items()}}
+
+
+def _by_direction(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    return {d: [r for r in rows if r["direction"] == d] for d in DIRECTIONS}
+
+
+def difficulty_results(predictors, feats, val_ids, y_val, difficulty: dict[int, str], cfg: Config):
+    out = {}
+    for bucket in ("easy", "medium", "hard"):
+        ids = [t for t in val_ids if difficulty[t] == bucket]
+        if not ids:
+            out[bucket] = {"n": 0, "n_correct": 0, "rows": {}}
+            continue
+        y = y_val[[val_ids.index(t) for t in ids]]
+        rows = [evaluate(p, feats, ids, y, cfg) for p in predictors if p.name in ROBUST_PREDICTORS]
+        out[bucket] = {"n": len(ids), "n_correct": int(y.sum()), "rows": _by_direction(rows)}
+    return out
+
+
+def temperature_results(cfg: Config, run: RunDir, paths: ValidationPaths, predictors, feats, val_ids,
+                        main_records, progress: bool) -> dict[str, Any]:
+
+    v = cfg.validation
+
+    ids = seeded_subset(val_ids, v.robustness_max_tasks, v.robustness_seed)
+    out = {}
+    for temperature in v.temperatures:
+        records, source = temperature_records(cfg, paths, temperature, ids, main_records, progress)
+        tasks = [r["task_id"] for r in records]
+        correct = np.array([bool(r["passed"]) for r in records])
+        rate = bootstrap_metrics(np.ones(len(correct)), correct, 0.5, clusters=tasks,  # precision = pass rate
+                                 n_resamples=v.bootstrap_resamples, seed=v.bootstrap_seed, level=v.ci_level)["precision"]
+        rows = []
+        for p in predictors:
+            if p.name not in ROBUST_PREDICTORS:
+                continue
+            per_task = dict(zip(ids, p.score(feats, ids)))
+            rows.append(evaluate(p, feats, tasks, correct, cfg, clusters=tasks,
+                                 scores=np.array([per_task[t] for t in tasks])))
+        out[f"{temperature:g}"] = {"temperature": temperature, "n_tasks": len(set(tasks)), "n_samples": len(records),
+                                   "pass_rate": rate.as_dict(), "source": source, "rows": _by_direction(rows)}
+    return out
+
+
+def temperature_records(cfg: Config, paths: ValidationPaths, temperature: float, ids: list[int], main_records,
+                        progress: bool) -> tuple[list[dict[str, Any]], str]:
+    """Labelled samples of ``ids`` at ``temperature``: the main build's own when it already is that greedy
+    run, else a sub-run of the build stage under ``validation/temperature/t<T>`` (resumable)."""
+
+    g = cfg.generation
+    if temperature == 0 and g.temperature == 0:
+        wanted = set(ids)
+        return [r for r in main_records if r["task_id"] in wanted], "build stage (greedy)"
+    import hashlib
+    import json
+
+    sub = cfg.to_dict()
+    n = 1 if temperature == 0 else cfg.validation.samples_per_temperature
+    sub["data"] = {**sub["data"], "task_ids": list(ids)}
+    sub["generation"] = {**sub["generation"], "temperature": temperature, "n_samples": n}
+    key = hashlib.sha256(json.dumps({k: sub[k] for k in BUILD_SECTIONS}, sort_keys=True).encode()).hexdigest()[:10]
+    sub["output"] = {**sub["output"], "run_dir": str(paths.temperature_run(temperature, key))}
+    if sub["checkpoint"]["resume"] == "ask":
+        sub["checkpoint"] = {**sub["checkpoint"], "resume": "auto"}
+    log.info("temperature %g: generating %d tasks x %d samples", temperature, len(ids), n)
+    records = build_labelled_dataset(config_from_dict(sub), interactive=False, progress=progress)
+    return records, f"regenerated ({n} sample(s) per task)"
+
+
+# --------------------------------------------------------------------------- stage
+
+def validate(cfg: Config, progress: bool = True) -> dict[str, Any]:
+    """Run the stage; returns the results written to ``validation/results.json``."""
+
+    started = time.perf_counter()
+    run = RunDir.at(cfg.output.run_dir)
+    records = load_records(str(run.root))
+    paths = ValidationPaths.of(run)
+    paths.root.mkdir(parents=True, exist_ok=True)
+    setup_logging(run.log_file(STAGE))
+    atomic_write_json(paths.root / "config.json", cfg.to_dict())
+
+    labels = task_labels(records)
+    ids = _split_ids(run, labels)
+    split_of = {t: name for name, group in ids.items() for t in group}
+    sealed = SealedLabels(labels, split_of, sealed=("validation",))
+    table = load_ranked(AnalysisPaths.of(run))
+    selection = select_latents(table, cfg.validation.selection_metric)
+    layers = sorted({int(r["layer"]) for r in selection.values()})
+    feats, saes, analysis = load_features(run, cfg, layers)
+    for row in selection.values():
+        feats.add_latent(saes[int(row["layer"])], int(row["layer"]), int(row["latent"]))
+
+    predictors = fit_predictors(selection, feats, sealed, ids["sae"], ids["tuning"], folds=cfg.validation.probe_folds,
+                                n_cs=cfg.validation.probe_cs, seed=cfg.validation.bootstrap_seed)
+    write_choices(paths, {"selection_metric": cfg.validation.selection_metric, "selection": selection,
+                                      "predictors": [p.as_dict() for p in predictors],
+                                      "label_reads": sorted(set(sealed.reads))})
+    sealed.unseal("validation")  # choices are frozen on disk: the validation labels may now be read
+
+    val_ids = ids["validation"]
+    y_val = sealed(val_ids)
+    rows = [evaluate(p, feats, val_ids, y_val, cfg) for p in predictors]
+    difficulty = {r["task_id"]: r["difficulty"] for r in records}
+    results = {
+        "selection_metric": cfg.validation.selection_metric,
+        "selection": selection,
+        "splits": {name: {"n": len(group), "n_correct": int(sum(labels[t] for t in group))}
+                   for name, group in ids.items()},
+        "validation": _by_direction(rows),
+        "difficulty": difficulty_results(predictors, feats, val_ids, y_val, difficulty, cfg),
+        "temperature": temperature_results(cfg, run, paths, predictors, feats, val_ids, records, progress),
+        "bootstrap": {"resamples": cfg.validation.bootstrap_resamples, "seed": cfg.validation.bootstrap_seed,
+                      "level": cfg.validation.ci_level, "unit": "task"},
+        "analysis_release": analysis["release"],
+    }
+    _save_scores(paths, predictors, feats, val_ids, y_val, difficulty)
+    if cfg.validation.plots:
+
+        results["plots"] = [str(p.relative_to(run.root)) for p in
+                            plot_validation(paths.plots, results, predictors, feats, val_ids, y_val, cfg)]
+    results["seconds"] = round(time.perf_counter() - started, 2)
+    atomic_write_json(paths.results, results)
+    run.mark_done(STAGE, {"n_validation": len(val_ids)})
+    return results
+
+
+def _save_scores(paths: ValidationPaths, predictors, feats, val_ids, y_val, difficulty) -> None:
+    """Per validation task: label, difficulty and every predictor's score (for re-analysis and steering)."""
+
+    columns: dict[str, Any] = {"task_id": val_ids, "correct": y_val.tolist(),
+                               "difficulty": [difficulty[t] for t in val_ids]}
+    for p in predictors:
+        columns[f"{p.direction}/{p.name}"] = p.score(feats, val_ids).tolist()
+    atomic_write_parquet(paths.predictions, columns)
+
