@@ -12,11 +12,9 @@ adds itself.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +23,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import cached_file
 
+from pva_sae.assets_index import PACKAGE_DIR, read_registry
 from pva_sae.config import ModelConfig, resolve_config
 
 if TYPE_CHECKING:
@@ -32,8 +31,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PACKAGE_DIR = Path(__file__).resolve().parent.parent
-REGISTRY_FILE = PACKAGE_DIR / "assets" / "models.json"
+REGISTRY_FILE = "models.json"
 BUILD_DEFAULT_HINT = "python scripts/train_default.py"
 
 # owner/name with hub-legal characters; anything else that is not a registry key or an existing
@@ -67,10 +65,8 @@ class LoadedModel:
 
 # --------------------------------------------------------------------------- registry
 
-@lru_cache(maxsize=1)
 def _registry() -> tuple[dict[str, Any], ...]:
-    data = json.loads(REGISTRY_FILE.read_text(encoding="utf-8"))
-    return tuple(data["models"])
+    return read_registry(REGISTRY_FILE, "models")
 
 
 def list_models() -> list[dict[str, Any]]:

@@ -7,7 +7,6 @@ that a result can be traced back and reproduced.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import platform
 import subprocess
@@ -18,14 +17,6 @@ from typing import Any
 import torch
 
 from pva_sae import __version__
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def git_commit(path: Path | None = None) -> str | None:

@@ -40,6 +40,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from pva_sae.config import Config
+from pva_sae.hashing import sha256_file
 
 if TYPE_CHECKING:
     import torch
@@ -513,7 +514,7 @@ def load_sae_file(path: str | Path, expected_d_model: int | None = None, *, hype
     if expected_d_model is not None and sae.d_model != int(expected_d_model):
         raise SAEError(f"SAE expects d_model {sae.d_model} but the model has {expected_d_model}: "
                        f"wrong release for this model? ({path})")
-    sae.meta.update({"path": str(path), "sha256": file_sha256(path), "arch": _arch(sae), "d_model": sae.d_model,
+    sae.meta.update({"path": str(path), "sha256": sha256_file(path), "arch": _arch(sae), "d_model": sae.d_model,
                      "d_sae": sae.d_sae, **_decoder_norm_summary(sae, path), "preprocessing": record})
     if getattr(sae, "k", None) is not None:
         sae.meta["k"] = sae.k
@@ -566,14 +567,6 @@ def _decoder_norm_summary(sae, path: Path) -> dict[str, float]:
 
 def _arch(sae) -> str:
     return "topk" if hasattr(sae, "k") else "jumprelu"
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- loading by release
