@@ -114,7 +114,7 @@ def bench_scipy(args, labels: torch.Tensor) -> float:
 
 def bench_encode(args, device: str) -> float:
     """Seconds to encode (tasks, d_model) residuals through a random (d_model, latents) JumpReLU SAE, all layers."""
-    from pva_sae.sae.registry import JumpReLUSAE
+    from pva_sae.sae.jumprelu import JumpReLUSAE
 
     gen = torch.Generator().manual_seed(args.seed)
     W_dec = torch.randn(args.latents, args.d_model, generator=gen)

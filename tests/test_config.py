@@ -46,7 +46,7 @@ def test_overrides_are_typed():
     ("checkpoint.resume=maybe", "checkpoint.resume"),
     ("data.split_fractions=0.5,0.5,0.5", "sum to 1"),
     ("generation.n_samples=3", "needs generation.temperature > 0"),
-    ("prompt.template={text}", "must contain {tests}"),
+    ("prompt.template={text}", "lacks placeholder"),
     ("generation", "section.field=value"),
 ])
 def test_bad_values_are_named(override, fragment):

@@ -16,7 +16,7 @@ def test_rank_latents_orders_and_filters():
     scores = {0: fake_scores(), 3: fake_scores()}
     scores[3]["sep_correct"] = scores[3]["sep_correct"] * 0.5
     general = {0: torch.tensor([0.5, 0, 0, 0, 0, 0]), 3: torch.zeros(6)}  # latent 0 of layer 0 is "general"
-    table = rank_latents(scores, general, max_general=0.02, top_k=2, link=lambda layer, i: f"L{layer}/{i}")
+    table = rank_latents(scores, general, max_general=0.02, n_top=2, link=lambda layer, i: f"L{layer}/{i}")
     overall = [r for r in table if r["scope"] == "overall" and r["metric"] == "separation" and r["direction"] == "correct"]
     assert [(r["layer"], r["latent"], r["rank"]) for r in overall] == [(0, 3, 1), (3, 0, 2)]
     assert overall[1]["neuronpedia"] == "L3/0"

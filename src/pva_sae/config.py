@@ -19,6 +19,8 @@ from typing import Any
 
 import tomllib
 
+from pva_sae.data.prompts import DEFAULT_TEMPLATE, PromptError, check_template
+
 
 class ConfigError(ValueError):
     """A configuration problem the user can fix; the message says how."""
@@ -37,7 +39,6 @@ BUILD_SECTIONS = ("model", "data", "prompt", "generation", "sandbox")
 SITES = ("resid_post", "resid_pre")
 DIRECTIONS = ("correct", "incorrect")
 
-DEFAULT_TEMPLATE = "{text}\n\n{tests}\n\n{initiator}"
 
 DEFAULT_STOP_STRINGS = (
     "\nassert ",
@@ -445,9 +446,10 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"analysis.general_max_frequency must be in (0, 1], got {a.general_max_frequency}")
     _validate_validation(cfg.validation)
     _validate_steering(cfg.steering)
-    for key in ("{text}", "{tests}", "{initiator}"):
-        if key not in cfg.prompt.template:
-            raise ConfigError(f"prompt.template must contain {key}; got {cfg.prompt.template!r}")
+    try:
+        check_template(cfg.prompt.template)
+    except PromptError as exc:
+        raise ConfigError(f"prompt.template: {exc}") from None
 
 
 def _validate_validation(v: ValidationConfig) -> None:

@@ -24,6 +24,8 @@ import re
 import textwrap
 import warnings
 
+from pva_sae.data.text import unix_newlines
+
 DEFINITIONS = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef,
                ast.Global, ast.Pass)
 _ASSIGNMENTS = (ast.Assign, ast.AnnAssign, ast.AugAssign)
@@ -38,8 +40,8 @@ def extract_program(completion: str, prompt_end: str = "# Solution:") -> str:
     ``prompt_end`` is the prompt the completion continues (or just its last line); the default is
     the default initiator.
     """
-    last_line = prompt_end.replace("\r\n", "\n").split("\n")[-1].strip()
-    text = completion.replace("\r\n", "\n").replace("\r", "\n")
+    last_line = unix_newlines(prompt_end).split("\n")[-1].strip()
+    text = unix_newlines(completion)
     for candidate in _candidates(text, last_line):
         for segment in _fence_segments(candidate):
             program = _program(_cut_at_marker(segment, last_line))

@@ -29,6 +29,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from radon.complexity import cc_visit
 
+from pva_sae.data.text import is_single_assert, unix_newlines
+
 HUB_DATASET = "google-research-datasets/mbpp"
 HUB_CONFIG = "full"
 SPLIT_NAMES = ("sae", "tuning", "validation")
@@ -147,16 +149,12 @@ def _hub_rows() -> list[dict[str, Any]]:
 
 
 def _to_task(row: dict[str, Any]) -> Task:
-    code = _unix_newlines(row["code"])
+    code = unix_newlines(row["code"])
     complexity = cyclomatic_complexity(code)
     return Task(task_id=row["task_id"], text=row["text"], code=code, test_list=tuple(row["test_list"]),
                 test_setup_code=row.get("test_setup_code") or "",
                 challenge_test_list=tuple(row.get("challenge_test_list") or ()),
                 complexity=complexity, difficulty=difficulty_bucket(complexity))
-
-
-def _unix_newlines(code: str) -> str:
-    return code.replace("\r\n", "\n").replace("\r", "\n")
 
 
 # --------------------------------------------------------------------------- validation
@@ -229,17 +227,12 @@ def _test_problems(tests: Sequence[str]) -> list[str]:
     if len(tests) != TESTS_PER_TASK:
         return [f"test_list has {len(tests)} entries, expected {TESTS_PER_TASK} assert statements"]
     return [f"test {i} is not a single assert statement: {test!r}"
-            for i, test in enumerate(tests) if not _is_single_assert(test)]
-
-
-def _is_single_assert(test: str) -> bool:
-    tree = _parse_quietly(test.strip())
-    return tree is not None and len(tree.body) == 1 and isinstance(tree.body[0], ast.Assert)
+            for i, test in enumerate(tests) if not is_single_assert(test)]
 
 
 def _code_problems(code: str) -> list[str]:
     try:
-        _parse_or_raise(_unix_newlines(code))
+        _parse_or_raise(unix_newlines(code))
     except SyntaxError as exc:
         return [f"reference code does not parse (line {exc.lineno}: {exc.msg})"]
     return []
@@ -252,13 +245,6 @@ def _parse_or_raise(source: str) -> ast.Module:
         return ast.parse(source)
 
 
-def _parse_quietly(source: str) -> ast.Module | None:
-    try:
-        return _parse_or_raise(source)
-    except (SyntaxError, ValueError):
-        return None
-
-
 # --------------------------------------------------------------------------- difficulty
 
 def cyclomatic_complexity(code: str) -> int:
@@ -269,7 +255,7 @@ def cyclomatic_complexity(code: str) -> int:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        blocks = cc_visit(_unix_newlines(code))
+        blocks = cc_visit(unix_newlines(code))
     return max((block.complexity for block in blocks), default=1)
 
 

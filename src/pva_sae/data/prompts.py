@@ -1,6 +1,6 @@
 """The prompt: problem description, the test asserts, and a code initiator.
 
-Default template (``config.DEFAULT_TEMPLATE``) ``{text}\\n\\n{tests}\\n\\n{initiator}`` with the
+Default template (``DEFAULT_TEMPLATE``) ``{text}\\n\\n{tests}\\n\\n{initiator}`` with the
 initiator ``# Solution:``. Normalisation, pinned by the tests:
 
 - the description has its line endings made ``\\n`` and surrounding whitespace stripped;
@@ -12,16 +12,15 @@ initiator ``# Solution:``. Normalisation, pinned by the tests:
 
 from __future__ import annotations
 
-import ast
 import re
 import string
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from pva_sae.config import DEFAULT_TEMPLATE
+from pva_sae.data.text import is_single_assert, unix_newlines
 
 PLACEHOLDERS = ("text", "tests", "initiator")
+DEFAULT_TEMPLATE = "{text}\n\n{tests}\n\n{initiator}"
 _DOUBLED_ASSERT = re.compile(r"^assert\s*\(?\s*assert\b")
 
 
@@ -46,18 +45,8 @@ def _check_test(test: str) -> None:
         raise PromptError(f"test {test!r} has a doubled 'assert'; pass the asserts as they are in MBPP")
     if not test.startswith("assert"):
         raise PromptError(f"test {test!r} is not an assert statement; each test must start with 'assert'")
-    if not _is_single_assert(test):
+    if not is_single_assert(test):
         raise PromptError(f"test {test!r} is not one valid assert statement")
-
-
-def _is_single_assert(test: str) -> bool:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            tree = ast.parse(test)
-    except (SyntaxError, ValueError):
-        return False
-    return len(tree.body) == 1 and isinstance(tree.body[0], ast.Assert)
 
 
 def check_template(template: str) -> None:
@@ -83,7 +72,7 @@ def check_template(template: str) -> None:
 def build_prompt(task: Any, template: str = DEFAULT_TEMPLATE, initiator: str = "# Solution:") -> str:
     """The prompt for ``task`` (anything with ``text`` and ``test_list``, such as ``data.Task``)."""
     check_template(template)
-    text = task.text.replace("\r\n", "\n").replace("\r", "\n").strip()
+    text = unix_newlines(task.text).strip()
     if not text:
         raise PromptError(f"task {getattr(task, 'task_id', '?')} has an empty description (text)")
     return template.format(text=text, tests=format_tests(task.test_list), initiator=initiator)

@@ -6,15 +6,13 @@ unembedding never run. Prompts are LEFT padded, so the last prompt token is posi
 row, and position ids count real tokens only (as ``generate`` does), so a prompt's activations do
 not depend on what it is batched with. Activations are saved as safetensors with their task ids,
 layers and site.
-
-torch is imported inside functions so that ``import pva_sae`` stays cheap.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -26,10 +24,6 @@ from pva_sae.model.hooks import (
     check_site,
     decoder_layers,
 )
-
-if TYPE_CHECKING:
-    import torch
-
 
 # --------------------------------------------------------------------------- tokenising and batching
 

@@ -27,13 +27,10 @@ graph on the graph's logits with a seeded generator.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-
-if TYPE_CHECKING:
-    import torch
 
 
 class FastGenError(ValueError):

@@ -35,8 +35,6 @@ from pva_sae.model.fastgen import (
 from pva_sae.model.hooks import SteeringHook
 
 if TYPE_CHECKING:
-    import torch
-
     from pva_sae.model.fastgen import Steering
     from pva_sae.model.registry import LoadedModel
 

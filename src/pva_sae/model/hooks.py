@@ -26,22 +26,17 @@ layer and site records the steered residual; one entered before it records the u
 transformers registers its own ``output_hidden_states`` recording hooks lazily, the first time
 hidden states are requested; whether those see steering depends on that order too, so read steered
 residuals through a :class:`CaptureHook`.
-
-torch is imported inside functions so that ``import pva_sae`` stays cheap.
 """
 
 from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from pva_sae.config import SITES
-
-if TYPE_CHECKING:
-    import torch
 
 STEER_POSITIONS = ("all", "prompt", "generated")
 

@@ -16,7 +16,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -25,9 +25,6 @@ from transformers.utils import cached_file
 
 from pva_sae.assets_index import PACKAGE_DIR, read_registry
 from pva_sae.config import ModelConfig, resolve_config
-
-if TYPE_CHECKING:
-    import torch
 
 log = logging.getLogger(__name__)
 

@@ -27,15 +27,12 @@ a time, so memory stays at one layer's activations plus a few (d_sae,) vectors.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from torch import Tensor
 
 from pva_sae.config import DIRECTIONS
-
-if TYPE_CHECKING:
-    import torch
-    from torch import Tensor
 
 SCORE_KEYS = ("f_correct", "f_incorrect", "sep_correct", "sep_incorrect", "t_correct", "t_incorrect",
               "mean_correct", "mean_incorrect")
@@ -211,7 +208,7 @@ def score_layers(saes: dict[int, Any], acts, labels, layers: list[int]) -> dict[
     return out
 
 
-def rank_latents(scores: dict[int, dict[str, Any]], general: dict[int, Any], max_general: float, top_k: int,
+def rank_latents(scores: dict[int, dict[str, Any]], general: dict[int, Any], max_general: float, n_top: int,
                  link: Callable[[int, int], str | None] | None = None) -> list[dict[str, Any]]:
     """Rows for the top-k latents per (metric, direction), per layer and overall."""
 
@@ -221,16 +218,13 @@ def rank_latents(scores: dict[int, dict[str, Any]], general: dict[int, Any], max
             key = template.format(d=direction)
             candidates = []
             for layer, per in scores.items():
-                values = per[key].clone()
-                values[general[layer] >= max_general] = float("-inf")
-                values[torch.isnan(values)] = float("-inf")
-                k = min(top_k, int(torch.isfinite(values).sum()))
-                top = torch.topk(values, k)
-                layer_rows = [_row(scores, general, layer, int(i), link) for i in top.indices]
+                excluded = torch.as_tensor(general[layer] >= max_general)
+                indices, _ = top_k(per[key], n_top, exclude_mask=excluded)
+                layer_rows = [_row(scores, general, layer, int(i), link) for i in indices]
                 rows.extend(_ranked(layer_rows, "layer", metric, direction))
                 candidates.extend(layer_rows)
             candidates.sort(key=lambda r: r[key], reverse=True)
-            rows.extend(_ranked(candidates[:top_k], "overall", metric, direction))
+            rows.extend(_ranked(candidates[:n_top], "overall", metric, direction))
     return rows
 
 
