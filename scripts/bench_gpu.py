@@ -164,7 +164,7 @@ class IdTokenizer:
 
 def bench_analysis(model, args, shape: str) -> list[dict]:
     from pva_sae.model.capture import capture_last_token
-    from pva_sae.sae.registry import JumpReLUSAE
+    from pva_sae.sae.jumprelu import JumpReLUSAE
     from pva_sae.stats.latents import score_layer
 
     rows, skip = [], set(args.skip.split(","))

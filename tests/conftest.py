@@ -45,7 +45,7 @@ D_SAE = 96
 def make_saes(folder, n_layers, d_model, seed=0):
     import numpy as np
 
-    from pva_sae.sae.registry import save_gemmascope_npz
+    from pva_sae.sae.loaders import save_gemmascope_npz
 
     rng = np.random.default_rng(seed)
     for layer in range(n_layers):

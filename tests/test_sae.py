@@ -10,8 +10,18 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import pva_sae.sae.registry as sae_mod
-from pva_sae.sae.registry import (SAEError, canonical_l0, list_releases, load_sae, load_sae_file, load_saelens, resolve_sae, save_gemmascope_npz)
+from pva_sae.sae import registry
+from pva_sae.sae.base import SAEError
+from pva_sae.sae.jumprelu import JumpReLUSAE
+from pva_sae.sae.loaders import (
+    GEMMASCOPE_KEYS,
+    convert_saelens,
+    load_sae_file,
+    load_saelens,
+    save_gemmascope_npz,
+)
+from pva_sae.sae.registry import canonical_l0, list_releases, load_sae, resolve_sae
+from pva_sae.sae.topk import TopKSAE
 
 
 def hand_sae():
@@ -93,7 +103,7 @@ def test_encode_works_on_any_leading_shape(hand_npz):
 
 
 def test_decoder_norms_unit_direction_and_meta(hand_npz, caplog):
-    with caplog.at_level(logging.WARNING, logger="pva_sae.sae"):
+    with caplog.at_level(logging.WARNING, logger="pva_sae.sae.loaders"):
         sae = load_sae_file(hand_npz)
     assert "not unit-norm" in caplog.text and "max 5.0000" in caplog.text
     torch.testing.assert_close(sae.decoder_norms, torch.tensor([5.0, 1.0, 1.0, 1.0]))
@@ -111,16 +121,16 @@ def test_decoder_norms_unit_direction_and_meta(hand_npz, caplog):
 def test_sae_modules_move_print_and_pickle(hand_npz, tmp_path):
     sae = load_sae_file(hand_npz)
     assert repr(sae) == "JumpReLUSAE(d_model=3, d_sae=4)"
-    assert sae.to("cpu") is sae and {name for name, _ in sae.named_buffers()} == set(sae_mod.GEMMASCOPE_KEYS)
+    assert sae.to("cpu") is sae and {name for name, _ in sae.named_buffers()} == set(GEMMASCOPE_KEYS)
     torch.save(sae, tmp_path / "sae.pt")
     again = torch.load(tmp_path / "sae.pt", weights_only=False)
-    assert isinstance(again, sae_mod.JumpReLUSAE) and again.meta == sae.meta
+    assert isinstance(again, JumpReLUSAE) and again.meta == sae.meta
     torch.testing.assert_close(again.threshold, sae.threshold)
 
 
 def test_unit_norm_decoder_does_not_warn(tmp_path, caplog):
     path = save_gemmascope_npz(tmp_path / "params.npz", **random_sae(8, 16))
-    with caplog.at_level(logging.WARNING, logger="pva_sae.sae"):
+    with caplog.at_level(logging.WARNING, logger="pva_sae.sae.loaders"):
         load_sae_file(path)
     assert "unit-norm" not in caplog.text
 
@@ -274,7 +284,7 @@ def test_load_sae_file_of_another_release(tmp_path):
 
 
 def test_embedded_release_missing_then_built(tmp_path, monkeypatch):
-    monkeypatch.setattr(sae_mod, "PACKAGE_DIR", tmp_path)
+    monkeypatch.setattr(registry, "PACKAGE_DIR", tmp_path)
     with pytest.raises(SAEError, match="python scripts/train_default.py"):
         load_sae("pva-tiny-res", 0)
     write_mirror(tmp_path / "assets/default/saes", "layer_0/params.npz", 256, 32)
@@ -319,7 +329,7 @@ def test_hub_failures_say_what_to_do(tmp_path, monkeypatch):
 def test_topk_keeps_exactly_k():
     params = random_sae(8, 32, seed=1)
     del params["threshold"]
-    sae = sae_mod.TopKSAE(**params, k=5)
+    sae = TopKSAE(**params, k=5)
     x = torch.randn(20, 8, generator=torch.Generator().manual_seed(2)) * 3
     acts = sae.encode(x)
     relu_pre = torch.relu(x @ params["W_enc"] + params["b_enc"])
@@ -330,13 +340,13 @@ def test_topk_keeps_exactly_k():
     assert (relu_pre[~kept].reshape(20, -1).max(1).values <= acts.max(1).values).all()
     assert (acts.masked_fill(~kept, float("inf")).min(1).values >= relu_pre.masked_fill(kept, 0).max(1).values).all()
     with pytest.raises(SAEError, match="k must be an integer"):
-        sae_mod.TopKSAE(**params, k=0)
+        TopKSAE(**params, k=0)
 
 
 def test_topk_rank_scale_changes_the_choice_not_the_values():
     W_enc = torch.eye(3)
-    sae = sae_mod.TopKSAE(W_enc, torch.eye(3), torch.zeros(3), torch.zeros(3), k=1,
-                          rank_scale=torch.tensor([1.0, 10.0, 1.0]))
+    sae = TopKSAE(W_enc, torch.eye(3), torch.zeros(3), torch.zeros(3), k=1,
+                  rank_scale=torch.tensor([1.0, 10.0, 1.0]))
     acts = sae.encode(torch.tensor([[2.0, 0.5, 0.0]]))
     torch.testing.assert_close(acts, torch.tensor([[0.0, 0.5, 0.0]]))  # 0.5 * 10 > 2 * 1
 
@@ -403,7 +413,7 @@ def test_llamascope_release_from_local_dir(tmp_path):
 
 def test_llamascope_without_hyperparams_and_bad_keys(tmp_path, caplog):
     path, _ = write_llamascope(tmp_path, 1, 8, 12, None)
-    with caplog.at_level(logging.WARNING, logger="pva_sae.sae"):
+    with caplog.at_level(logging.WARNING, logger="pva_sae.sae.loaders"):
         sae = load_sae_file(path, k=3)
     assert "no hyperparams.json" in caplog.text and sae.k == 3
     with pytest.raises(SAEError, match="needs k"):
@@ -439,13 +449,13 @@ def test_convert_saelens_folds_b_dec_and_keeps_jumprelu():
     cfg = types.SimpleNamespace(architecture=lambda: "jumprelu", normalize_activations="none",
                                 apply_b_dec_to_input=True)
     fake = types.SimpleNamespace(cfg=cfg, **params)
-    sae = sae_mod.convert_saelens(fake)
+    sae = convert_saelens(fake)
     x = torch.randn(4, 5, generator=torch.Generator().manual_seed(5))
     pre = (x - params["b_dec"]) @ params["W_enc"] + params["b_enc"]
     torch.testing.assert_close(sae.encode(x), torch.relu(pre) * (pre > params["threshold"]), rtol=1e-5, atol=1e-6)
     cfg.normalize_activations = "expected_average_only_in"
-    with pytest.raises(SAEError, match="load it with pva_sae.sae.load_sae"):
-        sae_mod.convert_saelens(fake)
+    with pytest.raises(SAEError, match="load it with pva_sae.sae.registry.load_sae"):
+        convert_saelens(fake)
 
 
 # --------------------------------------------------------------------------- import cost

@@ -7,7 +7,19 @@ import numpy as np
 import pytest
 import torch
 
-from pva_sae.sae.train import (SAETrainConfig, _fold_scale, collect_activations, encode_jumprelu, evaluate_sae, input_scale, jumprelu_ste, meets_targets, save_sae, step_ste, train_sae)
+from pva_sae.sae.train import (
+    SAETrainConfig,
+    _fold_scale,
+    collect_activations,
+    encode_jumprelu,
+    evaluate_sae,
+    input_scale,
+    jumprelu_ste,
+    meets_targets,
+    save_sae,
+    step_ste,
+    train_sae,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -146,7 +158,7 @@ def test_training_is_deterministic():
 
 
 def test_save_sae_writes_a_loadable_gemmascope_file(tmp_path, planted_result):
-    from pva_sae.sae.registry import load_sae_file
+    from pva_sae.sae.loaders import load_sae_file
 
     result, _ = planted_result
     path = save_sae(result, tmp_path / "layer_0", extra={"layer": 0})
@@ -204,7 +216,7 @@ def test_token_batches_bound_padding_and_keep_order():
 
 
 def test_train_model_saes_writes_one_loadable_sae_per_layer(tiny_loaded, tmp_path):
-    from pva_sae.sae.registry import load_sae_file
+    from pva_sae.sae.loaders import load_sae_file
     from pva_sae.sae.train import train_model_saes
 
     model, tok = tiny_loaded.model, tiny_loaded.tokenizer

@@ -1,4 +1,7 @@
-"""The run directory: every path of a run defined once, atomic writes, stage markers, manifest.
+"""The run directory: every path of a run, defined once, and the stage markers.
+
+Readers and writers of the artifacts are in :mod:`pva_sae.rundir.artifacts`; atomic writes in
+:mod:`pva_sae.rundir.atomic`.
 
 Layout (``<run>`` is ``output.run_dir``)::
 
@@ -12,6 +15,14 @@ Layout (``<run>`` is ``output.run_dir``)::
     <run>/datasets/checkpoints/checkpoint_<start>_<end>_<timestamp>.json
     <run>/datasets/autosaves/autosave_<start>_<end>_<timestamp>.json
     <run>/stages/<stage>.done          written last by a stage that completed
+    <run>/analysis/                   AnalysisPaths: config.json, activations.safetensors, scores.safetensors,
+                                      ranked_latents.{parquet,json}, summary.json, plots/
+    <run>/validation/                 ValidationPaths: config.json, choices.json (frozen before validation labels
+                                      are read), results.json, validation_scores.parquet, temperature/t<T>_<key>/
+                                      (sub-runs with this same layout), plots/
+    <run>/steering/                   SteeringPaths: config.json, conditions/<key>.json (one per generation
+                                      condition), results.json, steered_tasks.parquet, plots/
+    <run>/report.html, <run>/report.md
 
 Resume decisions key off the ``.done`` markers and the saved config, never off file times.
 """
@@ -55,6 +66,14 @@ class RunDir:
     @property
     def stages(self) -> Path:
         return self.root / "stages"
+
+    @property
+    def report_html(self) -> Path:
+        return self.root / "report.html"
+
+    @property
+    def report_md(self) -> Path:
+        return self.root / "report.md"
 
     # --- dataset building
     @property
@@ -118,6 +137,11 @@ class AnalysisPaths:
         return cls(run.root / "analysis")
 
     @property
+    def config(self) -> Path:
+        """The resolved config this stage ran with."""
+        return self.root / "config.json"
+
+    @property
     def activations(self) -> Path:
         return self.root / "activations.safetensors"
 
@@ -151,6 +175,11 @@ class ValidationPaths:
         return cls(run.root / "validation")
 
     @property
+    def config(self) -> Path:
+        """The resolved config this stage ran with."""
+        return self.root / "config.json"
+
+    @property
     def choices(self) -> Path:
         return self.root / "choices.json"
 
@@ -179,6 +208,11 @@ class SteeringPaths:
     @classmethod
     def of(cls, run: RunDir) -> "SteeringPaths":
         return cls(run.root / "steering")
+
+    @property
+    def config(self) -> Path:
+        """The resolved config this stage ran with."""
+        return self.root / "config.json"
 
     @property
     def results(self) -> Path:

@@ -6,7 +6,7 @@ Scope" (arXiv 2408.05147). The facts used, and where this module departs from th
 
 * Encoder ``pre = x @ W_enc + b_enc``, JumpReLU ``f = pre * H(pre - theta)`` with a learned
   threshold per latent, decoder ``x_hat = f @ W_dec + b_dec``; no ``b_dec`` subtraction before the
-  encoder (GemmaScope's params.npz convention, :mod:`pva_sae.sae`).
+  encoder (GemmaScope's params.npz convention, :mod:`pva_sae.sae.jumprelu`).
 * Loss ``||x - x_hat||^2 + lambda * ||f||_0`` (squared error summed over d_model, L0 = number of
   firing latents), both averaged over the batch.
 * H and the JumpReLU are piecewise constant in theta, so theta gets its gradient from
@@ -56,18 +56,17 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any
 
 import torch
 
 from pva_sae.model.hooks import CaptureHook, StopForward, assert_fired_once
-from pva_sae.sae.registry import save_gemmascope_npz
-
-if TYPE_CHECKING:
-    import torch
+from pva_sae.sae.loaders import save_gemmascope_npz
 
 
 @dataclass
@@ -135,74 +134,65 @@ class SAETrainResult:
 
 # --------------------------------------------------------------------------- straight-through estimators
 
-def _rectangle(u: "torch.Tensor") -> "torch.Tensor":
+def _rectangle(u: torch.Tensor) -> torch.Tensor:
     return ((u > -0.5) & (u < 0.5)).to(u.dtype)
 
 
-def _autograd_functions():
-    class JumpReLU(torch.autograd.Function):
-        """``pre * H(pre - theta)``; theta's gradient through the rectangle-kernel pseudo-derivative."""
+class JumpReLUSTE(torch.autograd.Function):
+    """``pre * H(pre - theta)``; theta's gradient through the rectangle-kernel pseudo-derivative."""
 
-        @staticmethod
-        def forward(ctx, pre, theta, eps):
-            ctx.save_for_backward(pre, theta)
-            ctx.eps = eps
-            return pre * (pre > theta).to(pre.dtype)
+    @staticmethod
+    def forward(ctx, pre, theta, eps):
+        ctx.save_for_backward(pre, theta)
+        ctx.eps = eps
+        return pre * (pre > theta).to(pre.dtype)
 
-        @staticmethod
-        def backward(ctx, grad):
-            pre, theta = ctx.saved_tensors
-            eps = ctx.eps
-            grad_pre = grad * (pre > theta).to(pre.dtype)
-            grad_theta = (-(theta / eps) * _rectangle((pre - theta) / eps) * grad).sum_to_size(theta.shape)
-            return grad_pre, grad_theta, None
-
-    class Step(torch.autograd.Function):
-        """``H(pre - theta)``; no gradient to ``pre``, theta's through the pseudo-derivative."""
-
-        @staticmethod
-        def forward(ctx, pre, theta, eps):
-            ctx.save_for_backward(pre, theta)
-            ctx.eps = eps
-            return (pre > theta).to(pre.dtype)
-
-        @staticmethod
-        def backward(ctx, grad):
-            pre, theta = ctx.saved_tensors
-            eps = ctx.eps
-            grad_theta = (-(1.0 / eps) * _rectangle((pre - theta) / eps) * grad).sum_to_size(theta.shape)
-            return None, grad_theta, None
-
-    return JumpReLU, Step
+    @staticmethod
+    def backward(ctx, grad):
+        pre, theta = ctx.saved_tensors
+        eps = ctx.eps
+        grad_pre = grad * (pre > theta).to(pre.dtype)
+        grad_theta = (-(theta / eps) * _rectangle((pre - theta) / eps) * grad).sum_to_size(theta.shape)
+        return grad_pre, grad_theta, None
 
 
-_FUNCS: tuple | None = None
+class StepSTE(torch.autograd.Function):
+    """``H(pre - theta)``; no gradient to ``pre``, theta's through the pseudo-derivative."""
+
+    @staticmethod
+    def forward(ctx, pre, theta, eps):
+        ctx.save_for_backward(pre, theta)
+        ctx.eps = eps
+        return (pre > theta).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, theta = ctx.saved_tensors
+        eps = ctx.eps
+        grad_theta = (-(1.0 / eps) * _rectangle((pre - theta) / eps) * grad).sum_to_size(theta.shape)
+        return None, grad_theta, None
 
 
-def jumprelu_ste(pre: "torch.Tensor", theta: "torch.Tensor", eps: float) -> "torch.Tensor":
+def jumprelu_ste(pre: torch.Tensor, theta: torch.Tensor, eps: float) -> torch.Tensor:
     """JumpReLU with the straight-through threshold gradient: (..., batch, d_sae) -> same shape; theta's
     gradient is summed over the dimensions it was broadcast along."""
-    global _FUNCS
-    _FUNCS = _FUNCS or _autograd_functions()
-    return _FUNCS[0].apply(pre, theta, eps)
+    return JumpReLUSTE.apply(pre, theta, eps)
 
 
-def step_ste(pre: "torch.Tensor", theta: "torch.Tensor", eps: float) -> "torch.Tensor":
+def step_ste(pre: torch.Tensor, theta: torch.Tensor, eps: float) -> torch.Tensor:
     """Heaviside ``H(pre - theta)`` with the straight-through threshold gradient."""
-    global _FUNCS
-    _FUNCS = _FUNCS or _autograd_functions()
-    return _FUNCS[1].apply(pre, theta, eps)
+    return StepSTE.apply(pre, theta, eps)
 
 
 # --------------------------------------------------------------------------- training
 
-def _device(spec: str) -> "torch.device":
+def _device(spec: str) -> torch.device:
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(spec)
 
 
-def input_scale(acts: "torch.Tensor", max_rows: int = 1_000_000) -> float:
+def input_scale(acts: torch.Tensor, max_rows: int = 1_000_000) -> float:
     """The scalar s with ``E ||s x||^2 = 1`` (over at most ``max_rows`` evenly spaced rows)."""
     stride = max(1, acts.shape[0] // max_rows)
     sample = acts[::stride].float()
@@ -220,8 +210,8 @@ def _lr_factor(step: int, cfg: SAETrainConfig) -> float:
     return warm
 
 
-def _init_params(cfg: SAETrainConfig, n_groups: int, d_model: int, means: "torch.Tensor", gen: "torch.Generator",
-                 device: "torch.device") -> dict[str, "torch.Tensor"]:
+def _init_params(cfg: SAETrainConfig, n_groups: int, d_model: int, means: torch.Tensor, gen: torch.Generator,
+                 device: torch.device) -> dict[str, torch.Tensor]:
     """Unit-norm random decoder rows, the encoder their transpose, thresholds at ``init_threshold``.
 
     Every tensor has a leading group dimension (one SAE per group); ``means`` is (G, d_model)."""
@@ -239,8 +229,8 @@ def _init_params(cfg: SAETrainConfig, n_groups: int, d_model: int, means: "torch
     return params
 
 
-def _loss(x: "torch.Tensor", p: dict[str, "torch.Tensor"], cfg: SAETrainConfig, lam: "torch.Tensor",
-          dead: "torch.Tensor") -> tuple["torch.Tensor", ...]:
+def _loss(x: torch.Tensor, p: dict[str, torch.Tensor], cfg: SAETrainConfig, lam: torch.Tensor,
+          dead: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Per SAE ``||x - x_hat||^2 + lambda L0`` (+ the dead-latent term), averaged over the batch.
 
     ``x`` (G, B, d_model), ``lam`` (G,), ``dead`` (G, d_sae). Returns (loss summed over the SAEs,
@@ -262,7 +252,7 @@ def _loss(x: "torch.Tensor", p: dict[str, "torch.Tensor"], cfg: SAETrainConfig, 
     return loss.sum(), mse, l0, f
 
 
-def _clip_per_group(params: list["torch.Tensor"], max_norm: float) -> None:
+def _clip_per_group(params: list[torch.Tensor], max_norm: float) -> None:
     """Clip each SAE's gradient norm separately (a global clip would couple the SAEs)."""
     sq = sum(p.grad.pow(2).flatten(1).sum(1) for p in params)               # (G,)
     factor = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
@@ -270,7 +260,7 @@ def _clip_per_group(params: list["torch.Tensor"], max_norm: float) -> None:
         p.grad.mul_(factor.view(-1, *([1] * (p.grad.ndim - 1))))
 
 
-def train_sae(acts: "torch.Tensor", cfg: SAETrainConfig | None = None, eval_acts: "torch.Tensor | None" = None,
+def train_sae(acts: torch.Tensor, cfg: SAETrainConfig | None = None, eval_acts: torch.Tensor | None = None,
               log: Callable[[str], None] | None = None, name: str = "sae") -> SAETrainResult:
     """Train a JumpReLU SAE on ``acts`` (n_tokens, d_model) and evaluate it on ``eval_acts``.
 
@@ -280,8 +270,8 @@ def train_sae(acts: "torch.Tensor", cfg: SAETrainConfig | None = None, eval_acts
     return train_saes([acts], cfg, None if eval_acts is None else [eval_acts], log=log, names=[name])[0]
 
 
-def train_saes(acts: Sequence["torch.Tensor"], cfg: SAETrainConfig | None = None,
-               eval_acts: Sequence["torch.Tensor"] | None = None, target_l0: Sequence[float | None] | None = None,
+def train_saes(acts: Sequence[torch.Tensor], cfg: SAETrainConfig | None = None,
+               eval_acts: Sequence[torch.Tensor] | None = None, target_l0: Sequence[float | None] | None = None,
                log: Callable[[str], None] | None = None, names: Sequence[str] | None = None) -> list[SAETrainResult]:
     """Train one JumpReLU SAE per tensor of ``acts`` (each (n_tokens, d_model), the same tokens, e.g.
     the layers of one model) together: one batched step updates all of them, which on a GPU costs
@@ -389,7 +379,7 @@ def _record(history, step, x, mse, l0, lam, dead, log_theta, started, names, log
                 f"lambda {row['lambda']:.2e}  dead {row['dead_fraction']:.3f}  theta~{row['threshold_median']:.3g}")
 
 
-def _fold_scale(p: dict[str, "torch.Tensor"], scale: float) -> dict[str, Any]:
+def _fold_scale(p: dict[str, torch.Tensor], scale: float) -> dict[str, Any]:
     """Normalised-unit parameters -> raw-unit GemmaScope arrays (float32 numpy on the CPU).
 
     With ``x_n = s x``: ``pre_n = s (x W_enc + b_enc / s)`` and the decoder output is ``s x_hat``, so
@@ -409,14 +399,14 @@ def _config_dict(cfg: SAETrainConfig) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- evaluation
 
-def encode_jumprelu(x: "torch.Tensor", params: dict[str, "torch.Tensor"]) -> "torch.Tensor":
+def encode_jumprelu(x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
     """GemmaScope JumpReLU encoding: ``relu(pre) * (pre > threshold)``, float32."""
 
     pre = x.float() @ params["W_enc"] + params["b_enc"]
     return torch.relu(pre) * (pre > params["threshold"])
 
 
-def evaluate_sae(params: dict[str, Any], acts: "torch.Tensor", device: Any = "cpu",
+def evaluate_sae(params: dict[str, Any], acts: torch.Tensor, device: Any = "cpu",
                  batch_size: int = 8192) -> dict[str, Any]:
     """Fraction of variance explained, mean L0, dead-latent share and firing statistics on ``acts``.
 
@@ -492,9 +482,9 @@ def token_batches(lengths: Sequence[int], batch_size: int, max_batch_tokens: int
 
 def collect_activations(model: Any, sequences: Sequence[Sequence[int]], layers: Sequence[int],
                         batch_size: int = 32, pad_id: int = 0, skip_first: bool = True,
-                        store_device: Any = "cpu", store_dtype: "torch.dtype | None" = None,
+                        store_device: Any = "cpu", store_dtype: torch.dtype | None = None,
                         max_batch_tokens: int = 16_384,
-                        progress: Callable[[int, int], None] | None = None) -> dict[int, "torch.Tensor"]:
+                        progress: Callable[[int, int], None] | None = None) -> dict[int, torch.Tensor]:
     """Residual stream (``resid_post``) at every token of ``sequences``, for each of ``layers``.
 
     Sequences are token-id lists, each starting with the BOS token when the model expects one; they
@@ -555,18 +545,16 @@ def train_model_saes(model: Any, sequences: Sequence[Sequence[int]], layers: Seq
                      cfg: SAETrainConfig | None = None, heldout_fraction: float = 0.05, seed: int = 0,
                      pad_id: int = 0, log: Callable[[str], None] | None = None) -> dict[int, SAETrainResult]:
     """Train one JumpReLU SAE per layer on a model's residual stream and save each under
-    ``out_dir/layer_{L}/`` (``params.npz`` + ``stats.json``), ready for :func:`pva_sae.sae.load_sae_file`.
+    ``out_dir/layer_{L}/`` (``params.npz`` + ``stats.json``), ready for :func:`pva_sae.sae.loaders.load_sae_file`.
 
     ``sequences`` are token-id lists starting with BOS (text the SAEs should decompose); a seeded
     ``heldout_fraction`` of them is kept for the reported quality. Activations of all layers are
     collected in one pass per batch and kept on the CPU.
     """
-    import random
-
     cfg = cfg or SAETrainConfig()
     order = list(range(len(sequences)))
     random.Random(seed).shuffle(order)
-    n_held = max(1, int(round(len(order) * heldout_fraction)))
+    n_held = max(1, round(len(order) * heldout_fraction))
     if n_held >= len(order):
         raise ValueError(f"{len(order)} sequences leave none for training after holding out {n_held}")
     held = [sequences[i] for i in order[:n_held]]

@@ -79,7 +79,7 @@ def analyze(cfg: Config, progress: bool = True) -> dict[str, Any]:
     paths = AnalysisPaths.of(run)
     paths.root.mkdir(parents=True, exist_ok=True)
     setup_logging(run.log_file(STAGE))
-    atomic_write_json(paths.root / "config.json", cfg.to_dict())
+    atomic_write_json(paths.config, cfg.to_dict())
 
     loaded = load_model(cfg.model)
     layers = list(cfg.analysis.layers) if cfg.analysis.layers is not None else list(range(loaded.n_layers))

@@ -301,7 +301,7 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     """Write ``report.html`` and ``report.md`` into the run directory; returns their paths."""
     run = RunDir.at(run_dir)
     blocks = build_blocks(run)
-    html_path, md_path = run.root / "report.html", run.root / "report.md"
+    html_path, md_path = run.report_html, run.report_md
     atomic_write_text(html_path, render_html(blocks))
     atomic_write_text(md_path, render_markdown(blocks, run.root))
     return html_path, md_path

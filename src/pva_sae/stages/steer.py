@@ -311,7 +311,7 @@ def steer(cfg: Config, progress: bool = True) -> dict[str, Any]:
     records, summary, targets, saes, norms, choices, vpaths = load_inputs(run, cfg)
     paths.root.mkdir(parents=True, exist_ok=True)
     setup_logging(run.log_file(STAGE))
-    atomic_write_json(paths.root / "config.json", cfg.to_dict())
+    atomic_write_json(paths.config, cfg.to_dict())
     s = cfg.steering
     splits = read_splits(run)
     tuning_ids = seeded_subset([t for t in splits["tuning"] if t in records], s.tuning_max_tasks, s.seed)

@@ -166,7 +166,7 @@ def validate(cfg: Config, progress: bool = True) -> dict[str, Any]:
     paths = ValidationPaths.of(run)
     paths.root.mkdir(parents=True, exist_ok=True)
     setup_logging(run.log_file(STAGE))
-    atomic_write_json(paths.root / "config.json", cfg.to_dict())
+    atomic_write_json(paths.config, cfg.to_dict())
 
     labels = task_labels(records)
     ids = _split_ids(run, labels)
