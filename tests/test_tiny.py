@@ -4,7 +4,15 @@ import hashlib
 
 import pytest
 
-from pva_sae.default.tiny import (BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, build_bpe_tokenizer, make_tiny_model, mbpp_texts)
+from pva_sae.default.tiny import (
+    BOS_ID,
+    EOS_ID,
+    PAD_ID,
+    SPECIAL_TOKENS,
+    build_bpe_tokenizer,
+    make_tiny_model,
+    mbpp_texts,
+)
 
 CODE = "def add(a, b):\n    return a + b  # sum, é ✓\n\tx = '\\r'\n"
 

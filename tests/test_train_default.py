@@ -1,13 +1,25 @@
-"""scripts/train_default.py end to end at toy size on CPU, and the corpus module it builds on."""
+"""scripts/train_default.py end to end at toy size on CPU, and the pva_sae.default modules it runs."""
 
+import hashlib
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from pva_sae.default import corpus
+from pva_sae.default import (
+    card,
+    corpus,
+    evaluate,
+    lm_train,
+    package,
+    prep,
+    recipe,
+    records,
+)
+from pva_sae.default.prepared import PREP_FILES
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_PREPARE = ["--vocab-size", "320", "--max-train-files", "2", "--max-tasks", "16",
@@ -38,53 +50,63 @@ def built(script, tmp_path_factory):
 
     torch.set_num_threads(1)
     base = tmp_path_factory.mktemp("default")
-    prep, assets = base / "prep", base / "assets"
-    assert script.main(["prepare", "--out", str(prep), *TINY_PREPARE, *TINY_TRAIN[:-2]]) == 0
-    assert script.main(["train", "--prepared", str(prep), "--out", str(assets), "--skip-eval", "--no-png",
+    prepared, assets = base / "prep", base / "assets"
+    assert script.main(["prepare", "--out", str(prepared), *TINY_PREPARE, *TINY_TRAIN[:-2]]) == 0
+    assert script.main(["train", "--prepared", str(prepared), "--out", str(assets), "--skip-eval", "--no-png",
                         *TINY_TRAIN]) == 0
-    return prep, assets
+    return prepared, assets
 
 
 # --------------------------------------------------------------------------- prepare
 
-def test_prepare_records_hashes_sizes_and_a_seeded_half(built, script):
-    prep, _ = built
-    info = json.loads((prep / "prepare.json").read_text())
-    assert set(info["files"]) == set(script.PREP_FILES)
+def test_prepare_records_hashes_sizes_and_a_seeded_half(built):
+    prepared, _ = built
+    info = json.loads((prepared / "prepare.json").read_text())
+    assert set(info["files"]) == set(PREP_FILES)
     assert len(info["mbpp"]["memorized_ids"]) == 8 and info["mbpp"]["n_tasks"] == 16
+    ids = info["mbpp"]["memorized_ids"]
+    assert info["mbpp"]["memorized_sha256"] == hashlib.sha256(json.dumps(ids).encode()).hexdigest()
     assert info["mbpp"]["prompt_not_prefix_of_document"] == []
     assert info["corpora"]["train"]["n_files"] == 2 and len(info["corpora"]["train"]["sha256"]) == 64
     assert info["tokens"]["train_corpus"] > 0 and info["projected_asset_bytes"]["total"] > 0
-    assert (prep / "tokenizer" / "tokenizer.json").is_file()
+    assert (prepared / "tokenizer" / "tokenizer.json").is_file()
 
 
-def test_memorized_half_is_seeded_and_independent_of_order(script):
+def test_memorized_half_is_seeded_and_independent_of_order():
     ids = list(range(1, 975))
-    a = script.memorized_task_ids(ids, 1234, 0.5)
-    assert a == script.memorized_task_ids(list(reversed(ids)), 1234, 0.5)
-    assert len(a) == 487 and a != script.memorized_task_ids(ids, 42, 0.5)
+    a = prep.memorized_task_ids(ids, 1234, 0.5)
+    assert a == prep.memorized_task_ids(list(reversed(ids)), 1234, 0.5)
+    assert len(a) == 487 and a != prep.memorized_task_ids(ids, 42, 0.5)
 
 
-def test_parameter_count_matches_the_model(script):
+def test_mbpp_document_normalises_newlines():
+    assert prep.mbpp_document("P", "a = 1\r\nb = 2\rc = 3  \n\n") == "P\na = 1\nb = 2\nc = 3\n"
+
+
+def test_parameter_count_matches_the_model():
     from transformers import Gemma2ForCausalLM
 
-    recipe = script.Recipe(n_layers=2, d_model=32, n_heads=2, n_kv_heads=1, head_dim=16, d_mlp=64)
-    model = Gemma2ForCausalLM(script.model_config(recipe, 300))
-    assert script.count_parameters(recipe, 300) == sum(p.numel() for p in model.parameters())
+    r = recipe.Recipe(n_layers=2, d_model=32, n_heads=2, n_kv_heads=1, head_dim=16, d_mlp=64)
+    model = Gemma2ForCausalLM(lm_train.model_config(r, 300))
+    assert recipe.count_parameters(r, 300) == sum(p.numel() for p in model.parameters())
 
 
-def test_default_recipe_fits_the_budget(script):
-    recipe = script.Recipe()
-    projected = script.projected_asset_bytes(recipe, recipe.vocab_size, general_bytes=1_800_000,
-                                             tokenizer_bytes=300_000)
-    assert projected["total"] <= recipe.max_asset_bytes
+def test_default_recipe_fits_the_budget():
+    r = recipe.Recipe()
+    projected = recipe.projected_asset_bytes(r, r.vocab_size, general_bytes=1_800_000, tokenizer_bytes=300_000)
+    assert projected["total"] <= r.max_asset_bytes
 
 
-def test_length_chunks_bound_the_padding(script):
+def test_recipe_from_keeps_known_fields_and_applies_overrides():
+    r = recipe.recipe_from({"recipe": {"lm_steps": 7, "gone": 1, "seed": 3}}, {"seed": None, "sae_width": 16})
+    assert (r.lm_steps, r.seed, r.sae_width) == (7, 3, 16)
+
+
+def test_length_chunks_bound_the_padding():
     import numpy as np
 
     rows = [np.zeros(n) for n in (10, 300, 20, 1000, 30)]
-    chunks = script.length_chunks(rows, 600)
+    chunks = lm_train.length_chunks(rows, 600)
     assert sorted(len(r) for c in chunks for r in c) == [10, 20, 30, 300, 1000]
     assert all(max(len(r) for r in c) * len(c) <= 600 or len(c) == 1 for c in chunks)
 
@@ -95,7 +117,7 @@ def test_train_writes_loadable_model_and_saes(built):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pva_sae.sae.registry import load_sae_file
+    from pva_sae.sae.loaders import load_sae_file
 
     _, assets = built
     model = AutoModelForCausalLM.from_pretrained(assets / "model")
@@ -123,31 +145,63 @@ def test_training_record(built):
 
 
 def test_budget_overrun_fails_loudly(built, script, tmp_path):
-    prep, _ = built
+    prepared, _ = built
     with pytest.raises(SystemExit, match="over the budget"):
-        script.main(["train", "--prepared", str(prep), "--out", str(tmp_path / "a"), "--skip-eval", "--no-png",
+        script.main(["train", "--prepared", str(prepared), "--out", str(tmp_path / "a"), "--skip-eval", "--no-png",
                      "--max-asset-bytes", "100000", *TINY_TRAIN])
 
 
 def test_eval_and_card(built, script, tmp_path):
-    prep, assets = built
-    assert script.main(["eval", "--assets", str(assets), "--prepared", str(prep), "--device", "cpu",
+    prepared, assets = built
+    assert script.main(["eval", "--assets", str(assets), "--prepared", str(prepared), "--device", "cpu",
                         "--batch-size", "16", "--max-new-tokens", "8"]) == 0
     rec = json.loads((assets / "training.json").read_text())
     ev = rec["eval"]
     assert ev["memorized"]["n"] == 8 and ev["other"]["n"] == 8
     assert 0 <= ev["memorized"]["pass_at_1"] <= 1
-    card = tmp_path / "card.md"
-    assert script.main(["card", "--assets", str(assets), "--out", str(card),
+    card_md = tmp_path / "card.md"
+    assert script.main(["card", "--assets", str(assets), "--out", str(card_md),
                         "--loss-png", str(tmp_path / "loss.png")]) == 0
-    text = card.read_text()
+    text = card_md.read_text()
     assert "TO FILL" not in text and "| memorized | 8 |" in text
     assert (tmp_path / "loss.png").is_file()
 
 
-def test_card_template_marks_missing_numbers(script, tmp_path):
-    text = script.render_card(tmp_path, None)
+def test_card_template_marks_missing_numbers(tmp_path):
+    text = card.render_card(tmp_path, None)
     assert "TO FILL" in text and "## Results" in text
+
+
+def test_eval_tasks_without_the_prepared_dir_match_it(built):
+    prepared, assets = built
+    keys = ("task_id", "prompt", "test_list", "test_setup_code", "memorized")
+    from_prep = [{k: t[k] for k in keys} for t in evaluate.load_tasks_for_eval(assets, prepared)]
+    assert evaluate.load_tasks_for_eval(assets, None) == from_prep
+
+
+def test_pass_rates_leave_out_the_broken_tasks():
+    tasks = [{"task_id": 1, "memorized": True}, {"task_id": 341, "memorized": True},
+             {"task_id": 2, "memorized": False}]
+    rates = evaluate.pass_rates(tasks, {1: True, 341: False, 2: False})
+    assert rates["memorized"] == {"n": 2, "passed": 1, "pass_at_1": 0.5}
+    assert rates["memorized_without_broken"] == {"n": 1, "passed": 1, "pass_at_1": 1.0}
+    assert rates["other"]["pass_at_1"] == 0.0
+
+
+def test_the_train_step_does_without_the_prepare_dependencies():
+    """The GPU machine that runs `train` need only have torch, transformers, tokenizers, numpy and safetensors."""
+    code = ("import runpy, sys; runpy.run_path(sys.argv[1]); "
+            "print(sorted(m for m in ('pyarrow', 'radon') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT / "scripts" / "train_default.py")],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_records_are_written_in_the_shipped_format(tmp_path):
+    records.write_json(tmp_path / "r.json", {"a": [1, {"b": "é"}]})
+    assert (tmp_path / "r.json").read_text(encoding="utf-8") == '{\n "a": [\n  1,\n  {\n   "b": "é"\n  }\n ]\n}\n'
+    shipped = (ROOT / "src" / "pva_sae" / "assets" / "default" / "training.json").read_text(encoding="utf-8")
+    assert json.dumps(json.loads(shipped), indent=1, ensure_ascii=False) == shipped.rstrip("\n")
 
 
 # --------------------------------------------------------------------------- corpus
@@ -178,6 +232,8 @@ def test_corpus_hash_changes_with_content(tmp_path):
     (tmp_path / "a.py").write_text("x = 1\n")
     (tmp_path / "b.py").write_text("y = 2\n")
     one = corpus.read_stdlib(["a.py", "b.py"], "t", root=tmp_path)
+    pairs = "".join(f"{f.path}\0{f.sha256_text}\n" for f in one.files)
+    assert one.sha256 == hashlib.sha256(pairs.encode()).hexdigest()
     (tmp_path / "b.py").write_text("y = 3\n")
     two = corpus.read_stdlib(["a.py", "b.py"], "t", root=tmp_path)
     assert one.sha256 != two.sha256 and one.files[0].sha256_text == two.files[0].sha256_text
@@ -208,13 +264,23 @@ def test_load_general_corpus_formats(tmp_path):
         corpus.load_general_corpus(tmp_path / "c.csv")
 
 
+def test_jsonl_round_trip(tmp_path):
+    rows = [{"id": "a", "text": "line\u2028separator, é"}, {"id": "b", "text": ""}]
+    digest = corpus.write_jsonl(rows, tmp_path / "x.jsonl")
+    assert digest == hashlib.sha256((tmp_path / "x.jsonl").read_bytes()).hexdigest()
+    assert corpus.read_jsonl(tmp_path / "x.jsonl") == rows
+    (tmp_path / "bad.jsonl").write_text('{"id": 1}\n\nnot json\n')
+    with pytest.raises(corpus.CorpusError, match="line 3"):
+        corpus.read_jsonl(tmp_path / "bad.jsonl")
+
+
 def test_pack_and_unpack_round_trip(built, script, tmp_path):
-    prep, assets = built
+    prepared, assets = built
     packed = tmp_path / "packed"
-    script.pack(assets, packed, None)
+    package.pack(assets, packed, None)
     assert sorted(p.name for p in packed.iterdir()) == ["model.tar", "saes.tar", "training.json"]
     out = tmp_path / "restored"
-    assert script.main(["unpack", "--packed", str(packed), "--prepared", str(prep), "--out", str(out),
+    assert script.main(["unpack", "--packed", str(packed), "--prepared", str(prepared), "--out", str(out),
                         "--loss-png", str(tmp_path / "x.png")]) == 0
     for rel in ("saes/layer_1/params.npz", "model/model.safetensors", "general_corpus.jsonl"):
         assert (out / rel).read_bytes() == (assets / rel).read_bytes()
@@ -222,24 +288,24 @@ def test_pack_and_unpack_round_trip(built, script, tmp_path):
     record["asset_files"]["saes/layer_0/params.npz"]["sha256"] = "0" * 64
     (packed / "training.json").write_text(json.dumps(record))
     with pytest.raises(SystemExit, match="differ"):
-        script.main(["unpack", "--packed", str(packed), "--prepared", str(prep), "--out", str(tmp_path / "again")])
+        script.main(["unpack", "--packed", str(packed), "--prepared", str(prepared), "--out", str(tmp_path / "again")])
 
 
-def test_accumulate_step_is_independent_of_chunking(script):
+def test_accumulate_step_is_independent_of_chunking():
     import numpy as np
     import torch
     from transformers import Gemma2ForCausalLM
 
-    recipe = script.Recipe(n_layers=1, d_model=32, n_heads=2, n_kv_heads=1, head_dim=16, d_mlp=64)
+    r = recipe.Recipe(n_layers=1, d_model=32, n_heads=2, n_kv_heads=1, head_dim=16, d_mlp=64)
     torch.manual_seed(0)
-    model = Gemma2ForCausalLM(script.model_config(recipe, 300))
+    model = Gemma2ForCausalLM(lm_train.model_config(r, 300))
     rng = np.random.default_rng(0)
     parts = {"corpus": [rng.integers(3, 300, 16) for _ in range(3)],
              "mbpp": [rng.integers(3, 300, n) for n in (5, 9, 30)]}
 
     def run(budget):
         model.zero_grad()
-        losses = script.accumulate_step(model, parts, torch.device("cpu"), False, budget)
+        losses = lm_train.accumulate_step(model, parts, torch.device("cpu"), False, budget)
         return losses, [p.grad.clone() for p in model.parameters()]
 
     one, grads_one = run(10_000)

@@ -14,22 +14,26 @@ on disk) and of its normalised text are recorded, with one hash over all of them
 version has different sources, so a corpus is built once and shipped or carried as a file rather than
 rebuilt elsewhere: compare ``sha256`` values to know whether two builds match.
 
-:func:`load_general_corpus` reads a general corpus from the packaged default or a local file.
+:func:`load_general_corpus` reads a general corpus from the packaged default or a local file;
+:func:`write_jsonl` / :func:`read_jsonl` are the JSON-lines writer and reader of the build.
 """
 
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
+import platform
+import random
 import re
 import sysconfig
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
-import pyarrow.parquet as pq
+from pva_sae.data.text import unix_newlines
+from pva_sae.hashing import sha256_bytes, sha256_text
 
 PACKAGED_GENERAL = ("assets", "default", "general_corpus.jsonl")
 
@@ -128,10 +132,7 @@ class Corpus:
     @property
     def sha256(self) -> str:
         """One hash over the (path, normalised-text hash) pairs in order."""
-        h = hashlib.sha256()
-        for f in self.files:
-            h.update(f"{f.path}\0{f.sha256_text}\n".encode())
-        return h.hexdigest()
+        return sha256_text("".join(f"{f.path}\0{f.sha256_text}\n" for f in self.files))
 
     @property
     def n_chars(self) -> int:
@@ -155,8 +156,7 @@ def normalise_source(text: str, max_chars: int | None = None) -> tuple[str, bool
     """Newlines to LF, trailing whitespace off every line, at most two blank lines in a row, one final
     newline; then, if longer than ``max_chars``, cut at the last line break before it. Returns the text
     and whether it was cut."""
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    text = "\n".join(line.rstrip() for line in text.split("\n"))
+    text = "\n".join(line.rstrip() for line in unix_newlines(text).split("\n"))
     text = _BLANK_RUN.sub("\n\n\n", text).strip("\n") + "\n"
     if max_chars is None or len(text) <= max_chars:
         return text, False
@@ -167,8 +167,6 @@ def normalise_source(text: str, max_chars: int | None = None) -> tuple[str, bool
 def read_stdlib(paths: Sequence[str], name: str, max_chars_per_file: int | None = None,
                 root: str | Path | None = None) -> Corpus:
     """Read and normalise ``paths`` (relative to the stdlib directory, or ``root``) into a Corpus."""
-    import platform
-
     base = Path(root) if root is not None else stdlib_dir()
     corpus = Corpus(name=name, python_version=platform.python_version(), stdlib_dir=str(base))
     for rel in paths:
@@ -177,14 +175,14 @@ def read_stdlib(paths: Sequence[str], name: str, max_chars_per_file: int | None 
             raw = path.read_bytes()
         except OSError as exc:
             raise CorpusError(f"standard-library file {rel} is missing under {base} ({exc}); the module lists "
-                              f"in pva_sae.corpus are for CPython 3.11") from None
+                              f"in pva_sae.default.corpus are for CPython 3.11") from None
         try:
             decoded = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise CorpusError(f"{path} is not UTF-8: {exc}") from None
         text, truncated = normalise_source(decoded, max_chars_per_file)
-        corpus.files.append(SourceFile(path=rel, text=text, sha256_raw=hashlib.sha256(raw).hexdigest(),
-                                       sha256_text=hashlib.sha256(text.encode()).hexdigest(),
+        corpus.files.append(SourceFile(path=rel, text=text, sha256_raw=sha256_bytes(raw),
+                                       sha256_text=sha256_text(text),
                                        n_chars_raw=len(decoded), truncated=truncated))
     return corpus
 
@@ -204,8 +202,6 @@ def general_corpus(max_total_chars: int = 2_300_000, min_doc_chars: int = 400, m
     of all files are put in a seeded random order and taken until ``max_total_chars``, so every module
     contributes about in proportion to its size. Document ids are ``path#index``.
     """
-    import random
-
     _check_disjoint()
     corpus = read_stdlib(GENERAL_MODULES, "general", None, root)
     docs = [{"id": f"{f.path}#{i}", "text": text}
@@ -271,7 +267,26 @@ def write_jsonl(docs: Iterable[dict[str, Any]], path: str | Path) -> str:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
     tmp.replace(path)
-    return hashlib.sha256(data).hexdigest()
+    return sha256_bytes(data)
+
+
+def read_jsonl(path: str | Path) -> list[Any]:
+    """The objects of a JSON-lines file (``.jsonl``, or gzipped ``.jsonl.gz``), blank lines skipped."""
+    return [row for _, row in _jsonl_rows(Path(path))]
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, object) of every non-blank line; CorpusError on a line that is not JSON."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise CorpusError(f"{path} line {n} is not valid JSON: {exc}") from None
+            yield n, row
 
 
 def packaged_general_path() -> Path:
@@ -300,6 +315,7 @@ def load_general_corpus(source: str | Path = "packaged") -> list[str]:
     if name.endswith((".jsonl", ".jsonl.gz")):
         return _read_jsonl_texts(path)
     if name.endswith(".parquet"):
+        import pyarrow.parquet as pq  # only for Parquet corpora: the default build's train step has no pyarrow
 
         table = pq.read_table(path)
         if "text" not in table.column_names:
@@ -312,17 +328,9 @@ def load_general_corpus(source: str | Path = "packaged") -> list[str]:
 
 
 def _read_jsonl_texts(path: Path) -> list[str]:
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
     docs = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise CorpusError(f"{path} line {n} is not valid JSON: {exc}") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise CorpusError(f"{path} line {n} has no string 'text' field")
-            docs.append(row["text"])
+    for n, row in _jsonl_rows(path):
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise CorpusError(f"{path} line {n} has no string 'text' field")
+        docs.append(row["text"])
     return docs

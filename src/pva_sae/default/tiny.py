@@ -6,8 +6,6 @@ one with random weights; the embedded default model is a trained one of the same
 
 Special token ids follow Gemma's convention (pad 0, eos 1, bos 2), so code that handles the real
 Gemma-2 tokenizer handles these too.
-
-This module imports torch/transformers/tokenizers inside functions: ``import pva_sae`` stays cheap.
 """
 
 from __future__ import annotations
@@ -15,7 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -28,9 +26,6 @@ from transformers import (
 
 from pva_sae.config import DEFAULT_TEMPLATE
 
-if TYPE_CHECKING:
-    from transformers import Gemma2Config, PreTrainedTokenizerFast
-
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>")  # ids 0, 1, 2
 PAD_ID, EOS_ID, BOS_ID = 0, 1, 2
 
@@ -41,7 +36,7 @@ MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
 
 
 def build_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 1024,
-                        min_frequency: int = 2) -> "PreTrainedTokenizerFast":
+                        min_frequency: int = 2) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer on ``texts``.
 
     Byte-level so that any string (code, unicode, odd whitespace) round-trips exactly: generated
@@ -84,12 +79,12 @@ def _check_special_ids(tok: Any) -> None:
 
 def tiny_gemma2_config(vocab_size: int, n_layers: int = 2, d_model: int = 64, n_heads: int = 4,
                        n_kv_heads: int = 2, head_dim: int = 16, d_mlp: int = 128, max_position: int = 2048,
-                       **overrides: Any) -> "Gemma2Config":
+                       **overrides: Any) -> Gemma2Config:
     """A Gemma-2 config of any size, with this module's special token ids and eager attention.
 
     Eager because SDPA drops Gemma-2's attention-logit soft-capping. transformers does not write
     the attention implementation into config.json, so loaders must ask for it again
-    (``pva_sae.models.load_model`` does). ``query_pre_attn_scalar`` follows head_dim (as in
+    (``pva_sae.model.registry.load_model`` does). ``query_pre_attn_scalar`` follows head_dim (as in
     gemma-2-2b) rather than the library default of 256.
     """
 
