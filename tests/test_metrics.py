@@ -46,7 +46,26 @@ def test_hand_checked_values():
     y = np.array([False, False, True, True])
     assert m.auroc(s, y) == pytest.approx(0.75)              # 3 of 4 pos-neg pairs ordered right
     assert m.average_precision(s, y) == pytest.approx(0.8333333333)
-    assert m.threshold_metrics(s, y, 0.35) == {"precision": 2 / 3, "recall": 1.0, "f1": 0.8}
+    # tp 2, fp 1, fn 0, tn 1: MCC = (2*1 - 1*0) / sqrt(3*2*2*1), balanced accuracy = (1 + 1/2) / 2
+    assert m.threshold_metrics(s, y, 0.35) == pytest.approx(
+        {"precision": 2 / 3, "recall": 1.0, "f1": 0.8, "mcc": 2 / 12 ** 0.5, "balanced_accuracy": 0.75})
+    from sklearn.metrics import balanced_accuracy_score, matthews_corrcoef
+
+    assert m.threshold_metrics(s, y, 0.35)["mcc"] == pytest.approx(matthews_corrcoef(y, s >= 0.35))
+    assert m.threshold_metrics(s, y, 0.35)["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, s >= 0.35))
+    assert m.threshold_metrics(s, y, -1.0)["mcc"] == 0.0                 # always positive: no correlation
+
+
+def test_paired_differences_share_resamples():
+    rng = np.random.default_rng(0)
+    y = rng.random(200) < 0.4
+    good, noise = y + rng.normal(0, 0.5, 200), rng.normal(0, 1, 200)
+    d = m.paired_differences(good, 0.5, noise, 0.0, y, n_resamples=300, seed=1)
+    a, b = m.bootstrap_metrics(good, y, 0.5, n_resamples=300, seed=1), m.bootstrap_metrics(noise, y, 0.0, n_resamples=300, seed=1)
+    assert d["auroc"].estimate == pytest.approx(a["auroc"].estimate - b["auroc"].estimate)
+    assert d["auroc"].low > 0                                              # the informative score is better
+    same = m.paired_differences(good, 0.5, good, 0.5, y, n_resamples=300, seed=1)
+    assert same["auroc"].low == same["auroc"].high == 0.0                  # identical predictors: no spread
 
 
 def test_best_threshold_is_the_brute_force_maximum_and_prefers_high_thresholds():

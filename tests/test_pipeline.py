@@ -8,7 +8,8 @@ from pva_sae.rundir.paths import RunDir
 SMALL = ["data.end_idx=79", "analysis.general_n_docs=200", "validation.temperatures=[0.0, 1.0]",
          "validation.robustness_max_tasks=6", "validation.bootstrap_resamples=200", "validation.probe_cs=3",
          "steering.alpha_grid=[0.1, 1.0]", "steering.refine_steps=0", "steering.tuning_max_tasks=6",
-         "steering.max_tasks=8", "steering.n_controls=10", "steering.control_max_tasks=2",
+         "steering.max_tasks=8", "steering.n_controls=4", "steering.tuning_controls=2",
+         "steering.n_permutations=200", "steering.bootstrap_resamples=200",
          "steering.control_max_separation=0.2"]
 
 
@@ -29,4 +30,9 @@ def test_run_every_stage_on_the_default(tmp_path, capsys):
     md = (run_dir / "report.md").read_text()
     assert "has not run" not in md
     html = (run_dir / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 9   # 2 analysis + 4 validation + 3 steering plots
+    steering = json.loads((run_dir / "steering" / "results.json").read_text())
+    validation = json.loads((run_dir / "validation" / "results.json").read_text())
+    assert html.count("data:image/png;base64,") == 2 + len(validation["plots"]) + len(steering["plots"])
+    # one latent identity: every steered latent is named in the validation results as a predictor
+    for direction, d in steering["directions"].items():
+        assert d["target"]["validation"] is not None and d["target"]["label"] in out

@@ -55,7 +55,8 @@ def test_fitting_reads_only_sae_and_tuning_labels():
     preds = fit_predictors(SELECTION, feats, sealed, split(split_of, ids, "sae"), split(split_of, ids, "tuning"),
                            folds=3, n_cs=4, seed=0)
     assert set(sealed.reads) == {"sae", "tuning"}
-    assert {p.name for p in preds} == {"latent", "probe", "diff_means", "majority", "always_positive", "random"}
+    assert {p.name for p in preds} == {"latent", "latent_fires", "probe", "diff_means", "majority", "always_positive",
+                                       "random"}
 
 
 def test_choices_do_not_depend_on_validation_labels():

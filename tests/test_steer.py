@@ -8,62 +8,90 @@ import torch
 from scipy import stats
 
 from pva_sae.config import GenerationConfig, resolve_config
-from pva_sae.rundir.paths import RunDir
-from pva_sae.rundir.paths import SteeringPaths
-from pva_sae.stages.steer import choose_alpha, experiment_stats, pick_controls, rates, selective, steer
+from pva_sae.rundir.paths import RunDir, SteeringPaths
+from pva_sae.stages.steer import (
+    Arm,
+    add_holm,
+    choose_alpha,
+    experiment,
+    flips,
+    pick_control_latents,
+    random_direction,
+    rates,
+    selective,
+    steer,
+)
 
 
-def outcome(task_id, before, after, sim=1.0):
-    return {"task_id": task_id, "baseline_passed": before, "steered_passed": after, "similarity": sim}
+def _b(passed):
+    return {t: {"task_id": t, "passed": bool(v), "program": f"p{t}{v}"} for t, v in enumerate(passed)}
 
 
-def test_controls_are_matched_near_zero_and_seeded():
-    fc = np.array([0.50, 0.30, 0.31, 0.10, 0.30, 0.0, 0.32, 0.9])
-    fi = np.array([0.10, 0.30, 0.30, 0.10, 0.50, 0.0, 0.31, 0.1])
-    scores = {"f_correct": fc, "f_incorrect": fi}
-    got = pick_controls(scores, target=0, n_correct=50, n_incorrect=50, n=3, max_separation=0.02, seed=0)
+def test_control_latents_are_matched_near_zero_filtered_and_seeded():
+    fc = np.array([0.50, 0.30, 0.31, 0.10, 0.30, 0.0, 0.32, 0.9, 0.30])
+    fi = np.array([0.10, 0.30, 0.30, 0.10, 0.50, 0.0, 0.31, 0.1, 0.30])
+    general = np.array([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.5])   # latent 8 fails the general filter
+    scores = {"f_correct": fc, "f_incorrect": fi, "general_frequency": general}
+    got = pick_control_latents(scores, target=0, n_correct=50, n_incorrect=50, n=3, max_separation=0.02,
+                               max_general=0.02, seed=0)
     # target fires on 30%: latents 1, 2, 6 fire on ~30% with |sep| <= 0.02; 4 and 7 separate, 5 never fires
     assert [c["latent"] for c in got] == [1, 2, 6]
-    assert got == pick_controls(scores, 0, 50, 50, 3, 0.02, seed=0)
+    assert got == pick_control_latents(scores, 0, 50, 50, 3, 0.02, 0.02, seed=0)
     with pytest.raises(ValueError, match="control latents"):
-        pick_controls(scores, 0, 50, 50, 5, 0.02, seed=0)
+        pick_control_latents(scores, 0, 50, 50, 5, 0.02, 0.02, seed=0)     # 1, 2, 3, 6 only
+    assert len(pick_control_latents(scores, 0, 50, 50, 5, 0.02, 1.0, seed=0)) == 5   # 8 passes a looser filter
 
 
-def test_alpha_objective():
-    rows = [{"alpha": 0.1, "correction": 0.05, "corruption": 0.0},
-            {"alpha": 0.3, "correction": 0.20, "corruption": 0.05},
-            {"alpha": 1.0, "correction": 0.40, "corruption": 0.30},
-            {"alpha": 2.0, "correction": 0.20, "corruption": 0.05}]
+def test_random_directions_are_seeded_with_the_target_norm():
+    a, b = random_direction(16, 3.0, seed=1), random_direction(16, 3.0, seed=1)
+    assert torch.equal(a, b) and float(a.norm()) == pytest.approx(3.0)
+    assert not torch.equal(a, random_direction(16, 3.0, seed=2))
+
+
+def test_alpha_objective_is_specificity():
+    def row(alpha, t_fix, t_break, c_fix):
+        return {"alpha": alpha, "target": {"correction": t_fix, "corruption": t_break},
+                "specificity": t_fix - c_fix}
+    rows = [row(0.1, 0.05, 0.0, 0.0), row(0.3, 0.20, 0.05, 0.0), row(1.0, 0.60, 0.05, 0.55), row(2.0, 0.20, 0.05, 0.0)]
     best, met = choose_alpha(rows, "correct", max_corruption=0.1)
-    assert best["alpha"] == 0.3 and met                     # ties at 0.20 go to the smaller alpha
+    assert best["alpha"] == 0.3 and met           # 1.0 fixes most but so do the controls; ties -> smaller alpha
     best, met = choose_alpha(rows, "correct", max_corruption=0.0)
     assert best["alpha"] == 0.1 and met
-    best, met = choose_alpha([dict(r, corruption=0.5) for r in rows], "correct", max_corruption=0.1)
-    assert best["alpha"] == 0.1 and not met
-    best, _ = choose_alpha(rows, "incorrect", 0.1)
-    assert best["alpha"] == 1.0
+    best, met = choose_alpha([row(0.5, 0.1, 0.5, 0.0)], "correct", max_corruption=0.1)
+    assert best["alpha"] == 0.5 and not met
 
 
-def test_experiment_statistics_by_hand():
-    target = [outcome(i, False, i < 6) for i in range(20)] + [outcome(100 + i, True, i >= 2) for i in range(10)]
-    controls = {7: [outcome(i, False, i < 1) for i in range(20)], 8: [outcome(i, False, False) for i in range(20)]}
-    e = experiment_stats(target, controls, baseline_passed=False, success_passed=True)
-    assert (e["successes"], e["n"], e["control_successes"], e["control_n"]) == (6, 20, 1, 40)
-    assert e["binomial_p_vs_control"] == pytest.approx(stats.binomtest(6, 20, 1 / 40, alternative="greater").pvalue)
-    assert e["fisher_p"] == pytest.approx(stats.fisher_exact([[6, 14], [1, 39]], alternative="greater").pvalue)
-    # paired table over the run: 6 fail->pass, 2 pass->fail
-    assert e["mcnemar_pairs"] == {"changed_as_tested": 6, "changed_the_other_way": 2}
-    assert e["mcnemar_p"] == pytest.approx(stats.binomtest(6, 8, 0.5).pvalue)
-    assert e["wilson"][0] < 0.3 < e["wilson"][1]
-
-
-def test_selective_keeps_unflagged_baselines():
-    run = [outcome(1, False, True), outcome(2, False, True), outcome(3, True, False), outcome(4, True, True)]
-    out = selective(run, flagged={1, 4})
+def test_flips_rates_and_selective_steering():
+    base, steered = _b([0, 0, 1, 1]), _b([1, 1, 0, 1])
+    ids = [0, 1, 2, 3]
+    assert flips(base, steered, ids, False).tolist() == [True, True]
+    assert rates(base, steered, ids) == {"correction": 1.0, "corruption": 0.5, "n_incorrect": 2, "n_correct": 2}
+    cfg = resolve_config(overrides=["steering.bootstrap_resamples=200"])
+    out = selective(base, steered, ids, flagged={0, 3}, cfg=cfg)
     assert out["selective"]["correction"] == 0.5 and out["selective"]["corruption"] == 0.0
     assert out["constant"]["correction"] == 1.0 and out["constant"]["corruption"] == 0.5
-    assert rates(run) == {"n_incorrect": 2, "corrected": 2, "correction": 1.0, "n_correct": 2, "broken": 1,
-                          "corruption": 0.5}
+    assert out["selective"]["net_effect"]["estimate"] == pytest.approx(0.25)
+    assert out["constant"]["net_effect"]["estimate"] == pytest.approx(0.25)   # +2 -1 over 4
+    assert not out["flags_every_task"]
+
+
+def test_experiment_pairs_target_and_controls_on_the_same_tasks():
+    cfg = resolve_config(overrides=["steering.n_permutations=200", "steering.bootstrap_resamples=200"])
+    base = _b([0] * 10 + [1] * 10)
+    target = _b([1] * 8 + [0] * 2 + [1] * 10)                # fixes 8 of 10 incorrect tasks, breaks none
+    controls = [(Arm("latent" if k % 2 else "random", "correct", 0, None, f"c{k}"), _b([0] * 10 + [1] * 10))
+                for k in range(19)]
+    ids = list(range(20))
+    e = experiment(base, target, controls, ids, baseline_passed=False, cfg=cfg)
+    assert e["n"] == 10 and e["rate"]["successes"] == 8 and e["n_controls"] == 19
+    assert e["rank_p"]["p"] == pytest.approx(1 / 20)         # beats all 19 controls
+    assert set(e["rank_p"]["by_kind"]) == {"latent", "random"}
+    assert e["permutation_p"]["p"] < 0.05 and e["paired_difference"]["estimate"] == pytest.approx(0.8)
+    assert e["mcnemar_p"]["p"] == pytest.approx(stats.binomtest(8, 8, 0.5).pvalue)
+    assert all(c["rate"] == 0.0 and c["mcnemar_p"] == 1.0 for c in e["controls"])
+    experiments = {"a": e, "b": experiment(base, target, controls, ids, baseline_passed=True, cfg=cfg)}
+    add_holm(experiments)
+    assert experiments["a"]["holm_p"]["rank_p"] == pytest.approx(min(1.0, 2 * e["rank_p"]["p"]))
 
 
 def test_batched_steered_generation(tiny_loaded):
@@ -87,20 +115,26 @@ def test_batched_steered_generation(tiny_loaded):
     assert_fired_once(hook, 1)
 
 
-@pytest.fixture(scope="module")
-def steered(analysed, tmp_path_factory):
+SMALL_STEER = ["steering.alpha_grid=[0.5, 4.0]", "steering.refine_steps=1", "steering.n_controls=4",
+               "steering.tuning_controls=2", "steering.control_max_separation=1.0", "steering.max_tasks=8",
+               "steering.n_permutations=200", "steering.bootstrap_resamples=200"]
+
+
+def _steer_copy(analysed, tmp_path_factory, name, extra=()):
     from test_validate import copy_run
 
     from pva_sae.stages.validate import validate
 
-    dest = tmp_path_factory.mktemp("steer") / "run"
+    dest = tmp_path_factory.mktemp(name) / "run"
     cfg = copy_run(analysed, dest)
     validate(cfg, progress=False)
-    data = cfg.to_dict()
-    cfg = resolve_config(base=data, overrides=[
-        "steering.alpha_grid=[0.5, 4.0]", "steering.refine_steps=1", "steering.n_controls=2",
-        "steering.control_max_separation=1.0", "steering.max_tasks=8", "steering.control_max_tasks=4"])
+    cfg = resolve_config(base=cfg.to_dict(), overrides=SMALL_STEER + list(extra))
     return cfg, RunDir.at(dest), steer(cfg, progress=False)
+
+
+@pytest.fixture(scope="module")
+def steered(analysed, tmp_path_factory):
+    return _steer_copy(analysed, tmp_path_factory, "steer")
 
 
 def test_steering_end_to_end(steered):
@@ -108,26 +142,33 @@ def test_steering_end_to_end(steered):
     paths = SteeringPaths.of(run)
     assert run.is_done("steer") and paths.tasks.is_file()
     assert json.loads(paths.results.read_text())["experiments"] == res["experiments"]
+    n_val = res["tasks"]["validation"]
     for direction in ("correct", "incorrect"):
-        tuned = res["tuning"][direction]
-        assert [r["alpha"] for r in tuned["table"]][:1] == [0.5] and len(tuned["table"]) == 3   # 2 + 1 refined
-        assert res["targets"][direction]["alpha_abs"] == pytest.approx(
-            res["targets"][direction]["alpha"] * res["targets"][direction]["mean_residual_norm"])
-        assert len(res["controls"][direction]) == 2
-        assert res["targets"][direction]["latent"] not in [c["latent"] for c in res["controls"][direction]]
-    corr = res["experiments"]["correction"]
-    n_val = len(set(json.loads(run.splits.read_text())["splits"]["validation"])
-                & {r["task_id"] for r in json.loads(run.dataset_json.read_text())["records"]})
-    assert corr["n"] + res["experiments"]["preservation_failure"]["n"] == res["tasks"]["validation"] == min(8, n_val)
-    assert all(c["n"] <= 4 for c in corr["per_control"])
-    assert res["noise_floor"]["n"] == res["tasks"]["validation"]
-    for name in ("rates_vs_alpha.png", "target_vs_controls.png", "selective.png"):
+        d = res["directions"][direction]
+        assert [r["alpha"] for r in d["tuning"]["table"]][:1] == [0.5] and len(d["tuning"]["table"]) == 3
+        assert all(len(r["controls"]) == 2 for r in d["tuning"]["table"])
+        assert {r["kind"] for r in d["tuning"]["table"][0]["controls"]} == {"latent", "random"}
+        t = d["target"]
+        assert t["alpha_abs"] == pytest.approx(t["alpha"] * t["mean_residual_norm"])
+        assert t["label"] == f"L{t['layer']}:{t['latent']}"
+        assert [c["kind"] for c in d["controls"]] == ["latent", "latent", "random", "random"]
+        assert t["latent"] not in [c["latent"] for c in d["controls"]]
+        assert d["net_effect"]["target"]["n"] == n_val and len(d["net_effect"]["controls"]) == 4
+    for name, e in res["experiments"].items():
+        assert e["n_controls"] == 4 and {c["kind"] for c in e["controls"]} == {"latent", "random"}
+        for test in ("rank_p", "permutation_p", "prediction_p", "sign_test_p", "mcnemar_p"):
+            assert "null" in e[test] and test in e["holm_p"]
+    # every arm runs on every validation task, so the two experiments of one direction partition them
+    assert res["experiments"]["correction"]["n"] + res["experiments"]["preservation_failure"]["n"] == n_val
+    assert res["noise_floor"]["n"] == n_val
+    for name in ("rates_vs_alpha.png", "target_vs_controls.png", "net_effects.png"):
         assert (paths.plots / name).stat().st_size > 1000
     import pyarrow.parquet as pq
 
     rows = pq.read_table(paths.tasks).to_pylist()
     assert {"baseline_program", "program", "baseline_passed", "steered_passed", "similarity"} <= set(rows[0])
-    assert {r["role"] for r in rows} == {"target", "control", "rerun"}
+    assert {r["kind"] for r in rows} == {"target", "latent", "random"}
+    assert len(rows) == 2 * 5 * n_val
 
 
 def test_steering_resumes_from_cached_conditions(steered):
@@ -145,7 +186,25 @@ def test_report_steering_section(steered):
     md = md_path.read_text()
     assert "## Steering" in md and "The steering stage has not run" not in md
     e = res["experiments"]["corruption"]
-    assert f"| corruption | incorrect | {e['successes']}/{e['n']} |" in md
+    assert f"| corruption | {e['target']} | {e['rate']['successes']}/{e['rate']['n']} |" in md
+
+
+def test_a_random_target_is_not_significant_against_random_controls(analysed, tmp_path_factory):
+    """steering.target=random: the target is exchangeable with the random controls, so no Holm-adjusted p
+    against them may reach 0.05 (with 2 random controls the smallest possible rank p is 1/3)."""
+    cfg, run, res = _steer_copy(analysed, tmp_path_factory, "steer-random", ["steering.target=random"])
+    for e in res["experiments"].values():
+        assert e["target"] == "random-target"
+        assert e["n"] == 0 or e["rank_p"]["by_kind"]["random"] >= 1 / 3
+        assert all(p is None or p >= 0.05 for p in e["holm_p"].values())
+
+
+def test_an_unembedding_target_runs(analysed, tmp_path_factory, tiny_loaded):
+    token = tiny_loaded.tokenizer.eos_token
+    cfg, run, res = _steer_copy(analysed, tmp_path_factory, "steer-unembed", [f"steering.target=unembed:{token}"])
+    assert res["directions"]["correct"]["target"]["label"] == f"unembed:{token}"
+    with pytest.raises(ValueError, match="not a token"):
+        _steer_copy(analysed, tmp_path_factory, "steer-unembed-bad", ["steering.target=unembed:no-such-token"])
 
 
 def test_missing_stages_are_named_and_nothing_is_written(tmp_path):

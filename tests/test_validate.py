@@ -48,14 +48,32 @@ def test_results_structure(validated):
     assert saved["validation"] == res["validation"]
     for direction in ("correct", "incorrect"):
         names = [r["name"] for r in res["validation"][direction]]
-        assert names == ["latent", "probe", "diff_means", "majority", "always_positive", "random"]
+        core = [n for n in names if n not in ("steered_latent", "confound")]
+        assert core[:2] == ["latent", "latent_fires"]
+        assert core[2:] in (["probe", "diff_means", "majority", "always_positive", "random"],
+                            ["latent_fires", "probe", "diff_means", "majority", "always_positive", "random"])
+        assert names.count("confound") == 3
+        assert ("steered_latent" in names) == _differs(res, direction)   # the steered latent is validated too
         for r in res["validation"][direction]:
-            assert set(r["metrics"]) == {"auroc", "f1", "precision", "recall", "average_precision"}
+            assert set(r["metrics"]) == {"auroc", "f1", "precision", "recall", "average_precision", "mcc",
+                                         "balanced_accuracy"}
+            if r["name"] in ("latent", "steered_latent", "latent_fires"):
+                against = {q["name"] for q in r["paired"]}
+                assert {"probe", "diff_means", "majority", "always_positive", "random", "confound"} <= against
+                assert all(q["verdict"] in ("better", "worse", "no different", "undefined") for q in r["paired"])
+        fires = next(r for r in res["validation"][direction] if r["name"] == "latent_fires")
+        assert fires["threshold"] > 0 and fires["threshold"] < 1e-300     # the natural JumpReLU rule
     splits = json.loads(run.splits.read_text())["splits"]
     built = {r["task_id"] for r in json.loads(run.dataset_json.read_text())["records"]}
     assert res["splits"]["validation"]["n"] == len(built & set(splits["validation"]))
     for name in ("roc_pr.png", "latent_histograms.png", "temperature.png", "difficulty.png"):
         assert (paths.plots / name).stat().st_size > 1000
+
+
+def _differs(res, direction):
+    choices = res["selection"][direction]
+    steered = res["steering_selection"][direction]
+    return (choices["layer"], choices["latent"]) != (steered["layer"], steered["latent"])
 
 
 def test_temperature_subruns(validated):

@@ -9,10 +9,12 @@ an interrupted build exits with 130 after its emergency save.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable, Sequence
 
-from pva_sae.config import DIRECTIONS, SITES, ConfigError, describe
+from pva_sae.config import DIRECTIONS, SITES, describe
+from pva_sae.errors import PvaSaeError
 
 EXIT_USER_ERROR = 2
 
@@ -215,21 +217,28 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from pva_sae.execution.dataset import ConfigMismatch
-    from pva_sae.rundir.checkpoint import CheckpointError
 
-    return (ConfigError, ValueError, FileNotFoundError, CheckpointError, ConfigMismatch)
+
+def quiet() -> None:
+    """Silence every progress bar, ours and those of transformers / huggingface_hub (weight loading)."""
+    os.environ["TQDM_DISABLE"] = "1"
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    from transformers.utils import logging as hf_logging  # only on --quiet: transformers is slow to import
+
+    hf_logging.disable_progress_bar()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
-    if args.command is None:
-        args = parser.parse_args(["run"])
+    if getattr(args, "quiet", False):
+        quiet()
+    if args.command is None:  # a bare `pva-sae` must not start an hours-long run
+        parser.print_help()
+        return EXIT_USER_ERROR
     try:
         return args.func(args)
-    except _user_errors() as exc:
+    except PvaSaeError as exc:
         print(f"pva-sae: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except Exception as exc:

@@ -20,9 +20,10 @@ from typing import Any
 import tomllib
 
 from pva_sae.data.prompts import DEFAULT_TEMPLATE, PromptError, check_template
+from pva_sae.errors import PvaSaeError
 
 
-class ConfigError(ValueError):
+class ConfigError(PvaSaeError, ValueError):
     """A configuration problem the user can fix; the message says how."""
 
 
@@ -170,7 +171,7 @@ class AnalysisConfig:
     sae_release: str = doc(
         "auto",
         "SAE release (see `pva-sae saes`); 'auto' takes the model's default release from the registry; 'local' "
-        "reads GemmaScope-format files <analysis.sae_local_dir>/layer_{L}/params.npz (e.g. from `pva-sae train-sae`).",
+        "reads GemmaScope-format files <analysis.sae_local_dir>/layer_{L}/params.npz (e.g. written by pva_sae.sae.train.save_sae).",
     )
     sae_width: str | None = doc(None, "SAE width such as '16k'; None takes the release's default.")
     sae_l0: int | None = doc(None, "SAE average L0 folder; None takes the release's canonical L0 for each layer.")
@@ -243,14 +244,25 @@ class SteeringConfig:
         None, "Fixed (correct, incorrect) coefficients in alpha_units; skips the tuning grid.")
     positions: str = doc("all", "Where to add the vector: 'all' (prompt and generated tokens), 'prompt' or 'generated'.")
     site: str | None = doc(None, "Residual site; None = analysis.site (the SAE's site).")
-    n_controls: int = doc(10, "Control latents per direction: same layer, near-zero separation, matched firing rate.")
+    target: str = doc(
+        "latent", "What is steered as the target: 'latent' (the chosen latent's decoder direction), 'random' (a seeded "
+        "random direction of the same norm: an exact null against the random controls, for checking calibration "
+        "end to end) or 'unembed:<token>' (the token's unembedding row at the same norm: a positive control, e.g. "
+        "unembed:<eos>).")
+    n_controls: int = doc(
+        60, "Control directions per steering direction: half SAE latents of the same layer (near-zero separation, "
+        "matched firing rate, passing the general-text filter), half random directions with the target's norm. The "
+        "target's rank among K controls cannot go below 1/(K+1).")
+    tuning_controls: int = doc(4, "Controls (kinds in turn) run at every alpha of the tuning grid, for the "
+                                  "specificity objective.")
+    n_permutations: int = doc(10000, "Permutations of the per-task permutation test.")
+    bootstrap_resamples: int = doc(2000, "Task-bootstrap resamples of paired differences and net effects.")
     control_max_separation: float = doc(0.02, "Largest |f_correct - f_incorrect| of a control latent.")
     max_tasks: int = doc(0, "Validation tasks used (seeded subset); 0 = all.")
     tuning_max_tasks: int = doc(0, "Tuning tasks used for the alpha grid (seeded subset); 0 = all.")
-    control_max_tasks: int = doc(0, "Tasks each control latent is run on (seeded subset of the target's); 0 = all.")
     seed: int = doc(42, "Seed of task subsets and control choice.")
-    ci_level: float = doc(0.95, "Level of the Wilson intervals.")
-    plots: bool = doc(True, "Write PNG plots (rates vs alpha, target vs controls, selective vs constant).")
+    ci_level: float = doc(0.95, "Level of every steering interval (Clopper-Pearson rates, bootstrap differences).")
+    plots: bool = doc(True, "Write PNG plots (rates vs alpha, target vs controls, net effects, selective vs constant).")
 
 
 @dataclass
@@ -437,8 +449,11 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"generation.top_p must be in (0, 1], got {g.top_p}")
     if cfg.checkpoint.every_n_records < 1:
         raise ConfigError("checkpoint.every_n_records must be >= 1")
-    if cfg.data.start_idx < 0 or (cfg.data.end_idx is not None and cfg.data.end_idx < cfg.data.start_idx):
-        raise ConfigError(f"bad task range start_idx={cfg.data.start_idx} end_idx={cfg.data.end_idx}")
+    if cfg.data.start_idx < 0:
+        raise ConfigError(f"data.start_idx (--start) must be >= 0, got {cfg.data.start_idx}")
+    if cfg.data.end_idx is not None and cfg.data.end_idx < cfg.data.start_idx:
+        raise ConfigError(f"data.end_idx (--end, inclusive) must be >= data.start_idx (--start): got start "
+                          f"{cfg.data.start_idx}, end {cfg.data.end_idx}")
     a = cfg.analysis
     if a.site not in SITES:
         raise ConfigError(f"analysis.site must be one of {SITES}, not {a.site!r}")
@@ -477,8 +492,13 @@ def _validate_steering(s: SteeringConfig) -> None:
         raise ConfigError(f"steering.site must be one of {SITES} or None, not {s.site!r}")
     if not s.alpha_grid or any(a <= 0 for a in s.alpha_grid):
         raise ConfigError(f"steering.alpha_grid must hold positive values, got {s.alpha_grid}")
-    if s.n_controls < 1 or s.refine_steps < 0 or min(s.max_tasks, s.tuning_max_tasks, s.control_max_tasks) < 0:
-        raise ConfigError("steering.n_controls must be >= 1; refine_steps and the *max_tasks fields >= 0")
+    if s.n_controls < 2 or s.refine_steps < 0 or min(s.max_tasks, s.tuning_max_tasks, s.tuning_controls) < 0:
+        raise ConfigError("steering.n_controls must be >= 2 (half latent, half random controls); refine_steps, "
+                          "tuning_controls and the *max_tasks fields >= 0")
+    if s.target not in ("latent", "random") and not (s.target.startswith("unembed:") and len(s.target) > 8):
+        raise ConfigError(f"steering.target must be 'latent', 'random' or 'unembed:<token>', not {s.target!r}")
+    if s.n_permutations < 100 or s.bootstrap_resamples < 100:
+        raise ConfigError("steering.n_permutations and steering.bootstrap_resamples must be >= 100")
     if not 0 <= s.max_corruption <= 1 or not 0 < s.ci_level < 1:
         raise ConfigError("steering.max_corruption must be in [0, 1] and steering.ci_level in (0, 1)")
 

@@ -14,7 +14,7 @@ from pva_sae.config import DIRECTIONS, Config
 from pva_sae.rundir.paths import AnalysisPaths, RunDir
 from pva_sae.stages.analyze import analyze
 from pva_sae.stages.build import build_dataset
-from pva_sae.stages.report import fmt_ci, write_report
+from pva_sae.stages.report import fmt_ci, fmt_p, write_report
 from pva_sae.stages.steer import steer
 from pva_sae.stages.validate import validate
 
@@ -54,9 +54,15 @@ def run_pipeline(cfg: Config, progress: bool = True) -> list[str]:
     t0 = time.perf_counter()
     steering = steer(cfg, progress=progress)
     for name, e in steering["experiments"].items():
-        rate = "n/a" if e["rate"] is None else f"{e['rate']:.1%}"
-        control = "n/a" if e["control_rate"] is None else f"{e['control_rate']:.1%}"
-        lines.append(f"steer:   {name}: {e['successes']}/{e['n']} ({rate}) vs controls {control}")
+        rate, cs = e["rate"], e["controls_summary"]
+        control = "n/a" if cs["mean_rate"] is None else f"{cs['mean_rate']:.1%}"
+        share = "n/a" if rate["estimate"] is None else f"{rate['estimate']:.1%}"
+        lines.append(f"steer:   {name} ({e['target']}, {e['direction']} direction): {rate['successes']}/{rate['n']} "
+                     f"({share}) vs {e['n_controls']} controls {control}; rank p {fmt_p(e['rank_p']['p'])}, "
+                     f"permutation p {fmt_p(e['permutation_p']['p'])} (Holm {fmt_p(e['holm_p']['permutation_p'])})")
+    for direction, d in steering["directions"].items():
+        lines.append(f"         net effect of {d['target']['label']} ({direction} direction): "
+                     f"{fmt_ci(d['net_effect']['target'])} vs controls' mean {fmt_p(d['net_effect']['controls_mean'])}")
     lines.append(f"         noise floor {steering['noise_floor']['flips']}/{steering['noise_floor']['n']} flips; "
                  f"{time.perf_counter() - t0:.0f} s")
     html_path, _ = write_report(run.root)

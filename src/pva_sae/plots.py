@@ -82,6 +82,34 @@ def plot_top_histograms(path: Path, table: list[dict[str, Any]], saes, acts, lab
     return path
 
 
+def plot_selection_landscape(path: Path, scores: dict[int, dict[str, Any]], general: dict[int, Any],
+                             max_general: float, chosen: dict[str, dict[str, dict[str, Any]]]) -> Path:
+    """Every latent of every layer: Welch t against separation score, one panel per direction; latents cut
+    by the general-text filter in grey, the chosen predictor (t) and steering (separation) latents marked.
+    The top of a selection over this many latents is biased upwards: validation is what counts."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    markers = {"predictor": ("*", "tab:orange"), "steering": ("D", "tab:blue")}
+    for ax, direction in zip(axes, DIRECTIONS):
+        for layer in sorted(scores):
+            sep = np.asarray(scores[layer][f"sep_{direction}"])
+            t = np.asarray(scores[layer][f"t_{direction}"])
+            cut = np.asarray(general[layer]) >= max_general
+            ax.scatter(sep[~cut], t[~cut], s=2, alpha=0.35, rasterized=True, label=f"L{layer}")
+            ax.scatter(sep[cut], t[cut], s=2, alpha=0.35, color="0.75", rasterized=True,
+                       label=f">= {max_general:.0%} general" if layer == min(scores) else None)
+        for role, rows in chosen.items():
+            r = rows[direction]
+            marker, color = markers[role]
+            ax.scatter([r[f"sep_{direction}"]], [r[f"t_{direction}"]], s=90, marker=marker, color=color,
+                       edgecolor="k", zorder=5, label=f"{role}: L{r['layer']}:{r['latent']}")
+        ax.set(xlabel=f"separation ({direction})", ylabel=f"Welch t ({direction})",
+               title=f"latents predicting '{direction}' (SAE-analysis split)")
+        ax.legend(fontsize=6, markerscale=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def plot_analysis(folder: Path, scores, table, saes, acts, labels, layers) -> list[Path]:
     return [plot_frequency_scatter(folder / "frequency_scatter.png", scores, table),
             plot_top_histograms(folder / "top_latent_histograms.png", table, saes, acts, labels, layers)]
@@ -207,51 +235,82 @@ def plot_validation(folder: Path, results, predictors, feats, val_ids, y_val, cf
 
 # --------------------------------------------------------------------------- steering
 
+KIND_COLORS = {"latent": "tab:purple", "random": "0.55"}
+
+
 def plot_steering_tuning(path: Path, results: dict[str, Any]) -> Path:
-    """Correction and corruption rates against alpha on the tuning split, chosen alpha marked."""
+    """Correction and corruption against alpha on the tuning split: the target (solid) and the mean of the
+    tuning controls (dashed), the chosen alpha marked."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, direction in zip(axes, DIRECTIONS):
-        tuned = results["tuning"][direction]
-        rows = tuned["table"]
+        d = results["directions"][direction]
+        rows = d["tuning"]["table"]
         if rows:
             xs = [r["alpha"] for r in rows]
             for key, color in (("correction", "tab:green"), ("corruption", "tab:red")):
-                ys = [r[key] for r in rows]
-                if any(y is not None for y in ys):
-                    ax.plot(xs, [float("nan") if y is None else y for y in ys], marker="o", color=color, label=key)
-            ax.axvline(tuned["chosen"]["alpha"], color="k", ls="--", label=f"chosen {tuned['chosen']['alpha']:.3g}")
+                target = [r["target"][key] for r in rows]
+                ctrl = [r["controls_mean"][key] for r in rows]
+                ax.plot(xs, [np.nan if y is None else y for y in target], marker="o", color=color,
+                        label=f"{key}, target")
+                ax.plot(xs, [np.nan if y is None else y for y in ctrl], marker=".", ls="--", color=color,
+                        alpha=0.6, label=f"{key}, controls (mean)")
+            ax.axvline(d["tuning"]["chosen"]["alpha"], color="k", ls=":", label=f"chosen {d['tuning']['chosen']['alpha']:.3g}")
             ax.set_xscale("log")
-        t = results["targets"][direction]
+        else:
+            ax.text(0.5, 0.5, "alpha fixed by steering.alphas", ha="center", transform=ax.transAxes)
+        t = d["target"]
         ax.set(xlabel=f"alpha ({t['alpha_units']})", ylabel="rate", ylim=(-0.02, 1.02),
-               title=f"{direction} direction, L{t['layer']}:{t['latent']} (tuning split)")
-        ax.legend(fontsize=7)
+               title=f"{direction} direction, {t['label']} (tuning split)")
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
     return _save(fig, path)
 
 
 def plot_steering_experiments(path: Path, results: dict[str, Any]) -> Path:
-    """Target vs pooled-control rates with Wilson intervals; dots = individual control latents."""
-
+    """Per experiment: the target's rate (bar, exact interval) and every control's rate (dots by kind)."""
     plt = _pyplot()
     names = list(results["experiments"])
-    fig, ax = plt.subplots(figsize=(8, 3.8))
+    fig, ax = plt.subplots(figsize=(8.5, 3.8))
     for i, name in enumerate(names):
         e = results["experiments"][name]
-        for offset, (rate, ci, color, label) in enumerate((
-                (e["rate"], e["wilson"], "tab:blue", "target latent"),
-                (e["control_rate"], e["control_wilson"], "0.6", "controls (pooled)"))):
-            x = i + (offset - 0.5) * 0.35
-            r = 0.0 if rate is None else rate
-            lo, hi = (r, r) if ci[0] is None or np.isnan(ci[0]) else ci
-            ax.bar(x, r, width=0.33, color=color, label=label if i == 0 else None)
-            ax.errorbar(x, r, yerr=[[max(r - lo, 0)], [max(hi - r, 0)]], color="k", capsize=3)
-        ctrl = [c["successes"] / c["n"] for c in e["per_control"] if c["n"]]
-        ax.scatter([i + 0.175] * len(ctrl), ctrl, s=8, color="k", zorder=3, label="single controls" if i == 0 else None)
-        p = e["binomial_p_vs_control"]
-        ax.text(i, 1.02, f"n={e['n']}, p={p:.2g}" if p is not None else f"n={e['n']}", ha="center", fontsize=7)
+        r = e["rate"]["estimate"] or 0.0
+        lo, hi = (r, r) if e["rate"]["ci"][0] is None else e["rate"]["ci"]
+        ax.bar(i - 0.15, r, width=0.3, color="tab:blue", label="target" if i == 0 else None)
+        ax.errorbar(i - 0.15, r, yerr=[[max(r - lo, 0)], [max(hi - r, 0)]], color="k", capsize=3)
+        for j, kind in enumerate(("latent", "random")):
+            ys = [c["rate"] for c in e["controls"] if c["kind"] == kind and c["rate"] is not None]
+            xs = i + 0.1 + 0.12 * j + np.linspace(-0.04, 0.04, len(ys)) if ys else []
+            ax.scatter(xs, ys, s=9, color=KIND_COLORS[kind], zorder=3,
+                       label=f"{kind} controls" if i == 0 else None)
+        p = e["rank_p"]["p"]
+        ax.text(i, 1.04, f"n={e['n']}, rank p={p:.2g}" if p is not None else f"n={e['n']}", ha="center", fontsize=7)
     ax.set_xticks(range(len(names)), [n.replace("_", " ") for n in names])
-    ax.set(ylabel="rate (validation)", ylim=(0, 1.1), title="Steering: target latent vs control latents")
-    ax.legend(fontsize=7, loc="upper right")
+    ax.set(ylabel="rate on the relevant validation tasks", ylim=(0, 1.12), title="Target vs controls")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_net_effects(path: Path, results: dict[str, Any]) -> Path:
+    """Delta pass@1 over all validation tasks: target with its interval, controls as dots."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 3.4))
+    for i, direction in enumerate(DIRECTIONS):
+        ne = results["directions"][direction]["net_effect"]
+        est = ne["target"]["estimate"] or 0.0
+        lo, hi = ne["target"]["ci"] if ne["target"]["ci"][0] is not None else (est, est)
+        ax.errorbar(i - 0.1, est, yerr=[[est - lo], [hi - est]], fmt="o", color="tab:blue", capsize=3,
+                    label="target" if i == 0 else None)
+        for j, kind in enumerate(("latent", "random")):
+            ys = [c["estimate"] for c in ne["controls"] if c["kind"] == kind and c["estimate"] is not None]
+            ax.scatter([i + 0.1 + 0.1 * j] * len(ys), ys, s=9, color=KIND_COLORS[kind],
+                       label=f"{kind} controls" if i == 0 else None)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xticks(range(len(DIRECTIONS)), [f"{d} direction" for d in DIRECTIONS])
+    ax.set(ylabel="change of pass@1", title="Net effect of steering (validation)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
     return _save(fig, path)
 
 
@@ -271,6 +330,9 @@ def plot_selective(path: Path, results: dict[str, Any]) -> Path:
 
 
 def plot_steering(folder: Path, results: dict[str, Any]) -> list[Path]:
-    return [plot_steering_tuning(folder / "rates_vs_alpha.png", results),
-            plot_steering_experiments(folder / "target_vs_controls.png", results),
-            plot_selective(folder / "selective.png", results)]
+    paths = [plot_steering_tuning(folder / "rates_vs_alpha.png", results),
+             plot_steering_experiments(folder / "target_vs_controls.png", results),
+             plot_net_effects(folder / "net_effects.png", results)]
+    if not results["selective"]["flags_every_task"]:  # equal to constant steering: nothing to draw
+        paths.append(plot_selective(folder / "selective.png", results))
+    return paths

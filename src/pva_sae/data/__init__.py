@@ -1,1 +1,1 @@
-"""data."""
+"""MBPP tasks, the prompt template and program extraction (no model, no execution)."""

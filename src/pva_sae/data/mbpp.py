@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from radon.complexity import cc_visit
 
 from pva_sae.data.text import is_single_assert, unix_newlines
+from pva_sae.errors import PvaSaeError
 
 HUB_DATASET = "google-research-datasets/mbpp"
 HUB_CONFIG = "full"
@@ -44,7 +45,7 @@ OPTIONAL_FIELDS: dict[str, tuple[type, ...]] = {"test_setup_code": (str,), "chal
 _MAX_LISTED = 20  # problems named in one DataError; the count of the rest follows
 
 
-class DataError(ValueError):
+class DataError(PvaSaeError, ValueError):
     """The dataset cannot be used as it is; the message names the task ids and the fix."""
 
 
@@ -116,13 +117,26 @@ def _read_rows(source: str) -> list[dict[str, Any]]:
     try:
         text = blob.decode("utf-8")
         if suffix == ".jsonl":
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
+            return _jsonl_rows(text, source)
         rows = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(f"dataset file {source} is not valid {suffix.lstrip('.')}: {exc}") from None
     if not isinstance(rows, list):
         raise DataError(f"dataset file {source} must hold a JSON array of task objects, "
                         f"not a {type(rows).__name__}")
+    return rows
+
+
+def _jsonl_rows(text: str, source: str) -> list[Any]:
+    rows = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"dataset file {source}, line {number}: not valid JSON ({exc.msg} at column "
+                            f"{exc.colno}); fix or remove that line") from None
     return rows
 
 

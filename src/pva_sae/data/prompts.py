@@ -18,13 +18,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from pva_sae.data.text import is_single_assert, unix_newlines
+from pva_sae.errors import PvaSaeError
 
 PLACEHOLDERS = ("text", "tests", "initiator")
 DEFAULT_TEMPLATE = "{text}\n\n{tests}\n\n{initiator}"
 _DOUBLED_ASSERT = re.compile(r"^assert\s*\(?\s*assert\b")
 
 
-class PromptError(ValueError):
+class PromptError(PvaSaeError, ValueError):
     """A prompt cannot be built as asked; the message says what is wrong and how to fix it."""
 
 

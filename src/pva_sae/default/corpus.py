@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from pva_sae.data.text import unix_newlines
+from pva_sae.errors import PvaSaeError
 from pva_sae.hashing import sha256_bytes, sha256_text
 
 PACKAGED_GENERAL = ("assets", "default", "general_corpus.jsonl")
@@ -104,7 +105,7 @@ GENERAL_MODULES: tuple[str, ...] = (
 _BLANK_RUN = re.compile(r"\n{4,}")  # four newlines = three blank lines
 
 
-class CorpusError(ValueError):
+class CorpusError(PvaSaeError, ValueError):
     """A corpus file is missing or unreadable; the message names it."""
 
 

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from pva_sae.config import BUILD_SECTIONS, Config, diff_configs
 from pva_sae.data import mbpp as data
 from pva_sae.data import prompts
+from pva_sae.errors import PvaSaeError
 from pva_sae.execution.label import label_samples
 from pva_sae.model.generation import (
     Generator,
@@ -56,7 +57,7 @@ class BuildInterrupted(Exception):
         self.signum, self.save_path = signum, save_path
 
 
-class ConfigMismatch(RuntimeError):
+class ConfigMismatch(PvaSaeError, RuntimeError):
     """The run directory belongs to a run with another config."""
 
 

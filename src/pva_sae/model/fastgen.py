@@ -32,8 +32,10 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from pva_sae.errors import PvaSaeError
 
-class FastGenError(ValueError):
+
+class FastGenError(PvaSaeError, ValueError):
     """The model cannot be run by the fast decoder (the message says why and what to use instead)."""
 
 

@@ -25,6 +25,7 @@ from transformers.utils import cached_file
 
 from pva_sae.assets_index import PACKAGE_DIR, read_registry
 from pva_sae.config import ModelConfig, resolve_config
+from pva_sae.errors import PvaSaeError
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(PvaSaeError, ValueError):
     """A model could not be resolved or loaded; the message says what to do."""
 
 

@@ -18,6 +18,7 @@ from safetensors.numpy import load_file as load_numpy_file
 from safetensors.torch import save
 
 from pva_sae.config import SITES
+from pva_sae.errors import InputError, MissingInputError
 from pva_sae.rundir.atomic import (
     atomic_write_bytes,
     atomic_write_json,
@@ -35,7 +36,7 @@ def load_records(run_dir: str | Path) -> list[dict[str, Any]]:
     """Records of a finished build (JSON when present, else Parquet), sorted as written."""
     run = RunDir.at(run_dir)
     if not run.is_done(BUILD_STAGE):
-        raise FileNotFoundError(f"{run.root} has no finished build stage; run `pva-sae build --run-dir {run.root}` first")
+        raise MissingInputError(f"{run.root} has no finished build stage; run `pva-sae build --run-dir {run.root}` first")
     return read_saved_records(run)
 
 
@@ -117,6 +118,10 @@ def read_choices(paths: ValidationPaths) -> dict[str, Any]:
     return read_json(paths.choices)
 
 
+def read_validation_results(paths: ValidationPaths) -> dict[str, Any]:
+    return read_json(paths.results)
+
+
 def read_validation_scores(paths: ValidationPaths) -> dict[str, list[Any]]:
     """Per validation task: label, difficulty and every predictor's score, as columns."""
     return pq.read_table(paths.predictions).to_pydict()
@@ -153,7 +158,7 @@ def save_activations(path: str | Path, acts: "torch.Tensor", task_ids: Sequence[
     """
 
     if site not in SITES:
-        raise ValueError(f"unknown site {site!r}: use one of {SITES}")
+        raise InputError(f"unknown site {site!r}: use one of {SITES}")
     task_ids, layers = [int(t) for t in task_ids], [int(layer) for layer in layers]
     _check_shapes(tuple(acts.shape), len(task_ids), len(layers), where="save_activations")
     tensors = {"acts": acts.detach().to("cpu", torch.float32).contiguous(),
@@ -174,24 +179,24 @@ def load_activations(path: str | Path) -> tuple["torch.Tensor", list[int], list[
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no activations file at {path}; run the capture first")
+        raise MissingInputError(f"no activations file at {path}; run the capture first")
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
             keys = set(f.keys())
             tensors = {k: f.get_tensor(k) for k in keys & {"acts", "task_ids"}}
     except Exception as exc:  # safetensors raises its own error types for corrupt headers
-        raise ValueError(f"{path} is not a readable safetensors file ({exc}); delete it and capture again") from exc
+        raise InputError(f"{path} is not a readable safetensors file ({exc}); delete it and capture again") from exc
     if metadata.get("format") != FORMAT or not {"acts", "task_ids"} <= keys:
-        raise ValueError(f"{path} is not a pva-sae activations file (format {metadata.get('format')!r}, tensors "
+        raise InputError(f"{path} is not a pva-sae activations file (format {metadata.get('format')!r}, tensors "
                          f"{sorted(keys)}); delete it and capture again")
     try:
         layers, site, meta = json.loads(metadata["layers"]), metadata["site"], json.loads(metadata["meta"])
     except (KeyError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path} has incomplete metadata ({exc}); delete it and capture again") from exc
+        raise InputError(f"{path} has incomplete metadata ({exc}); delete it and capture again") from exc
     acts, task_ids = tensors["acts"], tensors["task_ids"]
     if task_ids.ndim != 1:
-        raise ValueError(f"{path}: task_ids has shape {tuple(task_ids.shape)}, expected (n_tasks,); "
+        raise InputError(f"{path}: task_ids has shape {tuple(task_ids.shape)}, expected (n_tasks,); "
                          f"delete it and capture again")
     _check_shapes(tuple(acts.shape), task_ids.shape[0], len(layers), where=str(path))
     return acts, task_ids.tolist(), [int(layer) for layer in layers], site, meta
@@ -199,5 +204,5 @@ def load_activations(path: str | Path) -> tuple["torch.Tensor", list[int], list[
 
 def _check_shapes(shape: tuple[int, ...], n_tasks: int, n_layers: int, where: str) -> None:
     if len(shape) != 3 or shape[0] != n_tasks or shape[1] != n_layers:
-        raise ValueError(f"{where}: activations have shape {shape}, expected ({n_tasks}, {n_layers}, d_model) for "
+        raise InputError(f"{where}: activations have shape {shape}, expected ({n_tasks}, {n_layers}, d_model) for "
                          f"{n_tasks} task ids and {n_layers} layers")

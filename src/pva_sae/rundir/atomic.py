@@ -16,6 +16,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pva_sae.errors import InputError
+
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temp file in the same directory, fsync, then rename over ``path``.
@@ -63,8 +65,15 @@ def _json_default(obj: Any) -> Any:
 
 
 def read_json(path: Path) -> Any:
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
+    """The JSON document at ``path``; a damaged file (a truncated write by another tool, a bad edit) raises
+    an error naming it and how to recover, instead of a bare JSONDecodeError."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path} is not readable JSON ({exc}); it is damaged: restore it from a copy, or delete it "
+                         f"and rerun the stage that writes it (for a run's config.json: rerun with the same "
+                         f"command, which writes it again)") from None
 
 
 def timestamp() -> str:

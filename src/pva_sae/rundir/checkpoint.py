@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pva_sae.config import BUILD_SECTIONS, CheckpointConfig, diff_configs
+from pva_sae.errors import PvaSaeError
 from pva_sae.rundir.atomic import atomic_write_json, read_json, timestamp
 from pva_sae.rundir.paths import RunDir
 
@@ -29,7 +30,7 @@ FORMAT_VERSION = 1
 KINDS = ("checkpoint", "autosave", "emergency")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(PvaSaeError, RuntimeError):
     """A checkpoint cannot be used; the message names the file and what to do."""
 
 

@@ -16,8 +16,10 @@ from typing import Any
 
 import torch
 
+from pva_sae.errors import PvaSaeError
 
-class SAEError(ValueError):
+
+class SAEError(PvaSaeError, ValueError):
     """An SAE could not be resolved, read or used; the message names the problem and the fix."""
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from pva_sae.assets_index import PACKAGE_DIR, read_registry
 from pva_sae.config import Config
+from pva_sae.errors import InputError, MissingInputError
 from pva_sae.sae.base import SAE, SAEError
 from pva_sae.sae.loaders import load_sae_file, read_hyperparams
 
@@ -204,7 +205,7 @@ def resolve_release(cfg: Config, model_key: str) -> str:
         return cfg.analysis.sae_release
     matches = [r["key"] for r in list_releases() if model_key in r.get("models", [r.get("model")])]
     if not matches:
-        raise ValueError(f"no SAE release is registered for model {model_key!r}; pass --set analysis.sae_release=... "
+        raise InputError(f"no SAE release is registered for model {model_key!r}; pass --set analysis.sae_release=... "
                          f"(one of: {', '.join(r['key'] for r in list_releases())})")
     return matches[0]
 
@@ -213,11 +214,11 @@ def load_layer_sae(cfg: Config, release: str, layer: int, d_model: int) -> SAE:
     """A registered release, or 'local': GemmaScope-format files at <sae_local_dir>/layer_{L}/params.npz."""
     if release == LOCAL_RELEASE:
         if not cfg.analysis.sae_local_dir:
-            raise ValueError("analysis.sae_release='local' needs analysis.sae_local_dir (a directory holding "
+            raise InputError("analysis.sae_release='local' needs analysis.sae_local_dir (a directory holding "
                              f"{LOCAL_TEMPLATE})")
         path = Path(cfg.analysis.sae_local_dir).expanduser() / LOCAL_TEMPLATE.format(layer=layer)
         if not path.is_file():
-            raise FileNotFoundError(f"no SAE for layer {layer}: {path} is missing (expected {LOCAL_TEMPLATE} under "
+            raise MissingInputError(f"no SAE for layer {layer}: {path} is missing (expected {LOCAL_TEMPLATE} under "
                                     "analysis.sae_local_dir, or restrict analysis.layers)")
         sae = load_sae_file(path, expected_d_model=d_model)
         sae.meta.update({"release": LOCAL_RELEASE, "layer": layer, "canonical": False})

@@ -18,10 +18,11 @@ from typing import Any
 import torch
 
 from pva_sae.config import DIRECTIONS, Config
+from pva_sae.errors import InputError
 from pva_sae.model.capture import capture_last_token
 from pva_sae.model.generation import batch_token_budget
 from pva_sae.model.registry import load_model, registry_entry
-from pva_sae.plots import plot_analysis
+from pva_sae.plots import plot_analysis, plot_selection_landscape
 from pva_sae.rundir.artifacts import (
     load_activations,
     load_records,
@@ -39,7 +40,7 @@ from pva_sae.rundir.logs import setup_logging
 from pva_sae.rundir.paths import AnalysisPaths, RunDir
 from pva_sae.sae.general_filter import general_frequencies, resolve_general_corpus
 from pva_sae.sae.registry import load_layer_sae, resolve_release
-from pva_sae.stats.latents import rank_latents, score_layers
+from pva_sae.stats.latents import rank_latents, score_layers, select_latents
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def analyze(cfg: Config, progress: bool = True) -> dict[str, Any]:
     layers = list(cfg.analysis.layers) if cfg.analysis.layers is not None else list(range(loaded.n_layers))
     bad = [layer for layer in layers if not 0 <= layer < loaded.n_layers]
     if bad:
-        raise ValueError(f"analysis.layers {bad} out of range: the model has layers 0..{loaded.n_layers - 1}")
+        raise InputError(f"analysis.layers {bad} out of range: the model has layers 0..{loaded.n_layers - 1}")
     entry = registry_entry(cfg.model.name)
     release = resolve_release(cfg, entry["key"] if entry else cfg.model.name)
     saes = {layer: load_layer_sae(cfg, release, layer, loaded.d_model) for layer in layers}
@@ -95,11 +96,11 @@ def analyze(cfg: Config, progress: bool = True) -> dict[str, Any]:
     labels = task_labels(records)
     sae_ids = [t for t in task_ids if t in set(splits["sae"])]
     if not sae_ids:
-        raise ValueError("the build holds no task of the SAE-analysis split; build more tasks (data.start_idx/end_idx)")
+        raise InputError("the build holds no task of the SAE-analysis split; build more tasks (data.start_idx/end_idx)")
     rows = [task_ids.index(t) for t in sae_ids]
     y = torch.tensor([labels[t] for t in sae_ids])
     if y.all() or not y.any():
-        raise ValueError(f"the SAE-analysis split has only {'correct' if y.all() else 'incorrect'} tasks "
+        raise InputError(f"the SAE-analysis split has only {'correct' if y.all() else 'incorrect'} tasks "
                          f"({len(sae_ids)} tasks): separation needs both classes")
 
     corpus = resolve_general_corpus(cfg, entry)
@@ -110,11 +111,17 @@ def analyze(cfg: Config, progress: bool = True) -> dict[str, Any]:
     scores = score_layers(saes, acts[rows], y, layers)
     table = rank_latents(scores, general, cfg.analysis.general_max_frequency, cfg.analysis.top_k,
                          link=_link_fn(release, saes))
-    save_scores(paths, scores)
+    # The general-text frequency of every latent is kept beside its scores: steering's control latents must
+    # pass the same filter as the target.
+    general = {layer: torch.as_tensor(general[layer]).float().cpu() for layer in layers}
+    save_scores(paths, {layer: {**per, "general_frequency": general[layer]} for layer, per in scores.items()})
     save_ranked(paths, table)
+    chosen = {role: select_latents(table, metric) for role, metric in
+              (("predictor", cfg.validation.selection_metric), ("steering", cfg.steering.selection_metric))}
     if cfg.analysis.plots:
-
         plot_analysis(paths.plots, scores, table, saes, acts[rows], y, layers)
+        plot_selection_landscape(paths.plots / "selection_landscape.png", scores, general,
+                                 cfg.analysis.general_max_frequency, chosen)
     summary = {
         "release": release, "layers": layers, "site": cfg.analysis.site,
         "n_tasks": len(sae_ids), "n_correct": int(y.sum()), "n_incorrect": int((~y).sum()),
@@ -126,10 +133,28 @@ def analyze(cfg: Config, progress: bool = True) -> dict[str, Any]:
                     and r["metric"] == "separation"][:5] for d in DIRECTIONS},
         "top_by_t": {d: [r for r in table if r["direction"] == d and r["scope"] == "overall"
                          and r["metric"] == "t"][:5] for d in DIRECTIONS},
+        "chosen": chosen,
+        "n_latents_scored": int(sum(int(per["t_correct"].numel()) for per in scores.values())),
+        "filter_sensitivity": filter_sensitivity(scores, general),
     }
     atomic_write_json(paths.summary, summary)
     run.mark_done(STAGE, {"release": release, "n_tasks": len(sae_ids)})
     return summary
+
+
+SENSITIVITY_CUTS = (0.01, 0.02, 0.05)
+
+
+def filter_sensitivity(scores, general) -> dict[str, dict[str, dict[str, list[str]]]]:
+    """The top 3 latents per (metric, direction) under general-filter cuts of 1%, 2% and 5%: does the
+    choice hinge on the threshold?"""
+    out = {}
+    for cut in SENSITIVITY_CUTS:
+        table = rank_latents(scores, general, cut, 3)
+        out[f"{cut:g}"] = {m: {d: [f"L{r['layer']}:{r['latent']}" for r in table if r["scope"] == "overall"
+                                   and r["metric"] == m and r["direction"] == d] for d in DIRECTIONS}
+                           for m in ("t", "separation")}
+    return out
 
 
 def _link_fn(release: str, saes):

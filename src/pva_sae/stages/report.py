@@ -44,9 +44,10 @@ def fmt_ci(interval: dict[str, Any] | None, digits: int = 3) -> str:
     """'0.712 [0.650, 0.770]' from an interval dict; 'n/a' where undefined."""
     if not interval or interval.get("estimate") is None:
         return "n/a"
-    if interval.get("low") is None:
+    low, high = interval["ci"] if "ci" in interval else (interval.get("low"), interval.get("high"))
+    if low is None:
         return fmt(interval["estimate"], digits)
-    return f"{fmt(interval['estimate'], digits)} [{fmt(interval['low'], digits)}, {fmt(interval['high'], digits)}]"
+    return f"{fmt(interval['estimate'], digits)} [{fmt(low, digits)}, {fmt(high, digits)}]"
 
 
 def _pct(x: float | None) -> str:
@@ -100,36 +101,58 @@ def analysis_section(run: RunDir) -> list[Block]:
         out.append(Block("h3", f"Top latents {title}"))
         out.append(Block("table", headers=["predicts", "rank", "latent", "t", "separation", "f_correct",
                                            "f_incorrect", "general freq."], rows=rows))
-    out += images(paths.plots, (("frequency_scatter.png", "Firing frequency, correct vs incorrect tasks, per layer"),
+    out.append(Block("p", f"The top t and separation over {s.get('n_latents_scored', 'all')} scored latents are "
+                          "selected maxima: they are biased upwards and say nothing by themselves. The held-out "
+                          "validation below is what counts."))
+    if s.get("filter_sensitivity"):
+        rows = [[f"{float(cut):.0%}", m, d, ", ".join(names)] for cut, per in s["filter_sensitivity"].items()
+                for m, by in per.items() for d, names in by.items()]
+        out.append(Block("h3", "Sensitivity to the general-filter cut"))
+        out.append(Block("table", headers=["cut", "metric", "predicts", "top 3 latents"], rows=rows))
+    out += images(paths.plots, (("selection_landscape.png", "Selection landscape: every latent, t against "
+                                 "separation; grey = cut by the general filter; the chosen latents marked"),
+                                ("frequency_scatter.png", "Firing frequency, correct vs incorrect tasks, per layer"),
                                 ("top_latent_histograms.png", "Activations of the top latents by class")))
     return out
 
 
 def _metric_row(r: dict[str, Any]) -> list[str]:
     m = r["metrics"]
-    return [r["label"], fmt(r["threshold"]), fmt_ci(m["auroc"]), fmt_ci(m["f1"]), fmt_ci(m["precision"]),
-            fmt_ci(m["recall"]), fmt_ci(m["average_precision"])]
+    return [r["label"] + (" (steered)" if r["name"] == "steered_latent" else ""), fmt(r["threshold"]),
+            fmt_ci(m["auroc"]), fmt_ci(m["f1"]), fmt_ci(m["mcc"]), fmt_ci(m["balanced_accuracy"]),
+            fmt_ci(m["precision"]), fmt_ci(m["recall"]), fmt_ci(m["average_precision"])]
 
 
-METRIC_HEADERS = ["predictor", "threshold", "AUROC", "F1", "precision", "recall", "average precision"]
+METRIC_HEADERS = ["predictor", "threshold", "AUROC", "F1", "MCC", "balanced accuracy", "precision", "recall",
+                  "average precision"]
+LATENT_ROWS = ("latent", "steered_latent", "latent_fires")
 
 
-def standing(rows: list[dict[str, Any]]) -> str:
-    """Where the latent stands among the baselines, in words."""
-    latent = next(r for r in rows if r["name"] == "latent")
-    auc = latent["metrics"]["auroc"]["estimate"]
-    better = [r["label"] for r in rows if r["name"] != "latent" and r["metrics"]["auroc"]["estimate"] is not None
-              and r["metrics"]["auroc"]["estimate"] > (auc or 0)]
-    trivial = max((r for r in rows if r["name"] in ("majority", "always_positive")),
-                  key=lambda r: r["metrics"]["f1"]["estimate"] or 0.0)
-    f1_l, f1_t = latent["metrics"]["f1"], trivial["metrics"]["f1"]
-    above = f1_l["low"] is not None and f1_t["estimate"] is not None and f1_l["low"] > f1_t["estimate"]
-    auc_text = ("the highest AUROC of all predictors" if not better
-                else f"a lower AUROC than {', '.join(better)}")
-    f1_text = (f"its F1 interval lies above the best trivial F1 ({trivial['label']}, {fmt(f1_t['estimate'])})"
-               if above else f"its F1 ({fmt(f1_l['estimate'])}) is not clearly above the best trivial F1 "
-                             f"({trivial['label']}, {fmt(f1_t['estimate'])})")
-    return f"{latent['label']} has {auc_text}; {f1_text}."
+def standing(row: dict[str, Any]) -> str:
+    """Where one latent predictor stands among the baselines, in words, from the paired differences: a
+    comparison is a finding only when the interval of the difference excludes 0."""
+    by = {v: [q["against"] for q in row["paired"] if q["verdict"] == v] for v in ("better", "worse", "no different")}
+    parts = []
+    if by["better"]:
+        parts.append(f"better than {', '.join(by['better'])}")
+    if by["worse"]:
+        parts.append(f"worse than {', '.join(by['worse'])}")
+    if by["no different"]:
+        parts.append(f"no different from {', '.join(by['no different'])}")
+    text = f"{row['label']}{' fires' if row['name'] == 'latent_fires' and 'fires' not in row['label'] else ''}: AUROC " \
+           f"{'; '.join(parts) or 'not compared'} (paired bootstrap, interval of the AUROC difference)."
+    f1 = row["metrics"]["f1"]["estimate"]
+    trivial = [q for q in row["paired"] if q["name"] in ("majority", "always_positive")]
+    if any(q["delta_f1"]["estimate"] == 0 and q["delta_f1"]["low"] == 0 and q["delta_f1"]["high"] == 0
+           for q in trivial):
+        text += f" Its F1 ({fmt(f1)}) equals a trivial baseline's on every resample: it predicts like always " \
+                "answering one class (degenerate)."
+    return text
+
+
+def _paired_row(r: dict[str, Any], q: dict[str, Any]) -> list[str]:
+    return [r["label"] + (" fires" if r["name"] == "latent_fires" and "fires" not in r["label"] else ""),
+            q["against"], fmt_ci(q["delta_auroc"]), fmt_ci(q["delta_f1"]), fmt_ci(q["delta_mcc"]), q["verdict"]]
 
 
 def validation_section(run: RunDir) -> list[Block]:
@@ -140,16 +163,24 @@ def validation_section(run: RunDir) -> list[Block]:
     res = read_json(paths.results)
     b = res["bootstrap"]
     sp = res["splits"]
-    out.append(Block("p", f"Latents chosen by {res['selection_metric']} on the SAE-analysis split "
-                          f"({sp['sae']['n']} tasks), thresholds F1-optimal on the tuning split ({sp['tuning']['n']}), "
-                          f"metrics on the validation split ({sp['validation']['n']} tasks, "
-                          f"{sp['validation']['n_correct']} correct). Intervals: {b['level']:.0%} percentile bootstrap "
-                          f"over tasks, {b['resamples']} resamples, seed {b['seed']}."))
+    out.append(Block("p", f"Predictor latents chosen by {res['selection_metric']} on the SAE-analysis split "
+                          f"({sp['sae']['n']} tasks); the steered latents (chosen by separation or as configured) are "
+                          f"validated too when they differ. Thresholds F1-optimal on the tuning split "
+                          f"({sp['tuning']['n']}); 'fires' is the natural JumpReLU rule (activation > 0). Metrics on the "
+                          f"validation split ({sp['validation']['n']} tasks, {sp['validation']['n_correct']} correct). "
+                          f"Intervals: {b['level']:.0%} percentile bootstrap over tasks, {b['resamples']} resamples, "
+                          f"seed {b['seed']}; differences use the same resamples for both predictors. Confounds are "
+                          "single features (prompt tokens, description length, cyclomatic complexity): a latent no "
+                          "better than them may only track task length or difficulty."))
     for direction in DIRECTIONS:
         rows = res["validation"][direction]
         out.append(Block("h3", f"Predicting '{direction}'"))
         out.append(Block("table", headers=METRIC_HEADERS, rows=[_metric_row(r) for r in rows]))
-        out.append(Block("p", standing(rows)))
+        latents = [r for r in rows if r["name"] in LATENT_ROWS]
+        for r in latents:
+            out.append(Block("p", standing(r)))
+        out.append(Block("table", headers=["latent", "against", "Delta AUROC", "Delta F1", "Delta MCC", "verdict"],
+                         rows=[_paired_row(r, q) for r in latents for q in r["paired"]]))
     out += images(paths.plots, (
         ("roc_pr.png", "ROC and PR curves on the validation split (band: bootstrap, latent)"),
         ("latent_histograms.png", "Validation activations of the chosen latents, with thresholds")))
@@ -194,44 +225,77 @@ def steering_section(run: RunDir) -> list[Block]:
     if not paths.results.is_file():
         return out + [Block("p", "The steering stage has not run.")]
     res = read_json(paths.results)
-    rows = [[d, f"L{t['layer']}:{t['latent']}", fmt(t.get(f"sep_{d}")), fmt(t["alpha"], 3), t["alpha_units"],
-             fmt(t["alpha_abs"], 2), t["normalize"], t["positions"], res["tuning"][d]["objective"],
-             fmt(res["tuning"][d]["constraint_met"])] for d, t in res["targets"].items()]
-    out.append(Block("p", f"Coefficients chosen on the tuning split ({res['tasks']['tuning']} tasks), experiments on "
-                          f"{res['tasks']['validation']} validation tasks; {res['tasks']['generated']} steered "
-                          "generations in this run (cached conditions not counted)."))
-    out.append(Block("table", headers=["direction", "latent", "separation", "alpha", "units", "alpha (abs.)",
-                                       "direction vector", "positions", "objective", "constraint met"], rows=rows))
+    design = res["design"]
+    out.append(Block("p", f"All arms run on the same {res['tasks']['validation']} validation tasks with the same batch "
+                          f"plan; the paired baseline is an alpha = 0 re-run. Controls per direction: "
+                          f"{design['control_kinds']['latent']} SAE latents of the target's layer (near-zero separation, "
+                          f"matched firing rate, passing the general filter) and {design['control_kinds']['random']} "
+                          f"random directions of the target's norm. Alpha chosen on {res['tasks']['tuning']} tuning "
+                          f"tasks for specificity (target minus the mean of {design['tuning_controls']} controls); "
+                          f"{res['tasks']['generated']} generations in this run (cached conditions not counted)."
+                          + ("" if design["target"] == "latent" else
+                             f" The target is steering.target={design['target']}, not the chosen latent.")))
+    rows = []
+    for d, info in res["directions"].items():
+        t, v = info["target"], info["target"]["validation"]
+        rows.append([d, t["label"], fmt(t["latent_row"].get(f"sep_{d}")), fmt(t["latent_row"].get(f"t_{d}"), 2),
+                     fmt_ci(v["auroc"]) if v else "not validated", fmt(t["alpha"], 3), t["alpha_units"],
+                     fmt(t["alpha_abs"], 2), info["tuning"]["objective"], fmt(info["tuning"]["constraint_met"])])
+    out.append(Block("table", headers=["direction", "steered", "separation", "t", "AUROC as predictor (validation)",
+                                       "alpha", "units", "alpha (abs.)", "objective", "constraint met"], rows=rows))
     rows = []
     for name, e in res["experiments"].items():
-        rows.append([name.replace("_", " "), e["direction"], f"{e['successes']}/{e['n']}", _pct(e["rate"]),
-                     f"[{_pct(e['wilson'][0])}, {_pct(e['wilson'][1])}]",
-                     f"{e['control_successes']}/{e['control_n']}", _pct(e["control_rate"]),
-                     _p(e["binomial_p_vs_control"]), _p(e["fisher_p"]), _p(e["mcnemar_p"]), fmt(e["mean_similarity"])])
-    out.append(Block("table", headers=["experiment", "steering", "target", "rate", "95% Wilson", "controls",
-                                       "control rate", "binomial p", "Fisher p", "McNemar p", "similarity"], rows=rows))
+        rate, cs = e["rate"], e["controls_summary"]
+        kinds = ", ".join(f"{k} {_pct(v['mean_rate'])}" for k, v in cs["by_kind"].items())
+        pd = e["paired_difference"]
+        rows.append([name.replace("_", " "), e["target"], f"{rate['successes']}/{rate['n']}",
+                     f"{_pct(rate['estimate'])} [{_pct(rate['ci'][0])}, {_pct(rate['ci'][1])}]", kinds,
+                     f"{fmt_p(e['rank_p']['p'])} ({fmt_p(e['holm_p']['rank_p'])})",
+                     f"{fmt(pd['estimate'])} [{fmt(pd['ci'][0])}, {fmt(pd['ci'][1])}]",
+                     f"{fmt_p(e['permutation_p']['p'])} ({fmt_p(e['holm_p']['permutation_p'])})",
+                     fmt_p(e["sign_test_p"]["p"]), fmt_p(e["prediction_p"]["p"]), fmt_p(e["mcnemar_p"]["p"])])
+    out.append(Block("table", headers=["experiment", "target", "flips", "rate [exact 95%]", "control mean rate",
+                                       "rank p (Holm)", "target - controls per task", "permutation p (Holm)",
+                                       "sign-test p", "prediction p", "McNemar p vs alpha=0"], rows=rows))
+    first = next(iter(res["experiments"].values()))
+    out.append(Block("p", f"rank p and prediction p test H0 '{first['rank_p']['null']}'; the paired difference, "
+                          f"permutation and sign tests test H0 '{first['permutation_p']['null']}'; McNemar tests "
+                          f"H0 '{first['mcnemar_p']['null']}'. Holm adjusts each test across the run's experiments. "
+                          "Calibration of every test: docs/statistics.md."))
+    rows = []
+    for d, info in res["directions"].items():
+        ne = info["net_effect"]
+        rows.append([d, info["target"]["label"], fmt_ci(ne["target"]), f"{ne['target']['corrections']} / "
+                     f"{ne['target']['corruptions']}", fmt(ne["controls_mean"])])
+    out.append(Block("table", headers=["direction", "target", "net effect (Delta pass@1) [95%]",
+                                       "corrections / corruptions", "controls' mean net effect"], rows=rows))
     nf = res["noise_floor"]
-    out.append(Block("p", f"Noise floor: an unsteered greedy re-run of {nf['n']} tasks flipped {nf['flips']} outcomes "
-                          f"({_pct(nf['rate'])}); {nf['identical_programs']} programs were identical. Controls: "
-                          f"{len(res['controls']['correct'])} latents per direction, same layer, |separation| small, "
-                          "firing rate matched to the target."))
+    out.append(Block("p", f"Noise floor ({nf['compared']}): {nf['flips']} of {nf['n']} outcomes flipped "
+                          f"({_pct(nf['rate'])}); {nf['identical_programs']} programs were identical."))
     sel = res["selective"]
     out.append(Block("h3", "Selective steering"))
-    out.append(Block("p", f"Steer only tasks where {sel['predictor']['label']} >= {fmt(sel['predictor']['threshold'])} "
-                          f"(the incorrect-predictor and its tuned threshold): {sel['n_flagged']} of {sel['n_tasks']} "
-                          "tasks flagged."))
-    out.append(Block("table", headers=["mode", "correction", "corruption"],
-                     rows=[[m, f"{sel[m]['corrected']}/{sel['n_incorrect']} ({_pct(sel[m]['correction'])})",
-                            f"{sel[m]['broken']}/{sel['n_correct']} ({_pct(sel[m]['corruption'])})"]
-                           for m in ("constant", "selective")]))
-    out += images(paths.plots, (("rates_vs_alpha.png", "Rates against alpha on the tuning split"),
-                                ("target_vs_controls.png", "Target latent vs control latents (Wilson intervals)"),
+    text = (f"Steer only tasks where {sel['predictor']['label']} >= {fmt(sel['predictor']['threshold'])} (the "
+            f"incorrect-predictor and its tuned threshold): {sel['n_flagged']} of {sel['n_tasks']} tasks flagged.")
+    if sel["flags_every_task"]:
+        text += " The rule flags every task, so selective steering is constant steering here (degenerate)."
+    out.append(Block("p", text))
+    diff = sel["selective_minus_constant"]
+    out.append(Block("table", headers=["mode", "correction", "corruption", "net effect [95%]"],
+                     rows=[[m, _pct(sel[m]["correction"]), _pct(sel[m]["corruption"]), fmt_ci(sel[m]["net_effect"])]
+                           for m in ("constant", "selective")] +
+                          [["selective - constant", "", "", fmt_ci(diff)]]))
+    out += images(paths.plots, (("rates_vs_alpha.png", "Rates against alpha on the tuning split, target and controls"),
+                                ("target_vs_controls.png", "Target vs every control (exact intervals)"),
+                                ("net_effects.png", "Net effect of steering, target vs controls"),
                                 ("selective.png", "Selective vs constant steering")))
     return out
 
 
-def _p(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.3g}"
+def fmt_p(x: float | None) -> str:
+    """p-values: three significant digits, '< 0.001' below that."""
+    if x is None:
+        return "n/a"
+    return "< 0.001" if x < 0.001 else f"{x:.3g}"
 
 
 def reproducibility_section(run: RunDir) -> list[Block]:

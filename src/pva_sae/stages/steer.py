@@ -1,21 +1,27 @@
-"""Stage 4, causal validation: does adding an SAE latent's decoder direction change whether code works?
+"""Stage 4, causal validation: does adding a latent's decoder direction change whether code works?
 
-Targets: the top latent per direction by ``steering.selection_metric`` (separation by default) from the
-analysis stage. Steering adds ``alpha * d`` at the SAE's site during generation (hooks.SteeringHook),
-``d`` the unit-normalised decoder row (or the raw row), batched like the build stage.
+The design (``docs/statistics.md`` has the protocol and the calibration of every test):
 
-1. Coefficients on the tuning split only: a log-spaced grid (in units of the mean residual norm at
-   the layer, or absolute), then geometric refinement around the best point. Correct direction:
-   maximise correction subject to corruption <= ``max_corruption``; incorrect direction: maximise
-   corruption. Ties go to the smaller alpha.
-2. On the validation split, at the chosen alphas: correction (correct direction on initially
-   incorrect tasks), preservation (correct direction on initially correct tasks), corruption
-   (incorrect direction on initially correct tasks); the same for >= 10 control latents of the same
-   layer with near-zero separation and matched firing frequency; a greedy unsteered re-run as the
-   noise floor; selective steering (only tasks whose incorrect-predictor fires above its threshold).
-3. Exact binomial test (target vs pooled control rate), Fisher's exact test, exact McNemar on the
-   baseline-vs-steered pairs, Wilson intervals.
+1. **One task set, one baseline.** Every arm (the target, every control) runs on the same tasks, at
+   the same alpha, positions and batch plan; the paired baseline is an alpha = 0 re-run of those tasks
+   under the same plan. The build record against that re-run is the noise floor. Steered runs cover
+   all tasks of the split, so a flip is defined in both directions.
+2. **Controls of two kinds**, ``steering.n_controls`` per direction: half zero-separation SAE latents
+   of the target's layer (|separation| <= ``control_max_separation``, firing rate matched, passing the
+   same general-text filter as the target), half seeded random directions at that layer with the norm
+   of the target's vector.
+3. **Alpha chosen for specificity** on the tuning split: a few controls of each kind run at every grid
+   point, and the alpha maximising the target's effect minus the controls' is chosen (correct
+   direction: subject to corruption <= ``max_corruption``). The whole curve is written and plotted.
+4. **Tests under the null they are reported for** (:mod:`pva_sae.stats.causal`): the target's rank
+   among its controls and a prediction interval ("is the target a typical direction?"), a paired
+   difference, a permutation test and a sign test against the controls' mean ("does it do what the
+   controls do on average on these tasks?"), McNemar of every arm against the alpha = 0 baseline,
+   exact intervals, Holm across the run's experiments. Net effect (Delta pass@1) with a task-bootstrap
+   interval for the target, every control and selective steering.
 
+``steering.target`` replaces the chosen latent's direction by a random direction of the same norm
+(an exact null against the random controls) or by a token's unembedding row (a positive control).
 Each generation condition is cached under ``steering/conditions/`` when it finishes, so an interrupted
 stage resumes at the next condition. Outputs under ``<run>/steering/`` (``SteeringPaths``).
 """
@@ -23,20 +29,21 @@ stage resumes at the next condition. Outputs under ``<run>/steering/`` (``Steeri
 from __future__ import annotations
 
 import difflib
-import hashlib
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+import torch
+from tqdm.auto import tqdm
 
 from pva_sae.config import Config
-from pva_sae.data import mbpp as data
-from pva_sae.data import prompts
+from pva_sae.data import mbpp, prompts
 from pva_sae.data.mbpp import seeded_subset
+from pva_sae.errors import InputError, MissingInputError
 from pva_sae.execution.label import label_samples
+from pva_sae.hashing import sha256_bytes, sha256_json
 from pva_sae.model.fastgen import Steering
 from pva_sae.model.generation import (
     Generator,
@@ -55,6 +62,7 @@ from pva_sae.rundir.artifacts import (
     read_choices,
     read_condition,
     read_splits,
+    read_validation_results,
     read_validation_scores,
     split_of,
     write_condition,
@@ -64,304 +72,434 @@ from pva_sae.rundir.atomic import atomic_write_json
 from pva_sae.rundir.logs import setup_logging
 from pva_sae.rundir.paths import AnalysisPaths, RunDir, SteeringPaths, ValidationPaths
 from pva_sae.sae.registry import load_layer_sae
-from pva_sae.stats.classify import (
-    binomial_test,
-    fisher_test,
-    mcnemar_exact,
-    wilson_interval,
+from pva_sae.stats.causal import (
+    experiment_tests,
+    holm,
+    mcnemar_p,
+    net_effect,
+    net_effect_difference,
 )
 from pva_sae.stats.latents import select_latents
 
 log = logging.getLogger(__name__)
 
 STAGE = "steer"
-EXPERIMENTS = {  # name: (steering direction, baseline outcome of the tasks, outcome counted as a success)
-    "correction": ("correct", False, True),
-    "preservation_failure": ("correct", True, False),
-    "corruption": ("incorrect", True, False),
+EXPERIMENTS = {  # name: (direction steered, baseline outcome of the relevant tasks); a flip changes that outcome
+    "correction": ("correct", False),
+    "preservation_failure": ("correct", True),
+    "corruption": ("incorrect", True),
 }
+HOLM_TESTS = ("rank_p", "permutation_p", "prediction_p", "sign_test_p", "mcnemar_p")
+NULL_UNCHANGED = "steering does not change outcomes (arm vs its alpha = 0 baseline, same tasks and plan)"
 
 
 @dataclass(frozen=True)
-class Condition:
-    """One generation run: ``task_ids`` generated greedily with one latent's direction added (or none)."""
+class Arm:
+    """One steering direction: the target, a control latent, a random control, or none (the baseline)."""
 
-    role: str                   # 'target', 'control' or 'rerun' (unsteered noise floor)
-    direction: str | None       # steering direction 'correct' / 'incorrect'; None for the re-run
+    kind: str                   # 'target', 'latent', 'random' or 'baseline'
+    direction: str | None       # the steering direction it belongs to ('correct' / 'incorrect')
     layer: int | None
-    latent: int | None
-    alpha: float                # absolute coefficient
-    positions: str
-    task_ids: tuple[int, ...]
+    latent: int | None          # SAE latent index (target latent or latent control)
+    label: str                  # how tables name it: 'L5:910', 'random#3', 'unembed:<eos>', 'alpha=0'
 
-    def key(self, extra: dict[str, Any]) -> str:
-        blob = json.dumps({**asdict(self), **extra}, sort_keys=True)
-        return f"{self.role}_{self.layer}_{self.latent}_{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
-# --------------------------------------------------------------------------- context
+BASELINE = Arm("baseline", None, None, None, "alpha=0")
+
+
+# --------------------------------------------------------------------------- generation
 
 class Steerer:
-    """Runs conditions on one loaded model: batched steered generation, sandboxed labels, caching."""
+    """Runs arms on one loaded model: batched steered generation, sandboxed labels, cached conditions."""
 
-    def __init__(self, cfg: Config, run: RunDir, baseline: dict[int, dict[str, Any]], progress: bool):
-        self.cfg, self.run, self.paths, self.progress = cfg, run, SteeringPaths.of(run), progress
+    def __init__(self, cfg: Config, run: RunDir, progress: bool):
+        self.cfg, self.paths, self.progress = cfg, SteeringPaths.of(run), progress
         self.loaded = load_model(cfg.model)
-        tasks = data.load_tasks(cfg.data.source)
+        tasks = mbpp.load_tasks(cfg.data.source)
         self.by_id = {t.task_id: t for t in tasks}
         self.prompts = {t.task_id: prompts.build_prompt(t, cfg.prompt.template, cfg.prompt.initiator) for t in tasks}
         self.split_of = split_of(run)
         self.generator = Generator(self.loaded, cfg.generation)
         self.batch_size = resolve_batch_size(self.generator, list(self.prompts.values()))
         self.budget = batch_token_budget(cfg.generation.max_batch_tokens, self.loaded.device)
-        self.baseline = baseline
         self.site = cfg.steering.site or cfg.analysis.site
         self.n_generated = 0
+        self.bar = tqdm(total=0, desc="steer", unit="sample", disable=not progress, dynamic_ncols=True)
 
-    def run_condition(self, cond: Condition, vector) -> list[dict[str, Any]]:
-        """Per-task outcomes of ``cond`` (from the cache when this exact condition already ran)."""
+    def condition_key(self, arm: Arm, vector: torch.Tensor | None, alpha: float, task_ids: tuple[int, ...]) -> str:
+        """Everything a condition's outcomes depend on: the direction itself, the model, prompts, generation."""
+        c = self.cfg.to_dict()
+        parts = {"arm": arm.as_dict(), "alpha": alpha, "positions": self.cfg.steering.positions, "site": self.site,
+                 "vector": sha256_bytes(vector.numpy().tobytes()) if vector is not None else None,
+                 "task_ids": list(task_ids), "model": c["model"], "revision": self.loaded.revision,
+                 "prompt": c["prompt"], "data": c["data"]["source"], "generation": c["generation"],
+                 "sandbox": {k: v for k, v in c["sandbox"].items() if k != "workers"},
+                 "backend": self.generator.backend, "batch_size": self.batch_size}
+        return f"{arm.kind}_{arm.label.replace(':', '-').replace('#', '')}_{sha256_json(parts)[:16]}"
 
-        extra = {"model": self.cfg.model.name, "site": self.site, "normalize": self.cfg.steering.normalize,
-                 "generation": self.cfg.to_dict()["generation"], "backend": self.generator.backend}
-        key = cond.key(extra)
+    def run(self, arm: Arm, vector: torch.Tensor | None, alpha: float, task_ids: list[int]) -> dict[int, dict]:
+        """{task id: outcome} of ``arm`` at absolute coefficient ``alpha`` (cached per condition)."""
+        ids = tuple(sorted(task_ids))
+        key = self.condition_key(arm, vector, alpha, ids)
         saved = read_condition(self.paths, key)
         if saved is not None:
-            return saved["tasks"]
-        plan = plan_batches([(t, self.prompts[t]) for t in cond.task_ids], self.loaded.tokenizer,
-                            self.batch_size, 1, True, self.budget, self.cfg.generation.max_new_tokens)
+            return {o["task_id"]: o for o in saved["tasks"]}
+        plan = plan_batches([(t, self.prompts[t]) for t in ids], self.loaded.tokenizer, self.batch_size, 1, True,
+                            self.budget, self.cfg.generation.max_new_tokens)
+        steering = (Steering(arm.layer, vector, alpha, site=self.site, positions=self.cfg.steering.positions)
+                    if vector is not None and alpha != 0 else None)
+        self.bar.total += len(ids)
+        self.bar.set_postfix_str(f"{arm.label} alpha={alpha:.3g}")
         records = []
-        steering = (Steering(cond.layer, vector, cond.alpha, site=self.site, positions=cond.positions)
-                    if vector is not None else None)
         for index, batch in enumerate(plan):
             samples = self.generator.generate_batch(batch, index, steering=steering)
             records += label_samples(samples, self.by_id, self.split_of, self.cfg)
             self.n_generated += len(batch)
-        out = [self._outcome(r) for r in sorted(records, key=lambda r: r["task_id"])]
-        write_condition(self.paths, key, {"condition": asdict(cond), **extra, "tasks": out})
-        return out
+            self.bar.update(len(batch))
+        out = [_outcome(r) for r in sorted(records, key=lambda r: r["task_id"])]
+        write_condition(self.paths, key, {"arm": arm.as_dict(), "alpha": alpha, "task_ids": list(ids), "tasks": out})
+        return {o["task_id"]: o for o in out}
 
-    def _outcome(self, r: dict[str, Any]) -> dict[str, Any]:
-        base = self.baseline[r["task_id"]]
-        return {"task_id": r["task_id"], "baseline_passed": bool(base["passed"]), "steered_passed": bool(r["passed"]),
-                "similarity": difflib.SequenceMatcher(None, base["program"], r["program"]).ratio(),
-                "status": r["status"], "error_type": r["error_type"], "n_new_tokens": r["n_new_tokens"],
-                "finish_reason": r["finish_reason"], "baseline_program": base["program"], "program": r["program"]}
+    def close(self) -> None:
+        self.bar.close()
 
 
-# --------------------------------------------------------------------------- choices
+def _outcome(r: dict[str, Any]) -> dict[str, Any]:
+    return {"task_id": r["task_id"], "passed": bool(r["passed"]), "program": r["program"], "status": r["status"],
+            "error_type": r["error_type"], "n_new_tokens": r["n_new_tokens"], "finish_reason": r["finish_reason"]}
 
-def steering_vector(sae, latent: int, normalize: str):
+
+# --------------------------------------------------------------------------- directions
+
+def steering_vector(sae, latent: int, normalize: str) -> torch.Tensor:
     """(d_model,) float32: the unit-normalised decoder row, or the raw row ('raw', the thesis's coefficients)."""
     if normalize == "unit":
         return sae.unit_direction(latent).float().cpu()
     return sae.W_dec[int(latent)].float().cpu()
 
 
-def pick_controls(scores: dict[str, Any], target: int, n_correct: int, n_incorrect: int, n: int,
-                  max_separation: float, seed: int) -> list[dict[str, Any]]:
-    """``n`` latents of the target's layer with |separation| <= max_separation, firing on the
-    SAE-analysis split at a rate closest to the target's (ties in seeded random order)."""
+def random_direction(d_model: int, norm: float, seed: int) -> torch.Tensor:
+    """A seeded direction uniform on the sphere, scaled to ``norm``."""
+    g = torch.Generator().manual_seed(int(seed))
+    v = torch.randn(d_model, generator=g, dtype=torch.float32)
+    return v / v.norm() * norm
+
+
+def unembedding_direction(loaded, token: str, norm: float) -> torch.Tensor:
+    """The unembedding row of ``token`` (a vocabulary entry such as '<eos>'), scaled to ``norm``."""
+    ids = loaded.tokenizer.convert_tokens_to_ids([token])
+    unk = getattr(loaded.tokenizer, "unk_token_id", None)
+    if not ids or ids[0] is None or (ids[0] == unk and token != loaded.tokenizer.unk_token):
+        raise InputError(f"steering.target=unembed:{token}: {token!r} is not a token of the model's vocabulary "
+                         f"(e.g. unembed:{loaded.tokenizer.eos_token})")
+    row = loaded.model.get_output_embeddings().weight[ids[0]].detach().float().cpu()
+    return row / row.norm() * norm
+
+
+def pick_control_latents(scores: dict[str, Any], target: int, n_correct: int, n_incorrect: int, n: int,
+                         max_separation: float, max_general: float, seed: int) -> list[dict[str, Any]]:
+    """``n`` latents of the target's layer with |separation| <= max_separation that pass the general-text
+    filter (frequency < max_general, as the target did), firing on the SAE-analysis split at a rate
+    closest to the target's (ties in seeded random order)."""
     fc, fi = np.asarray(scores["f_correct"]), np.asarray(scores["f_incorrect"])
     rate = (n_correct * fc + n_incorrect * fi) / (n_correct + n_incorrect)     # (d_sae,)
     ok = (np.abs(fc - fi) <= max_separation) & (rate > 0)
+    if "general_frequency" in scores:
+        ok &= np.asarray(scores["general_frequency"]) < max_general
     ok[target] = False
     candidates = np.flatnonzero(ok)
     if len(candidates) < n:
-        raise ValueError(f"only {len(candidates)} control latents have |separation| <= {max_separation} and fire at "
-                         f"all; raise steering.control_max_separation or lower steering.n_controls")
+        raise InputError(f"only {len(candidates)} control latents have |separation| <= {max_separation}, pass the "
+                         f"general filter and fire at all; raise steering.control_max_separation or lower "
+                         f"steering.n_controls")
     tie = np.random.default_rng(seed).random(len(candidates))
     order = np.lexsort((tie, np.abs(rate[candidates] - rate[target])))
     return [{"latent": int(j), "firing_rate": float(rate[j]), "separation": float(fc[j] - fi[j])}
             for j in candidates[order[:n]]]
 
 
-def rates(outcomes: list[dict[str, Any]]) -> dict[str, Any]:
-    """Counts and rates of one steered run, split by the baseline outcome."""
-    inc = [o for o in outcomes if not o["baseline_passed"]]
-    cor = [o for o in outcomes if o["baseline_passed"]]
-    fixed = sum(o["steered_passed"] for o in inc)
-    broken = sum(not o["steered_passed"] for o in cor)
-    return {"n_incorrect": len(inc), "corrected": fixed, "correction": fixed / len(inc) if inc else None,
-            "n_correct": len(cor), "broken": broken, "corruption": broken / len(cor) if cor else None}
+def control_arms(direction: str, layer: int, latents: list[dict[str, Any]], n_random: int, sae, normalize: str,
+                 norm: float, seed: int) -> list[tuple[Arm, torch.Tensor]]:
+    """Latent controls (their own decoder rows) then random controls (the target vector's norm)."""
+    arms = [(Arm("latent", direction, layer, c["latent"], f"L{layer}:{c['latent']}"),
+             steering_vector(sae, c["latent"], normalize)) for c in latents]
+    d_model = sae.W_dec.shape[1]
+    arms += [(Arm("random", direction, layer, None, f"random#{i}"),
+              random_direction(d_model, norm, seed * 1000 + i + (0 if direction == "correct" else 500)))
+             for i in range(n_random)]
+    return arms
+
+
+def interleave_kinds(arms: list[tuple[Arm, torch.Tensor]], n: int) -> list[tuple[Arm, torch.Tensor]]:
+    """The first ``n`` controls taking kinds in turn (for the tuning grid: a few of each kind)."""
+    by_kind: dict[str, list] = {}
+    for a in arms:
+        by_kind.setdefault(a[0].kind, []).append(a)
+    out = []
+    for i in range(max((len(v) for v in by_kind.values()), default=0)):
+        out += [v[i] for v in by_kind.values() if i < len(v)]
+    return out[:n]
+
+
+# --------------------------------------------------------------------------- effects and alpha
+
+def flips(baseline: dict[int, dict], steered: dict[int, dict], ids: list[int], baseline_passed: bool) -> np.ndarray:
+    """(n_relevant,) bool: on tasks whose baseline outcome is ``baseline_passed``, whether steering changed it."""
+    rel = [t for t in ids if baseline[t]["passed"] == baseline_passed]
+    return np.array([steered[t]["passed"] != baseline_passed for t in rel], dtype=bool)
+
+
+def rates(baseline: dict[int, dict], steered: dict[int, dict], ids: list[int]) -> dict[str, float | None]:
+    """Correction (baseline-incorrect tasks that now pass) and corruption (baseline-correct ones that now fail)."""
+    fix, brk = flips(baseline, steered, ids, False), flips(baseline, steered, ids, True)
+    return {"correction": float(fix.mean()) if fix.size else None, "corruption": float(brk.mean()) if brk.size else None,
+            "n_incorrect": int(fix.size), "n_correct": int(brk.size)}
+
+
+def objective(direction: str) -> str:
+    return "correction" if direction == "correct" else "corruption"
 
 
 def choose_alpha(rows: list[dict[str, Any]], direction: str, max_corruption: float) -> tuple[dict[str, Any], bool]:
-    """The best grid row by the stated objective; (row, whether the constraint could be met)."""
-    if direction == "incorrect":
-        return max(rows, key=lambda r: ((r["corruption"] or 0.0), -r["alpha"])), True
-    feasible = [r for r in rows if (r["corruption"] or 0.0) <= max_corruption]
+    """The grid row whose target effect exceeds the controls' mean effect the most (ties: the smaller alpha);
+    the correct direction only among rows whose target corruption <= max_corruption. (row, constraint met)."""
+    feasible = [r for r in rows if direction != "correct" or (r["target"]["corruption"] or 0.0) <= max_corruption]
     if not feasible:
         return min(rows, key=lambda r: r["alpha"]), False
-    return max(feasible, key=lambda r: ((r["correction"] or 0.0), -r["alpha"])), True
+    return max(feasible, key=lambda r: (r["specificity"], -r["alpha"])), True
 
 
-def tune(steerer: Steerer, direction: str, target: dict[str, Any], vector, norm_unit: float,
-         tuning_ids: list[int]) -> dict[str, Any]:
-    """Evaluate the alpha grid (then refine) on the tuning split; return the table and the chosen alpha."""
+def tune(steerer: Steerer, target: Arm, vector: torch.Tensor, controls: list[tuple[Arm, torch.Tensor]],
+         unit: float, tuning_ids: list[int], baseline: dict[int, dict]) -> dict[str, Any]:
+    """Evaluate the alpha grid (then refine) on the tuning split for the target and a few controls."""
     s = steerer.cfg.steering
-    ids = tuning_ids if direction == "correct" else [t for t in tuning_ids if steerer.baseline[t]["passed"]]
+    key = objective(target.direction)
     rows: dict[float, dict[str, Any]] = {}
 
     def evaluate(a: float) -> None:
         if a in rows:
             return
-        cond = Condition("target", direction, target["layer"], target["latent"], a * norm_unit, s.positions, tuple(ids))
-        rows[a] = {"alpha": a, "alpha_abs": a * norm_unit, **rates(steerer.run_condition(cond, vector))}
+        t = rates(baseline, steerer.run(target, vector, a * unit, tuning_ids), tuning_ids)
+        each = [{"label": arm.label, "kind": arm.kind,
+                 **rates(baseline, steerer.run(arm, v, a * unit, tuning_ids), tuning_ids)} for arm, v in controls]
+        mean = {k: _mean([c[k] for c in each]) for k in ("correction", "corruption")}
+        rows[a] = {"alpha": a, "alpha_abs": a * unit, "target": t, "controls_mean": mean, "controls": each,
+                   "specificity": (t[key] or 0.0) - (mean[key] or 0.0)}
 
     for a in s.alpha_grid:
         evaluate(float(a))
     for _ in range(s.refine_steps):
         grid = sorted(rows)
-        best, _ = choose_alpha(list(rows.values()), direction, s.max_corruption)
+        best, _ = choose_alpha(list(rows.values()), target.direction, s.max_corruption)
         i = grid.index(best["alpha"])
         for j in (i - 1, i + 1):
             if 0 <= j < len(grid):
                 evaluate(float(np.sqrt(grid[i] * grid[j])))
     table = [rows[a] for a in sorted(rows)]
-    best, met = choose_alpha(table, direction, s.max_corruption)
-    objective = ("maximise correction subject to corruption <= "
-                 f"{s.max_corruption:.0%}" if direction == "correct" else "maximise corruption")
-    return {"table": table, "chosen": best, "constraint_met": met, "objective": objective, "n_tasks": len(ids)}
+    best, met = choose_alpha(table, target.direction, s.max_corruption)
+    text = f"maximise {key} of the target minus the controls' mean {key}"
+    if target.direction == "correct":
+        text += f", subject to target corruption <= {s.max_corruption:.0%}"
+    return {"table": table, "chosen": best, "constraint_met": met, "objective": text, "n_tasks": len(tuning_ids),
+            "n_controls": len(controls)}
+
+
+def _mean(values: list[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return float(np.mean(vals)) if vals else None
 
 
 # --------------------------------------------------------------------------- statistics
 
-def experiment_stats(target: list[dict[str, Any]], controls: dict[int, list[dict[str, Any]]], baseline_passed: bool,
-                     success_passed: bool, level: float = 0.95) -> dict[str, Any]:
-    """Rates, Wilson intervals and exact tests of one experiment (target vs pooled controls)."""
-
-    def count(outcomes):
-        rel = [o for o in outcomes if o["baseline_passed"] == baseline_passed]
-        return sum(o["steered_passed"] == success_passed for o in rel), len(rel)
-
-    k, n = count(target)
-    per_control = {j: count(o) for j, o in controls.items()}
-    kc, nc = sum(v[0] for v in per_control.values()), sum(v[1] for v in per_control.values())
-    flips_back = sum(o["steered_passed"] == baseline_passed for o in target
-                     if o["baseline_passed"] != baseline_passed)  # tasks of the other class, for McNemar's c
-    pooled = kc / nc if nc else float("nan")
-    rel_target = [o for o in target if o["baseline_passed"] == baseline_passed]
-    return {
-        "n": n, "successes": k, "rate": k / n if n else None, "wilson": list(wilson_interval(k, n, level)),
-        "control_n": nc, "control_successes": kc, "control_rate": pooled if nc else None,
-        "control_wilson": list(wilson_interval(kc, nc, level)),
-        "per_control": [{"latent": j, "successes": v[0], "n": v[1]} for j, v in per_control.items()],
-        "binomial_p_vs_control": binomial_test(k, n, pooled) if nc else None,
-        "fisher_p": fisher_test(k, n, kc, nc) if nc else None,
-        "mcnemar_p": mcnemar_exact(k, flips_back) if n else None,
-        "mcnemar_pairs": {"changed_as_tested": k, "changed_the_other_way": flips_back},
-        "mean_similarity": float(np.mean([o["similarity"] for o in rel_target])) if rel_target else None,
-    }
+def experiment(baseline: dict[int, dict], target: dict[int, dict], controls: list[tuple[Arm, dict[int, dict]]],
+               ids: list[int], baseline_passed: bool, cfg: Config) -> dict[str, Any]:
+    """Every statistic of one experiment: target vs its controls on the relevant tasks, and McNemar of
+    each arm against the alpha = 0 baseline over all tasks."""
+    s = cfg.steering
+    t = flips(baseline, target, ids, baseline_passed)
+    c = (np.stack([flips(baseline, out, ids, baseline_passed) for _, out in controls])
+         if controls else np.zeros((0, t.size), dtype=bool))
+    res = experiment_tests(t, c, [arm.kind for arm, _ in controls], n_permutations=s.n_permutations,
+                           n_resamples=s.bootstrap_resamples, seed=s.seed, level=s.ci_level)
+    before = [baseline[i]["passed"] for i in ids]
+    res["mcnemar_p"] = {"p": mcnemar_p(before, [target[i]["passed"] for i in ids]), "null": NULL_UNCHANGED}
+    res["controls"] = [{"label": arm.label, "kind": arm.kind, "latent": arm.latent,
+                        "rate": float(row.mean()) if row.size else None, "successes": int(row.sum()), "n": int(row.size),
+                        "mcnemar_p": mcnemar_p(before, [out[i]["passed"] for i in ids])}
+                       for (arm, out), row in zip(controls, c)]
+    rel = [i for i in ids if baseline[i]["passed"] == baseline_passed]
+    res["mean_similarity"] = (float(np.mean([_similarity(baseline[i], target[i]) for i in rel])) if rel else None)
+    return res
 
 
-def selective(correct_run: list[dict[str, Any]], flagged: set[int]) -> dict[str, Any]:
-    """Selective steering: tasks not flagged keep their baseline outcome, flagged ones take the steered one."""
-    final = [(o["baseline_passed"], o["steered_passed"] if o["task_id"] in flagged else o["baseline_passed"])
-             for o in correct_run]
-    inc = [after for before, after in final if not before]
-    cor = [after for before, after in final if before]
-    const = rates(correct_run)
-    return {
-        "n_flagged": len(flagged & {o["task_id"] for o in correct_run}), "n_tasks": len(correct_run),
-        "selective": {"correction": sum(inc) / len(inc) if inc else None,
-                      "corruption": sum(not a for a in cor) / len(cor) if cor else None,
-                      "corrected": sum(inc), "broken": sum(not a for a in cor)},
-        "constant": {"correction": const["correction"], "corruption": const["corruption"],
-                     "corrected": const["corrected"], "broken": const["broken"]},
-        "n_incorrect": len(inc), "n_correct": len(cor),
-    }
+def _similarity(a: dict[str, Any], b: dict[str, Any]) -> float:
+    return difflib.SequenceMatcher(None, a["program"], b["program"]).ratio()
+
+
+def add_holm(experiments: dict[str, dict[str, Any]]) -> None:
+    """Holm adjustment of each test across the run's experiments, beside the raw p (``holm_p``)."""
+    names = list(experiments)
+    for test in HOLM_TESTS:
+        adjusted = holm([experiments[n][test]["p"] for n in names])
+        for n, p in zip(names, adjusted):
+            experiments[n].setdefault("holm_p", {})[test] = None if p is None or np.isnan(p) else float(p)
+
+
+def net_effects(baseline: dict[int, dict], target: dict[int, dict], controls: list[tuple[Arm, dict[int, dict]]],
+                ids: list[int], cfg: Config) -> dict[str, Any]:
+    """Delta pass@1 over all tasks (corrections minus corruptions, over n) for the target and every control."""
+    s = cfg.steering
+    before = [baseline[i]["passed"] for i in ids]
+
+    def one(out):
+        return net_effect(before, [out[i]["passed"] for i in ids], s.bootstrap_resamples, s.seed, s.ci_level)
+
+    each = [{"label": arm.label, "kind": arm.kind, **one(out)} for arm, out in controls]
+    estimates = [c["estimate"] for c in each if c["estimate"] is not None]
+    return {"target": one(target), "controls": each,
+            "controls_mean": float(np.mean(estimates)) if estimates else None}
+
+
+def selective(baseline: dict[int, dict], steered: dict[int, dict], ids: list[int], flagged: set[int],
+              cfg: Config) -> dict[str, Any]:
+    """Selective steering: flagged tasks take the steered outcome, the others keep the baseline's; compared
+    with constant steering by the paired difference of net effects."""
+    s = cfg.steering
+    before = [baseline[i]["passed"] for i in ids]
+    constant = [steered[i]["passed"] for i in ids]
+    chosen = [steered[i]["passed"] if i in flagged else baseline[i]["passed"] for i in ids]
+    sel, const = ({k: v for k, v in rates(baseline, {i: {"passed": p} for i, p in zip(ids, after)}, ids).items()}
+                  for after in (chosen, constant))
+    n_flagged = len(flagged & set(ids))
+    return {"n_flagged": n_flagged, "n_tasks": len(ids), "flags_every_task": n_flagged == len(ids),
+            "selective": {**sel, "net_effect": net_effect(before, chosen, s.bootstrap_resamples, s.seed, s.ci_level)},
+            "constant": {**const, "net_effect": net_effect(before, constant, s.bootstrap_resamples, s.seed,
+                                                            s.ci_level)},
+            "selective_minus_constant": net_effect_difference(before, chosen, constant, s.bootstrap_resamples, s.seed,
+                                                              s.ci_level)}
 
 
 # --------------------------------------------------------------------------- stage
 
-def load_inputs(run: RunDir, cfg: Config):
+def load_inputs(run: RunDir, cfg: Config) -> dict[str, Any]:
     if cfg.generation.temperature != 0:
-        raise ValueError("steering compares greedy generations with the greedy build: set generation.temperature=0")
+        raise InputError("steering compares greedy generations with the greedy build: set generation.temperature=0")
     for stage in ("build", "analyze", "validate"):
         if not run.is_done(stage):
-            raise FileNotFoundError(f"{run.root} has no finished {stage} stage; run `pva-sae {stage} --run-dir "
+            raise MissingInputError(f"{run.root} has no finished {stage} stage; run `pva-sae {stage} --run-dir "
                                     f"{run.root}` first")
-    records = {r["task_id"]: r for r in load_records(str(run.root)) if r["sample_index"] == 0}
     apaths = AnalysisPaths.of(run)
     summary = read_analysis_summary(apaths)
     targets = select_latents(load_ranked(apaths), cfg.steering.selection_metric)
     acts, task_ids, layers, _, _ = load_activations(apaths.activations)
     saes = {int(t["layer"]): load_layer_sae(cfg, summary["release"], int(t["layer"]), acts.shape[-1])
             for t in targets.values()}
-    sae_rows = [i for i, t in enumerate(task_ids) if t in set(read_splits(run)["sae"])]
+    sae_ids = set(read_splits(run)["sae"])
+    sae_rows = [i for i, t in enumerate(task_ids) if t in sae_ids]
     norms = {layer: float(acts[sae_rows, layers.index(layer)].norm(dim=-1).mean()) for layer in saes}
     vpaths = ValidationPaths.of(run)
-    choices = read_choices(vpaths)
-    return records, summary, targets, saes, norms, choices, vpaths
+    return {"records": {r["task_id"]: r for r in load_records(run.root) if r["sample_index"] == 0},
+            "summary": summary, "targets": targets, "saes": saes, "norms": norms, "choices": read_choices(vpaths),
+            "validation": read_validation_results(vpaths), "predictions": read_validation_scores(vpaths),
+            "scores": load_scores(apaths)}
 
 
-def _flagged(vpaths, choices: dict[str, Any], ids: list[int]) -> tuple[set[int], dict[str, Any]]:
-    pred = next(p for p in choices["predictors"] if p["name"] == "latent" and p["direction"] == "incorrect")
-    table = read_validation_scores(vpaths)
+def flagged_tasks(inputs: dict[str, Any], ids: list[int]) -> tuple[set[int], dict[str, Any]]:
+    """Tasks where the frozen incorrect-predictor latent reaches its tuned threshold (selective steering)."""
+    pred = next(p for p in inputs["choices"]["predictors"] if p["name"] == "latent" and p["direction"] == "incorrect")
+    table = inputs["predictions"]
     scores = dict(zip(table["task_id"], table["incorrect/latent"]))
     return {t for t in ids if scores[t] >= pred["threshold"]}, pred
 
 
+def target_arm(cfg: Config, steerer: Steerer, direction: str, latent_row: dict[str, Any], sae) -> tuple[Arm, torch.Tensor]:
+    """The arm steered as 'the target': the chosen latent, or (``steering.target``) a random direction or a
+    token's unembedding row at the latent vector's norm."""
+    s = cfg.steering
+    layer, latent = int(latent_row["layer"]), int(latent_row["latent"])
+    vector = steering_vector(sae, latent, s.normalize)
+    if s.target == "latent":
+        return Arm("target", direction, layer, latent, f"L{layer}:{latent}"), vector
+    norm = float(vector.norm())
+    if s.target == "random":
+        seed = s.seed * 7919 + (1 if direction == "correct" else 2)
+        return Arm("target", direction, layer, None, "random-target"), random_direction(vector.numel(), norm, seed)
+    token = s.target.split(":", 1)[1]
+    return (Arm("target", direction, layer, None, f"unembed:{token}"),
+            unembedding_direction(steerer.loaded, token, norm))
+
+
 def steer(cfg: Config, progress: bool = True) -> dict[str, Any]:
     """Run the stage; returns the results written to ``steering/results.json``."""
-
     started = time.perf_counter()
     run = RunDir.at(cfg.output.run_dir)
     paths = SteeringPaths.of(run)
-    records, summary, targets, saes, norms, choices, vpaths = load_inputs(run, cfg)
+    inputs = load_inputs(run, cfg)
     paths.root.mkdir(parents=True, exist_ok=True)
     setup_logging(run.log_file(STAGE))
     atomic_write_json(paths.config, cfg.to_dict())
-    s = cfg.steering
+    s, records, summary = cfg.steering, inputs["records"], inputs["summary"]
     splits = read_splits(run)
     tuning_ids = seeded_subset([t for t in splits["tuning"] if t in records], s.tuning_max_tasks, s.seed)
     val_ids = seeded_subset([t for t in splits["validation"] if t in records], s.max_tasks, s.seed)
-    steerer = Steerer(cfg, run, records, progress)
-    scores = load_scores(AnalysisPaths.of(run))
-
-    results: dict[str, Any] = {"targets": {}, "tuning": {}, "controls": {}, "experiments": {}}
-    runs: dict[str, list[dict[str, Any]]] = {}
-    control_runs: dict[str, dict[int, list[dict[str, Any]]]] = {}
-    for direction, target in targets.items():
-        layer, latent = int(target["layer"]), int(target["latent"])
-        vector = steering_vector(saes[layer], latent, s.normalize)
-        unit = norms[layer] if s.alpha_units == "residual_norm" else 1.0
-        tuned = (tune(steerer, direction, target, vector, unit, tuning_ids) if s.alphas is None
-                 else {"chosen": {"alpha": s.alphas[0 if direction == "correct" else 1]}, "table": [],
-                       "objective": "fixed by steering.alphas", "constraint_met": None})
-        alpha = tuned["chosen"]["alpha"] * unit
-        results["tuning"][direction] = tuned
-        results["targets"][direction] = {**target, "alpha": tuned["chosen"]["alpha"], "alpha_abs": alpha,
-                                         "alpha_units": s.alpha_units, "mean_residual_norm": norms[layer],
-                                         "decoder_norm": float(saes[layer].W_dec[latent].norm()),
-                                         "normalize": s.normalize, "positions": s.positions}
-        ids = val_ids if direction == "correct" else [t for t in val_ids if records[t]["passed"]]
-        runs[direction] = steerer.run_condition(
-            Condition("target", direction, layer, latent, alpha, s.positions, tuple(ids)), vector)
-        controls = pick_controls(scores[layer], latent, summary["n_correct"], summary["n_incorrect"], s.n_controls,
-                                 s.control_max_separation, s.seed)
-        control_ids = seeded_subset(ids, s.control_max_tasks, s.seed + 1)
-        results["controls"][direction] = controls
-        control_runs[direction] = {
-            c["latent"]: steerer.run_condition(
-                Condition("control", direction, layer, c["latent"], alpha, s.positions, tuple(control_ids)),
-                steering_vector(saes[layer], c["latent"], s.normalize))
-            for c in controls}
-
-    for name, (direction, baseline_passed, success) in EXPERIMENTS.items():
-        results["experiments"][name] = {"direction": direction, **experiment_stats(
-            runs[direction], control_runs[direction], baseline_passed, success, s.ci_level)}
-    rerun = steerer.run_condition(Condition("rerun", None, None, None, 0.0, s.positions, tuple(val_ids)), None)
-    flips = sum(o["steered_passed"] != o["baseline_passed"] for o in rerun)
-    results["noise_floor"] = {"n": len(rerun), "flips": flips, "rate": flips / len(rerun) if rerun else None,
-                              "identical_programs": sum(o["similarity"] == 1.0 for o in rerun)}
-    flagged, predictor = _flagged(vpaths, choices, [o["task_id"] for o in runs["correct"]])
-    results["selective"] = {"predictor": {k: predictor[k] for k in ("label", "layer", "latent", "threshold")},
-                            **selective(runs["correct"], flagged)}
-    results["tasks"] = {"validation": len(val_ids), "tuning": len(tuning_ids), "generated": steerer.n_generated}
-    _save_tasks(paths, runs, control_runs, rerun)
+    steerer = Steerer(cfg, run, progress)
+    try:
+        base_tuning = steerer.run(BASELINE, None, 0.0, tuning_ids)
+        base_val = steerer.run(BASELINE, None, 0.0, val_ids)
+        results: dict[str, Any] = {"design": _design(cfg), "directions": {}, "experiments": {}}
+        outcomes: dict[str, tuple[dict, list]] = {}
+        for direction, row in inputs["targets"].items():
+            layer = int(row["layer"])
+            sae = inputs["saes"][layer]
+            arm, vector = target_arm(cfg, steerer, direction, row, sae)
+            latents = pick_control_latents(inputs["scores"][layer], int(row["latent"]), summary["n_correct"],
+                                           summary["n_incorrect"], s.n_controls // 2, s.control_max_separation,
+                                           cfg.analysis.general_max_frequency, s.seed)
+            controls = control_arms(direction, layer, latents, s.n_controls - len(latents), sae, s.normalize,
+                                    float(vector.norm()), s.seed)
+            unit = inputs["norms"][layer] if s.alpha_units == "residual_norm" else 1.0
+            tuned = (tune(steerer, arm, vector, interleave_kinds(controls, s.tuning_controls), unit, tuning_ids,
+                          base_tuning) if s.alphas is None else
+                     {"chosen": {"alpha": s.alphas[0 if direction == "correct" else 1]}, "table": [],
+                      "objective": "fixed by steering.alphas", "constraint_met": None})
+            alpha = tuned["chosen"]["alpha"] * unit
+            target_out = steerer.run(arm, vector, alpha, val_ids)
+            control_out = [(a, steerer.run(a, v, alpha, val_ids)) for a, v in controls]
+            outcomes[direction] = (target_out, control_out)
+            results["directions"][direction] = {
+                "target": {**arm.as_dict(), "latent_row": row, "alpha": tuned["chosen"]["alpha"], "alpha_abs": alpha,
+                           "alpha_units": s.alpha_units, "mean_residual_norm": inputs["norms"][layer],
+                           "vector_norm": float(vector.norm()), "decoder_norm": float(sae.W_dec[int(row["latent"])].norm()),
+                           "normalize": s.normalize, "positions": s.positions,
+                           "validation": _validated(inputs["validation"], row)},
+                "tuning": tuned,
+                "controls": [{**a.as_dict(), **next((c for c in latents if c["latent"] == a.latent), {})}
+                             for a, _ in controls],
+                "net_effect": net_effects(base_val, target_out, control_out, val_ids, cfg),
+            }
+        for name, (direction, baseline_passed) in EXPERIMENTS.items():
+            target_out, control_out = outcomes[direction]
+            results["experiments"][name] = {"direction": direction,
+                                            "target": results["directions"][direction]["target"]["label"],
+                                            **experiment(base_val, target_out, control_out, val_ids, baseline_passed,
+                                                         cfg)}
+        add_holm(results["experiments"])
+        flips_nf = sum(records[t]["passed"] != base_val[t]["passed"] for t in val_ids)
+        results["noise_floor"] = {"n": len(val_ids), "flips": flips_nf, "rate": flips_nf / len(val_ids) if val_ids else None,
+                                  "identical_programs": sum(records[t]["program"] == base_val[t]["program"]
+                                                            for t in val_ids),
+                                  "compared": "build record vs the alpha = 0 re-run"}
+        flagged, predictor = flagged_tasks(inputs, val_ids)
+        results["selective"] = {"predictor": {k: predictor[k] for k in ("label", "layer", "latent", "threshold")},
+                                **selective(base_val, outcomes["correct"][0], val_ids, flagged, cfg)}
+        results["tasks"] = {"validation": len(val_ids), "tuning": len(tuning_ids), "generated": steerer.n_generated}
+    finally:
+        steerer.close()
+    _save_tasks(paths, results, base_val, outcomes, val_ids)
     if s.plots:
-
         results["plots"] = [str(p.relative_to(run.root)) for p in plot_steering(paths.plots, results)]
     results["seconds"] = round(time.perf_counter() - started, 2)
     atomic_write_json(paths.results, results)
@@ -369,9 +507,34 @@ def steer(cfg: Config, progress: bool = True) -> dict[str, Any]:
     return results
 
 
-def _save_tasks(paths: SteeringPaths, runs, control_runs, rerun) -> None:
-    rows = [{"role": "target", "direction": d, "latent": None, **o} for d, outs in runs.items() for o in outs]
-    rows += [{"role": "control", "direction": d, "latent": j, **o} for d, per in control_runs.items()
-             for j, outs in per.items() for o in outs]
-    rows += [{"role": "rerun", "direction": None, "latent": None, **o} for o in rerun]
+def _design(cfg: Config) -> dict[str, Any]:
+    s = cfg.steering
+    return {"target": s.target, "n_controls": s.n_controls, "control_kinds": {"latent": s.n_controls // 2,
+                                                                            "random": s.n_controls - s.n_controls // 2},
+            "tuning_controls": s.tuning_controls, "baseline": "alpha = 0 re-run, same tasks and batch plan",
+            "positions": s.positions, "n_permutations": s.n_permutations, "bootstrap_resamples": s.bootstrap_resamples,
+            "seed": s.seed, "level": s.ci_level}
+
+
+def _validated(validation: dict[str, Any], row: dict[str, Any]) -> dict[str, Any] | None:
+    """The validation stage's metrics of this very latent as a predictor (one latent identity in the report)."""
+    for rows in validation.get("validation", {}).values():
+        for r in rows:
+            if r.get("layer") == row["layer"] and r.get("latent") == row["latent"]:
+                return {"label": r["label"], "name": r["name"], "direction": r["direction"],
+                        "auroc": r["metrics"]["auroc"], "f1": r["metrics"]["f1"]}
+    return None
+
+
+def _save_tasks(paths: SteeringPaths, results, base_val, outcomes, val_ids) -> None:
+    rows = []
+    for direction, (target_out, control_out) in outcomes.items():
+        for arm_label, kind, out in [(results["directions"][direction]["target"]["label"], "target", target_out)] + \
+                [(a.label, a.kind, o) for a, o in control_out]:
+            rows += [{"direction": direction, "arm": arm_label, "kind": kind, "task_id": t,
+                      "baseline_passed": base_val[t]["passed"], "steered_passed": out[t]["passed"],
+                      "similarity": _similarity(base_val[t], out[t]), "status": out[t]["status"],
+                      "error_type": out[t]["error_type"], "n_new_tokens": out[t]["n_new_tokens"],
+                      "finish_reason": out[t]["finish_reason"], "baseline_program": base_val[t]["program"],
+                      "program": out[t]["program"]} for t in val_ids]
     write_steered_tasks(paths, rows)

@@ -24,7 +24,9 @@ from typing import Any
 import numpy as np
 
 from pva_sae.config import BUILD_SECTIONS, DIRECTIONS, Config, config_from_dict
+from pva_sae.data import mbpp
 from pva_sae.data.mbpp import seeded_subset
+from pva_sae.errors import InputError, MissingInputError
 from pva_sae.execution.dataset import build_labelled_dataset
 from pva_sae.plots import plot_validation
 from pva_sae.rundir.artifacts import (
@@ -39,7 +41,7 @@ from pva_sae.rundir.atomic import atomic_write_json, atomic_write_parquet, read_
 from pva_sae.rundir.logs import setup_logging
 from pva_sae.rundir.paths import AnalysisPaths, RunDir, ValidationPaths
 from pva_sae.sae.registry import load_layer_sae
-from pva_sae.stats.classify import bootstrap_metrics
+from pva_sae.stats.classify import bootstrap_metrics, paired_differences
 from pva_sae.stats.latents import select_latents
 from pva_sae.stats.predictors import Features, SealedLabels, fit_predictors, positive
 
@@ -56,7 +58,7 @@ def load_features(run: RunDir, cfg: Config, layers_needed: list[int]):
 
     apaths = AnalysisPaths.of(run)
     if not run.is_done("analyze"):
-        raise FileNotFoundError(f"{run.root} has no finished analysis stage; run `pva-sae analyze --run-dir {run.root}`")
+        raise MissingInputError(f"{run.root} has no finished analysis stage; run `pva-sae analyze --run-dir {run.root}`")
     acts, task_ids, layers, site, _ = load_activations(apaths.activations)
     summary = read_json(apaths.summary)
     feats = Features(acts.numpy().astype(np.float32), list(task_ids), list(layers))
@@ -69,7 +71,7 @@ def _split_ids(run: RunDir, labels: dict[int, bool]) -> dict[str, list[int]]:
     out = {name: [t for t in ids if t in labels] for name, ids in splits.items()}
     for name, ids in out.items():
         if not ids:
-            raise ValueError(f"the build holds no task of the {name} split; build the full task range")
+            raise InputError(f"the build holds no task of the {name} split; build the full task range")
     return out
 
 
@@ -155,6 +157,48 @@ def temperature_records(cfg: Config, paths: ValidationPaths, temperature: float,
     return records, f"regenerated ({n} sample(s) per task)"
 
 
+def confounds(cfg: Config, records: list[dict[str, Any]]) -> dict[str, dict[int, float]]:
+    """Single-feature baselines a latent could be a proxy for: prompt length in tokens, description length
+    in characters, cyclomatic complexity of the reference solution."""
+    first = [r for r in records if r["sample_index"] == 0]
+    text = {t.task_id: t.text for t in mbpp.load_tasks(cfg.data.source)}
+    return {"prompt tokens": {r["task_id"]: float(r["n_prompt_tokens"]) for r in first},
+            "description length": {r["task_id"]: float(len(text[r["task_id"]])) for r in first},
+            "cyclomatic complexity": {r["task_id"]: float(r["complexity"]) for r in first}}
+
+
+LATENT_ROWS = ("latent", "steered_latent", "latent_fires")
+
+
+def add_paired_differences(rows: list[dict[str, Any]], predictors, feats, val_ids, y_val, cfg: Config) -> None:
+    """For every latent predictor, paired bootstrap differences (same resample weights) against every other
+    predictor of its direction, and a verdict that follows from whether each interval excludes 0."""
+    v = cfg.validation
+    by_key = {(p.direction, p.name, p.layer, p.latent, p.info.get("feature")): p for p in predictors}
+    for row, p in zip(rows, predictors):
+        if p.name not in LATENT_ROWS:
+            continue
+        y = positive(y_val, p.direction)
+        s = p.score(feats, val_ids)
+        row["paired"] = []
+        for q in by_key.values():
+            if q.direction != p.direction or q is p or q.name in LATENT_ROWS:
+                continue
+            d = paired_differences(s, p.threshold, q.score(feats, val_ids), q.threshold, y,
+                                   n_resamples=v.bootstrap_resamples, seed=v.bootstrap_seed, level=v.ci_level)
+            row["paired"].append({"against": q.label, "name": q.name,
+                                  **{f"delta_{m}": d[m].as_dict() for m in ("auroc", "f1", "mcc")},
+                                  "verdict": verdict(d)})
+
+
+def verdict(d) -> str:
+    """'better' / 'worse' when the AUROC difference's interval excludes 0, else 'no different'."""
+    iv = d["auroc"]
+    if iv.low is None or np.isnan(iv.low):
+        return "undefined"
+    return "better" if iv.low > 0 else "worse" if iv.high < 0 else "no different"
+
+
 # --------------------------------------------------------------------------- stage
 
 def validate(cfg: Config, progress: bool = True) -> dict[str, Any]:
@@ -174,25 +218,32 @@ def validate(cfg: Config, progress: bool = True) -> dict[str, Any]:
     sealed = SealedLabels(labels, split_of, sealed=("validation",))
     table = load_ranked(AnalysisPaths.of(run))
     selection = select_latents(table, cfg.validation.selection_metric)
-    layers = sorted({int(r["layer"]) for r in selection.values()})
-    feats, saes, analysis = load_features(run, cfg, layers)
-    for row in selection.values():
+    steering_selection = select_latents(table, cfg.steering.selection_metric)  # validated too: one latent identity
+    chosen = list(selection.values()) + list(steering_selection.values())
+    feats, saes, analysis = load_features(run, cfg, sorted({int(r["layer"]) for r in chosen}))
+    for row in chosen:
         feats.add_latent(saes[int(row["layer"])], int(row["layer"]), int(row["latent"]))
+    feats.scalars.update(confounds(cfg, records))
 
     predictors = fit_predictors(selection, feats, sealed, ids["sae"], ids["tuning"], folds=cfg.validation.probe_folds,
-                                n_cs=cfg.validation.probe_cs, seed=cfg.validation.bootstrap_seed)
+                                n_cs=cfg.validation.probe_cs, seed=cfg.validation.bootstrap_seed,
+                                steering_selection=steering_selection)
     write_choices(paths, {"selection_metric": cfg.validation.selection_metric, "selection": selection,
-                                      "predictors": [p.as_dict() for p in predictors],
-                                      "label_reads": sorted(set(sealed.reads))})
+                          "steering_selection_metric": cfg.steering.selection_metric,
+                          "steering_selection": steering_selection,
+                          "predictors": [p.as_dict() for p in predictors],
+                          "label_reads": sorted(set(sealed.reads))})
     sealed.unseal("validation")  # choices are frozen on disk: the validation labels may now be read
 
     val_ids = ids["validation"]
     y_val = sealed(val_ids)
     rows = [evaluate(p, feats, val_ids, y_val, cfg) for p in predictors]
+    add_paired_differences(rows, predictors, feats, val_ids, y_val, cfg)
     difficulty = {r["task_id"]: r["difficulty"] for r in records}
     results = {
         "selection_metric": cfg.validation.selection_metric,
         "selection": selection,
+        "steering_selection": steering_selection,
         "splits": {name: {"n": len(group), "n_correct": int(sum(labels[t] for t in group))}
                    for name, group in ids.items()},
         "validation": _by_direction(rows),

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import binomtest, fisher_exact, norm
 
-METRIC_NAMES = ("auroc", "f1", "precision", "recall", "average_precision")
+METRIC_NAMES = ("auroc", "f1", "precision", "recall", "average_precision", "mcc", "balanced_accuracy")
 
 
 def _arrays(scores, labels, weights=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -111,11 +111,25 @@ def confusion(scores, labels, threshold: float, weights=None) -> tuple[float, fl
 
 def threshold_metrics(scores, labels, threshold: float, weights=None) -> dict[str, float]:
     """precision, recall and F1 at ``threshold`` (0 where a denominator is 0, as sklearn's zero_division=0)."""
-    tp, fp, fn, _ = confusion(scores, labels, threshold, weights)
+    tp, fp, fn, tn = confusion(scores, labels, threshold, weights)
     precision = tp / (tp + fp) if tp + fp > 0 else 0.0
     recall = tp / (tp + fn) if tp + fn > 0 else 0.0
     f1 = 2 * tp / (2 * tp + fp + fn) if tp > 0 else 0.0
-    return {"precision": precision, "recall": recall, "f1": f1}
+    return {"precision": precision, "recall": recall, "f1": f1, **_mcc_balanced(tp, fp, fn, tn)}
+
+
+def _mcc_balanced(tp, fp, fn, tn):
+    """Matthews correlation (0 when a margin is empty, as sklearn) and balanced accuracy (mean of TPR and TNR).
+
+    Works on floats or arrays; unlike F1 neither rewards predicting every task positive: both are 0 / 0.5 then.
+    """
+    with np.errstate(invalid="ignore", divide="ignore"):
+        den = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+        mcc = np.where(den > 0, (tp * tn - fp * fn) / np.where(den > 0, den, 1.0), 0.0)
+        tpr = np.where(tp + fn > 0, tp / np.where(tp + fn > 0, tp + fn, 1.0), np.nan)
+        tnr = np.where(tn + fp > 0, tn / np.where(tn + fp > 0, tn + fp, 1.0), np.nan)
+    out = {"mcc": mcc, "balanced_accuracy": (tpr + tnr) / 2}
+    return {k: float(v) for k, v in out.items()} if np.ndim(mcc) == 0 else out
 
 
 def best_f1_threshold(scores, labels) -> tuple[float, float]:
@@ -198,14 +212,14 @@ def batched_metrics(scores, labels, threshold: float, weights: np.ndarray) -> di
         ap = np.sum(np.diff(tpr, axis=1) * precision, axis=1)
     pred = s >= threshold
     Wu = np.asarray(weights, dtype=np.float64).reshape(len(W), -1)
-    tp_t, fp_t, fn_t = Wu @ (pred & y), Wu @ (pred & ~y), Wu @ (~pred & y)
+    tp_t, fp_t, fn_t, tn_t = Wu @ (pred & y), Wu @ (pred & ~y), Wu @ (~pred & y), Wu @ (~pred & ~y)
     with np.errstate(invalid="ignore", divide="ignore"):
         prec = np.where(tp_t + fp_t > 0, tp_t / np.maximum(tp_t + fp_t, 1e-300), 0.0)
         rec = np.where(tp_t + fn_t > 0, tp_t / np.maximum(tp_t + fn_t, 1e-300), 0.0)
         f1 = np.where(tp_t > 0, 2 * tp_t / np.maximum(2 * tp_t + fp_t + fn_t, 1e-300), 0.0)
     nan = np.full(len(W), np.nan)
     return {"auroc": np.where(both, auc, nan), "f1": f1, "precision": prec, "recall": rec,
-            "average_precision": np.where(both, ap, nan)}
+            "average_precision": np.where(both, ap, nan), **_mcc_balanced(tp_t, fp_t, fn_t, tn_t)}
 
 
 def bootstrap_metrics(scores, labels, threshold: float, clusters: Sequence[Any] | None = None,
@@ -229,6 +243,32 @@ def bootstrap_metrics(scores, labels, threshold: float, clusters: Sequence[Any] 
         v = values[name][~np.isnan(values[name])]
         lo, hi = (np.quantile(v, [(1 - level) / 2, (1 + level) / 2]) if v.size >= 2 else (np.nan, np.nan))
         out[name] = Interval(point[name], float(lo), float(hi), int(v.size), n_resamples)
+    return out
+
+
+def paired_differences(scores_a, threshold_a: float, scores_b, threshold_b: float, labels,
+                       clusters: Sequence[Any] | None = None, n_resamples: int = 1000, seed: int = 0,
+                       level: float = 0.95) -> dict[str, Interval]:
+    """Bootstrap intervals of metric(a) - metric(b) for two predictors of the same items, with the SAME
+    resample weights for both (a paired comparison): {metric: Interval of the difference}.
+
+    The weights are drawn exactly as :func:`bootstrap_metrics` draws them for the same seed, so each
+    predictor's own interval and the difference come from one set of resamples. A predictor is better
+    than another at ``level`` when the interval of the difference excludes 0.
+    """
+    s_a, y, _ = _arrays(scores_a, labels)
+    s_b, _, _ = _arrays(scores_b, labels)
+    clusters = np.arange(s_a.size) if clusters is None else np.asarray(clusters)
+    weights = cluster_weights(clusters, n_resamples, np.random.default_rng(seed))
+    ones = np.ones((1, s_a.size))
+    pa, pb = batched_metrics(s_a, y, threshold_a, ones), batched_metrics(s_b, y, threshold_b, ones)
+    va, vb = batched_metrics(s_a, y, threshold_a, weights), batched_metrics(s_b, y, threshold_b, weights)
+    out = {}
+    for name in METRIC_NAMES:
+        d = va[name] - vb[name]
+        d = d[~np.isnan(d)]
+        lo, hi = (np.quantile(d, [(1 - level) / 2, (1 + level) / 2]) if d.size >= 2 else (np.nan, np.nan))
+        out[name] = Interval(float(pa[name][0] - pb[name][0]), float(lo), float(hi), int(d.size), n_resamples)
     return out
 
 

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from pva_sae.config import DIRECTIONS
+from pva_sae.errors import InputError
 
 SCORE_KEYS = ("f_correct", "f_incorrect", "sep_correct", "sep_incorrect", "t_correct", "t_incorrect",
               "mean_correct", "mean_incorrect")
@@ -190,7 +191,7 @@ def select_latents(table: list[dict[str, Any]], metric: str) -> dict[str, dict[s
     for direction in DIRECTIONS:
         rows = [r for r in table if r["scope"] == "overall" and r["metric"] == metric and r["direction"] == direction]
         if not rows:
-            raise ValueError(f"the ranked table holds no {direction}-predicting latent by {metric}: every latent was "
+            raise InputError(f"the ranked table holds no {direction}-predicting latent by {metric}: every latent was "
                              "filtered out; lower analysis.general_max_frequency or check the analysis stage")
         out[direction] = min(rows, key=lambda r: r["rank"])
     return out

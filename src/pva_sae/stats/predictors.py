@@ -70,6 +70,7 @@ class Features:
     task_ids: list[int]
     layers: list[int]
     latent_acts: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)  # (layer, latent) -> (n_tasks,)
+    scalars: dict[str, dict[int, float]] = field(default_factory=dict)  # confound name -> {task id: value}
 
     def __post_init__(self) -> None:
         self._index = {t: i for i, t in enumerate(self.task_ids)}
@@ -93,7 +94,7 @@ class Features:
 
 @dataclass
 class Predictor:
-    name: str                          # 'latent' or one of BASELINES
+    name: str                          # 'latent', 'steered_latent', 'latent_fires', 'confound' or one of BASELINES
     direction: str                     # the positive class
     layer: int | None = None
     latent: int | None = None
@@ -107,15 +108,22 @@ class Predictor:
 
     @property
     def label(self) -> str:
-        if self.name == "latent":
+        if self.name in ("latent", "steered_latent"):
             return f"latent L{self.layer}:{self.latent}"
+        if self.name == "latent_fires":
+            return f"latent L{self.layer}:{self.latent} fires"
+        if self.name == "confound":
+            return f"confound: {self.info['feature']}"
         return {"probe": f"logistic probe L{self.layer}", "diff_means": f"difference of means L{self.layer}",
                 "majority": "majority class", "always_positive": f"always '{self.direction}'",
                 "random": "random"}[self.name]
 
     def score(self, feats: Features, task_ids: Sequence[int]) -> np.ndarray:
-        if self.name == "latent":
+        if self.name in ("latent", "steered_latent", "latent_fires"):
             return feats.latent_acts[(self.layer, self.latent)][feats.rows(task_ids)].astype(np.float64)
+        if self.name == "confound":
+            values = feats.scalars[self.info["feature"]]
+            return self.constant * np.array([values[t] for t in task_ids], dtype=np.float64)
         if self.name in ("probe", "diff_means"):
             return feats.residual(self.layer, task_ids).astype(np.float64) @ self.weights + self.bias
         if self.name in ("majority", "always_positive"):
@@ -159,13 +167,26 @@ def fit_probe(x: np.ndarray, y: np.ndarray, folds: int, n_cs: int) -> tuple[np.n
     return w, b, {"C": float(np.ravel(model.C_)[0]), "cv_folds": folds}
 
 
+def _latent(name: str, direction: str, row: dict[str, Any]) -> Predictor:
+    return Predictor(name, direction, int(row["layer"]), int(row["latent"]),
+                     info={k: row.get(k) for k in (f"t_{direction}", f"sep_{direction}", "f_correct", "f_incorrect",
+                                                    "general_frequency", "neuronpedia")})
+
+
+# The natural JumpReLU rule: a latent "fires" when its activation is > 0 (the smallest positive float).
+FIRES = float(np.nextafter(0.0, 1.0))
+
+
 def fit_predictors(selection: dict[str, dict[str, Any]], feats: Features, labels: SealedLabels,
                    sae_ids: Sequence[int], tuning_ids: Sequence[int], *, folds: int, n_cs: int,
-                   seed: int) -> list[Predictor]:
+                   seed: int, steering_selection: dict[str, dict[str, Any]] | None = None) -> list[Predictor]:
     """Fit every predictor on the SAE-analysis split and tune its threshold on the tuning split.
 
-    ``selection[direction]`` is the analysis stage's chosen latent row (layer, latent, scores).
-    Reads labels of the SAE-analysis and tuning splits only.
+    ``selection[direction]`` is the analysis stage's chosen latent row (layer, latent, scores);
+    ``steering_selection`` the latent the steering stage will steer, validated too when it differs
+    (one latent identity across the run). Confound baselines are single features of
+    ``feats.scalars`` (their sign fitted on the SAE-analysis split). The natural rule "the latent
+    fires" is kept beside the tuned threshold. Reads labels of the SAE-analysis and tuning splits only.
     """
     y_sae, y_tune = labels(sae_ids), labels(tuning_ids)
     majority_correct = bool(y_sae.mean() >= 0.5)
@@ -178,9 +199,7 @@ def fit_predictors(selection: dict[str, dict[str, Any]], feats: Features, labels
         w, b, info = fit_probe(x_sae, pos_sae, folds, n_cs)
         diff = x_sae[pos_sae].mean(axis=0) - x_sae[~pos_sae].mean(axis=0)
         made = [
-            Predictor("latent", direction, layer, int(row["latent"]),
-                      info={k: row.get(k) for k in (f"t_{direction}", f"sep_{direction}", "f_correct", "f_incorrect",
-                                                     "general_frequency", "neuronpedia")}),
+            _latent("latent", direction, row),
             Predictor("probe", direction, layer, weights=w, bias=b, info=info),
             Predictor("diff_means", direction, layer, weights=diff),
             Predictor("majority", direction, constant=float(majority_correct == (direction == "correct")),
@@ -188,10 +207,21 @@ def fit_predictors(selection: dict[str, dict[str, Any]], feats: Features, labels
             Predictor("always_positive", direction, constant=1.0),
             Predictor("random", direction, seed=seed),
         ]
+        steered = (steering_selection or {}).get(direction)
+        if steered and (int(steered["layer"]), int(steered["latent"])) != (layer, int(row["latent"])):
+            made.insert(1, _latent("steered_latent", direction, steered))
+        for name, values in feats.scalars.items():
+            v = np.array([values[t] for t in sae_ids], dtype=np.float64)
+            sign = 1.0 if v[pos_sae].mean() >= v[~pos_sae].mean() else -1.0
+            made.append(Predictor("confound", direction, constant=sign, info={"feature": name, "sign": sign}))
         for p in made:
-            if p.constant is not None:
+            if p.name in ("majority", "always_positive"):
                 p.threshold = 0.5  # predicts positive iff the majority class is the positive class
                 continue
             p.threshold, p.tuning_f1 = best_f1_threshold(p.score(feats, tuning_ids), pos_tune)
+        for p in [p for p in made if p.name in ("latent", "steered_latent")]:
+            fires = Predictor("latent_fires", direction, p.layer, p.latent, threshold=FIRES,
+                              info={**p.info, "of": p.name})
+            made.insert(made.index(p) + 1, fires)
         out.extend(made)
     return out
