@@ -42,6 +42,18 @@ def tiny_loaded(tiny_model_dir):
 D_SAE = 96
 
 
+def replace_dataset(run, dataset) -> None:
+    """Write ``dataset`` as the run's labelled dataset and record it in the build marker, as a build would
+    (tests plant labels this way; any other change of the dataset is caught as stale by later stages)."""
+    from pva_sae.rundir.atomic import atomic_write_json, read_json
+    from pva_sae.rundir.fingerprints import records_digest
+
+    atomic_write_json(run.dataset_json, dataset)
+    marker = read_json(run.marker("build"))
+    marker["outputs"]["records"] = records_digest(run)
+    atomic_write_json(run.marker("build"), marker)
+
+
 def make_saes(folder, n_layers, d_model, seed=0):
     import numpy as np
 
@@ -61,11 +73,10 @@ def analysed(tiny_model_dir, tmp_path_factory):
     """A finished build (labels planted: task_id % 3 == 0 passes) and analysis on 30 tasks; do not mutate."""
     from transformers import AutoConfig
 
-    from pva_sae.stages.analyze import analyze
-    from pva_sae.stages.build import build_dataset
     from pva_sae.config import resolve_config
     from pva_sae.rundir.paths import RunDir
-    from pva_sae.rundir.atomic import atomic_write_json
+    from pva_sae.stages.analyze import analyze
+    from pva_sae.stages.build import build_dataset
 
     base = tmp_path_factory.mktemp("analyze")
     run_dir = base / "run"
@@ -76,7 +87,7 @@ def analysed(tiny_model_dir, tmp_path_factory):
     dataset = json.loads(run.dataset_json.read_text())
     for record in dataset["records"]:  # a random model solves nothing: plant labels to exercise both classes
         record["passed"] = record["task_id"] % 3 == 0
-    atomic_write_json(run.dataset_json, dataset)
+    replace_dataset(run, dataset)
 
     hf = AutoConfig.from_pretrained(tiny_model_dir)
     make_saes(base / "saes", hf.num_hidden_layers, hf.hidden_size)

@@ -6,14 +6,13 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from pva_sae.stages.build import build_dataset
-from pva_sae.rundir.artifacts import load_records
 from pva_sae.config import resolve_config
+from pva_sae.rundir.artifacts import load_records
 from pva_sae.rundir.paths import RunDir
+from pva_sae.stages.build import build_dataset
 
 # Wall-clock measurements differ between runs; every other field must be identical.
 TIMING_FIELDS = {"gen_time_s", "exec_time_s"}
@@ -148,8 +147,8 @@ def test_python_api_matches_seed_quick_start(tiny_model_dir, tmp_path):
 
 def test_automatic_batch_size_is_kept_on_resume(tiny_model_dir, tmp_path, monkeypatch):
     import pva_sae.execution.dataset as generation  # the module that calls resolve_batch_size
-    from pva_sae.stages.build import build_dataset
     from pva_sae.config import resolve_config
+    from pva_sae.stages.build import build_dataset
 
     run_dir = tmp_path / "run"
     cfg = resolve_config(overrides=[f"model.name={tiny_model_dir}", f"output.run_dir={run_dir}", "data.end_idx=5",

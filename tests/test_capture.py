@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from pva_sae.model.capture import capture_last_token, left_pad, tokenize_prompts
-from pva_sae.rundir.artifacts import load_activations, save_activations
 from pva_sae.model.hooks import decoder_layers
+from pva_sae.rundir.artifacts import load_activations, save_activations
 
 PAD_TOL = 1e-4
 N_LAYERS = 3

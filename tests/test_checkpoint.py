@@ -2,10 +2,10 @@ import json
 
 import pytest
 
-from pva_sae.rundir.checkpoint import BuildState, Checkpointer, CheckpointError, ask_resume, decide_resume, read_state
 from pva_sae.config import CheckpointConfig, Config
-from pva_sae.rundir.paths import RunDir
 from pva_sae.rundir.atomic import atomic_write_json
+from pva_sae.rundir.checkpoint import BuildState, Checkpointer, CheckpointError, ask_resume, decide_resume, read_state
+from pva_sae.rundir.paths import RunDir
 
 
 class FakeClock:

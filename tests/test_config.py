@@ -2,7 +2,15 @@ import json
 
 import pytest
 
-from pva_sae.config import (Config, ConfigError, apply_overrides, config_from_dict, describe, diff_configs, resolve_config)
+from pva_sae.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    config_from_dict,
+    describe,
+    diff_configs,
+    resolve_config,
+)
 
 
 def test_defaults_are_valid_and_documented():

@@ -4,7 +4,20 @@ import types
 
 import pytest
 
-from pva_sae.data.mbpp import (SPLIT_NAMES, DataError, Task, cyclomatic_complexity, dataset_sha256, difficulty_bucket, load_tasks, make_splits, select_range, split_sizes, split_summary, validate_rows)
+from pva_sae.data.mbpp import (
+    SPLIT_NAMES,
+    DataError,
+    Task,
+    cyclomatic_complexity,
+    dataset_sha256,
+    difficulty_bucket,
+    load_tasks,
+    make_splits,
+    select_range,
+    split_sizes,
+    split_summary,
+    validate_rows,
+)
 
 PACKAGED_SHA256 = "0b7004a79cd62d9ec7ecdd5a6e5f0ef1210ff00b286df3c5d5b57bf38c58e19a"
 

@@ -3,8 +3,8 @@ import itertools
 
 import pytest
 
-from pva_sae.data.mbpp import load_tasks
 from pva_sae.data.extract import extract_program
+from pva_sae.data.mbpp import load_tasks
 
 SIMILAR = ("def similar_elements(test_tup1, test_tup2):\n"
            "    res = tuple(set(test_tup1) & set(test_tup2))\n"

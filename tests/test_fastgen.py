@@ -12,7 +12,8 @@ PROMPTS = ["def add(a, b):", "import os\n# list the files in a directory\ndef", 
 
 
 def mbpp_batch(n=8, start=0):
-    from pva_sae.data import mbpp as data, prompts
+    from pva_sae.data import mbpp as data
+    from pva_sae.data import prompts
 
     tasks = data.load_tasks("packaged")[start:start + n]
     return [(t.task_id, 0, prompts.build_prompt(t, "{text}\n\n{tests}\n\n{initiator}", "# Solution:")) for t in tasks]

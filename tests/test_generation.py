@@ -5,10 +5,10 @@ import itertools
 import pytest
 import torch
 
-from pva_sae.config import ModelConfig, GenerationConfig
+from pva_sae.config import GenerationConfig, ModelConfig
+from pva_sae.default.tiny import mbpp_texts
 from pva_sae.model.generation import Generator, batch_seed, cut_at_stop, plan_batches
 from pva_sae.model.registry import load_model
-from pva_sae.default.tiny import mbpp_texts
 
 MAX_NEW = 20
 

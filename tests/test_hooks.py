@@ -10,7 +10,14 @@ import pytest
 import torch
 from torch import nn
 
-from pva_sae.model.hooks import (CaptureHook, SteeringHook, assert_fired_once, decoder_layers, replace_residual, residual_of)
+from pva_sae.model.hooks import (
+    CaptureHook,
+    SteeringHook,
+    assert_fired_once,
+    decoder_layers,
+    replace_residual,
+    residual_of,
+)
 
 N_LAYERS = 3
 PROMPTS = [

@@ -5,9 +5,19 @@ import shutil
 import pytest
 import torch
 
-from pva_sae.model import registry as models
 from pva_sae.config import ModelConfig
-from pva_sae.model.registry import (ModelLoadError, check_bos, list_models, load_model, registry_entry, resolve_device, resolve_source, resolve_dtype, weights_digest)
+from pva_sae.model import registry as models
+from pva_sae.model.registry import (
+    ModelLoadError,
+    check_bos,
+    list_models,
+    load_model,
+    registry_entry,
+    resolve_device,
+    resolve_dtype,
+    resolve_source,
+    weights_digest,
+)
 
 # --------------------------------------------------------------------------- registry
 

@@ -32,7 +32,8 @@ def test_run_every_stage_on_the_default(tmp_path, capsys):
     html = (run_dir / "report.html").read_text()
     steering = json.loads((run_dir / "steering" / "results.json").read_text())
     validation = json.loads((run_dir / "validation" / "results.json").read_text())
-    assert html.count("data:image/png;base64,") == 2 + len(validation["plots"]) + len(steering["plots"])
+    # analysis: selection landscape, frequency scatter, top-latent histograms
+    assert html.count("data:image/png;base64,") == 3 + len(validation["plots"]) + len(steering["plots"])
     # one latent identity: every steered latent is named in the validation results as a predictor
     for direction, d in steering["directions"].items():
         assert d["target"]["validation"] is not None and d["target"]["label"] in out

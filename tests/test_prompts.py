@@ -2,9 +2,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from pva_sae.data.prompts import DEFAULT_TEMPLATE
 from pva_sae.data.mbpp import load_tasks
-from pva_sae.data.prompts import PromptError, build_prompt, check_template, format_tests
+from pva_sae.data.prompts import DEFAULT_TEMPLATE, PromptError, build_prompt, check_template, format_tests
 
 
 @dataclass

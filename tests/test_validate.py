@@ -8,11 +8,9 @@ from html.parser import HTMLParser
 import pytest
 
 from pva_sae.config import resolve_config
-from pva_sae.stages.report import write_report
-from pva_sae.rundir.paths import RunDir
-from pva_sae.rundir.atomic import atomic_write_json
 from pva_sae.data.mbpp import seeded_subset as robustness_subset
-from pva_sae.rundir.paths import ValidationPaths
+from pva_sae.rundir.paths import RunDir, ValidationPaths
+from pva_sae.stages.report import write_report
 from pva_sae.stages.validate import validate
 
 VALIDATION_SETTINGS = ["validation.temperatures=[0.0, 1.0]", "validation.samples_per_temperature=2",
@@ -111,10 +109,22 @@ def test_validation_labels_do_not_change_choices(validated, analysed, tmp_path):
     for r in dataset["records"]:
         if r["split"] == "validation":
             r["passed"] = not r["passed"]
-    atomic_write_json(dest / "datasets" / "dataset.json", dataset)
+    from conftest import replace_dataset
+
+    from pva_sae.stages.analyze import analyze
+
+    replace_dataset(RunDir.at(dest), dataset)
+    analyze(with_analysis(cfg2, analysed), progress=False)   # the dataset changed, so the analysis is redone
     validate(cfg2, progress=False)
     flipped = json.loads(ValidationPaths.of(RunDir.at(dest)).choices.read_text())
     assert flipped == choices
+
+
+def with_analysis(cfg, analysed):
+    """``cfg`` with the analysis settings of the analysed fixture (the run's own SAE files and corpus)."""
+    data = cfg.to_dict()
+    data["analysis"] = analysed[0].to_dict()["analysis"]
+    return resolve_config(base=data)
 
 
 def test_bootstrap_reproducible(validated):

@@ -223,7 +223,8 @@ def quiet() -> None:
     """Silence every progress bar, ours and those of transformers / huggingface_hub (weight loading)."""
     os.environ["TQDM_DISABLE"] = "1"
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
-    from transformers.utils import logging as hf_logging  # only on --quiet: transformers is slow to import
+    # only on --quiet: transformers is slow to import
+    from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
 

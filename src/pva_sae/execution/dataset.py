@@ -39,6 +39,11 @@ from pva_sae.rundir.artifacts import (
 )
 from pva_sae.rundir.atomic import atomic_write_json, read_json
 from pva_sae.rundir.checkpoint import BuildState, Checkpointer, decide_resume
+from pva_sae.rundir.fingerprints import (
+    invalidate_downstream,
+    records_digest,
+    sections_digest,
+)
 from pva_sae.rundir.logs import setup_logging
 from pva_sae.rundir.manifest import base_manifest, device_info
 from pva_sae.rundir.paths import RunDir
@@ -131,6 +136,7 @@ def build_labelled_dataset(cfg: Config, *, interactive: bool | None = None, prog
     if run.is_done(STAGE) and cfg.checkpoint.resume != "never" and not cfg.checkpoint.resume_from:
         log.warning("build already complete in %s; returning the saved dataset", run.root)
         return read_saved_records(run)
+    previous = records_digest(run)
     run.clear_done(STAGE)
     state = decide_resume(checkpointer, cfg.checkpoint, interactive)
 
@@ -150,7 +156,16 @@ def build_labelled_dataset(cfg: Config, *, interactive: bool | None = None, prog
     checkpointer.save(BuildState(records, state.done_batches, state.sequence), "checkpoint")
     metadata = dataset_metadata(records, splits, tasks, elapsed, manifest, cfg)
     save_dataset(run, records, metadata, cfg.output.save_format)
-    run.mark_done(STAGE, {"n_records": len(records), "pass_rate": metadata["pass_rate"]["overall"]})
+    digest = records_digest(run)
+    if previous is not None and previous != digest:
+        cleared = invalidate_downstream(run, STAGE)
+        if cleared:
+            log.warning("the dataset changed: cleared the markers of %s (they read the old one)", ", ".join(cleared))
+    run.mark_done(STAGE, {"n_records": len(records), "pass_rate": metadata["pass_rate"]["overall"],
+                          "inputs": {"config": sections_digest(cfg.to_dict(), BUILD_SECTIONS),
+                                     "model_revision": loaded.revision,
+                                     "dataset_sha256": manifest["dataset"]["sha256"]},
+                          "outputs": {"records": digest}})
     log.info("dataset written to %s (%d records, pass rate %.3f)", run.datasets, len(records),
              metadata["pass_rate"]["overall"])
     return records

@@ -59,7 +59,10 @@ def _load_pile(n_docs: int) -> list[str]:
     return [row["text"] for row in ds.select(range(min(n_docs, len(ds))))]
 
 
-def word_prefixes(docs: Sequence[str], seed: int, max_words: int = 96) -> list[str]:
+MAX_WORDS = 96  # the random word position is drawn among a document's first MAX_WORDS words
+
+
+def word_prefixes(docs: Sequence[str], seed: int, max_words: int = MAX_WORDS) -> list[str]:
     """Each document cut after one seeded-random word among its first ``max_words`` words."""
 
     rng = np.random.default_rng(seed)
@@ -81,8 +84,10 @@ def general_frequencies(loaded, saes: dict[int, Any], source: str, *, n_docs: in
     """Per layer, the share of documents on which each latent fires: {layer: (d_sae,) float32 tensor}."""
 
     docs, corpus_hash = load_corpus(source, n_docs)
-    key_parts = {"model": loaded.path_or_id, "revision": loaded.revision, "corpus": corpus_hash, "seed": seed,
-                 "site": site, "max_tokens": max_tokens, "n_docs": len(docs),
+    # Everything the frequencies depend on: model weights and numerics, corpus, positions, site, SAE files.
+    key_parts = {"model": loaded.path_or_id, "revision": loaded.revision, "dtype": str(loaded.dtype),
+                 "device": getattr(loaded.device, "type", str(loaded.device)), "corpus": corpus_hash, "seed": seed,
+                 "site": site, "max_tokens": max_tokens, "max_words": MAX_WORDS, "n_docs": len(docs),
                  "saes": {str(layer): sae.meta.get("sha256") for layer, sae in sorted(saes.items())}}
     path = Path(cache_dir).expanduser() / "general_freq" / f"{cache_key(key_parts)}.safetensors"
     info = {"source": source, "n_docs": len(docs), "corpus_sha256": corpus_hash, "seed": seed, "cache": str(path)}
@@ -92,7 +97,7 @@ def general_frequencies(loaded, saes: dict[int, Any], source: str, *, n_docs: in
             log.info("general-corpus frequencies from cache %s", path)
             return {layer: cached[f"layer_{layer}"] for layer in saes}, {**info, "cached": True}
     layers = sorted(saes)
-    texts = word_prefixes(docs, seed)
+    texts = word_prefixes(docs, seed, MAX_WORDS)
     capture = capture or capture_last_token
     acts = capture(loaded.model, loaded.tokenizer, texts, layers=layers, site=site, batch_size=batch_size,
                    max_length=max_tokens, progress=progress,

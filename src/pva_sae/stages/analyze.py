@@ -19,6 +19,7 @@ import torch
 
 from pva_sae.config import DIRECTIONS, Config
 from pva_sae.errors import InputError
+from pva_sae.hashing import sha256_json
 from pva_sae.model.capture import capture_last_token
 from pva_sae.model.generation import batch_token_budget
 from pva_sae.model.registry import load_model, registry_entry
@@ -36,6 +37,13 @@ from pva_sae.rundir.artifacts import (
 from pva_sae.rundir.atomic import (
     atomic_write_json,
 )
+from pva_sae.rundir.fingerprints import (
+    check_chain,
+    check_run_config,
+    file_digest,
+    records_digest,
+    sections_digest,
+)
 from pva_sae.rundir.logs import setup_logging
 from pva_sae.rundir.paths import AnalysisPaths, RunDir
 from pva_sae.sae.general_filter import general_frequencies, resolve_general_corpus
@@ -45,6 +53,8 @@ from pva_sae.stats.latents import rank_latents, score_layers, select_latents
 log = logging.getLogger(__name__)
 
 STAGE = "analyze"
+UPSTREAM_FIELDS = ("model.name", "model.revision", "model.dtype", "data.source", "data.split_fractions",
+                   "data.split_seed", "prompt")  # what the labels and splits were made with: must match the build
 NEURONPEDIA = "https://www.neuronpedia.org/{model}/{layer}-gemmascope-res-{width}/{index}"
 
 
@@ -53,18 +63,22 @@ def capture_all(cfg: Config, loaded, records, layers, paths: AnalysisPaths, prog
 
     prompts = task_prompts(records)
     task_ids = sorted(prompts)
+    key = {"model": loaded.path_or_id, "revision": loaded.revision, "dtype": str(loaded.dtype),
+           "prompts": sha256_json([prompts[t] for t in task_ids])}
     if paths.activations.is_file():
         acts, saved_ids, saved_layers, site, meta = load_activations(paths.activations)
-        if list(saved_ids) == task_ids and list(saved_layers) == list(layers) and site == cfg.analysis.site:
+        same = {k: meta.get(k) for k in key} == key
+        if same and list(saved_ids) == task_ids and list(saved_layers) == list(layers) and site == cfg.analysis.site:
             log.info("reusing captured activations %s", paths.activations)
             return acts, task_ids
+        log.info("captured activations %s are stale (another model, revision, dtype, prompts, tasks, layers or "
+                 "site); capturing again", paths.activations)
     started = time.perf_counter()
     acts = capture_last_token(loaded.model, loaded.tokenizer, [prompts[t] for t in task_ids], layers=layers,
                               site=cfg.analysis.site, batch_size=cfg.analysis.batch_size, progress=progress,
                               max_batch_tokens=token_budget(cfg, loaded))
     save_activations(paths.activations, acts, task_ids, layers, cfg.analysis.site,
-                     {"model": loaded.path_or_id, "revision": loaded.revision,
-                      "seconds": f"{time.perf_counter() - started:.2f}"})
+                     {**key, "seconds": f"{time.perf_counter() - started:.2f}"})
     return acts, task_ids
 
 
@@ -77,6 +91,8 @@ def analyze(cfg: Config, progress: bool = True) -> dict[str, Any]:
 
     run = RunDir.at(cfg.output.run_dir)
     records = load_records(str(run.root))
+    check_run_config(run, STAGE, cfg.to_dict(), UPSTREAM_FIELDS)
+    check_chain(run, STAGE)
     paths = AnalysisPaths.of(run)
     paths.root.mkdir(parents=True, exist_ok=True)
     setup_logging(run.log_file(STAGE))
@@ -138,7 +154,13 @@ def analyze(cfg: Config, progress: bool = True) -> dict[str, Any]:
         "filter_sensitivity": filter_sensitivity(scores, general),
     }
     atomic_write_json(paths.summary, summary)
-    run.mark_done(STAGE, {"release": release, "n_tasks": len(sae_ids)})
+    run.mark_done(STAGE, {"release": release, "n_tasks": len(sae_ids),
+                          "inputs": {"records": records_digest(run), "model_revision": loaded.revision,
+                                     "config": sections_digest(cfg.to_dict(), ("model", "prompt", "analysis")),
+                                     "sae": {str(layer): saes[layer].meta.get("sha256") for layer in layers}},
+                          "outputs": {name: file_digest(path) for name, path in
+                                      (("activations", paths.activations), ("scores", paths.scores),
+                                       ("ranked", paths.ranked_json))}})
     return summary
 
 

@@ -69,6 +69,13 @@ from pva_sae.rundir.artifacts import (
     write_steered_tasks,
 )
 from pva_sae.rundir.atomic import atomic_write_json
+from pva_sae.rundir.fingerprints import (
+    SAE_FIELDS,
+    check_chain,
+    check_run_config,
+    file_digest,
+    sections_digest,
+)
 from pva_sae.rundir.logs import setup_logging
 from pva_sae.rundir.paths import AnalysisPaths, RunDir, SteeringPaths, ValidationPaths
 from pva_sae.sae.registry import load_layer_sae
@@ -84,6 +91,8 @@ from pva_sae.stats.latents import select_latents
 log = logging.getLogger(__name__)
 
 STAGE = "steer"
+UPSTREAM_FIELDS = ("model.name", "model.revision", "model.dtype", "data.source", "data.split_fractions",
+                   "data.split_seed", "prompt")  # what the labels and splits were made with: must match the build
 EXPERIMENTS = {  # name: (direction steered, baseline outcome of the relevant tasks); a flip changes that outcome
     "correction": ("correct", False),
     "preservation_failure": ("correct", True),
@@ -438,6 +447,9 @@ def steer(cfg: Config, progress: bool = True) -> dict[str, Any]:
     run = RunDir.at(cfg.output.run_dir)
     paths = SteeringPaths.of(run)
     inputs = load_inputs(run, cfg)
+    check_run_config(run, STAGE, cfg.to_dict(), UPSTREAM_FIELDS)
+    check_run_config(run, STAGE, cfg.to_dict(), SAE_FIELDS, against=AnalysisPaths.of(run).config)
+    digests = check_chain(run, STAGE)
     paths.root.mkdir(parents=True, exist_ok=True)
     setup_logging(run.log_file(STAGE))
     atomic_write_json(paths.config, cfg.to_dict())
@@ -503,7 +515,11 @@ def steer(cfg: Config, progress: bool = True) -> dict[str, Any]:
         results["plots"] = [str(p.relative_to(run.root)) for p in plot_steering(paths.plots, results)]
     results["seconds"] = round(time.perf_counter() - started, 2)
     atomic_write_json(paths.results, results)
-    run.mark_done(STAGE, {"generated": steerer.n_generated})
+    run.mark_done(STAGE, {"generated": steerer.n_generated,
+                          "inputs": {**{k: digests.get(k) for k in ("records", "activations", "scores", "ranked",
+                                                                    "choices")},
+                                     "config": sections_digest(cfg.to_dict(), ("steering",))},
+                          "outputs": {"results": file_digest(paths.results)}})
     return results
 
 

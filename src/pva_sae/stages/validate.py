@@ -38,6 +38,13 @@ from pva_sae.rundir.artifacts import (
     write_choices,
 )
 from pva_sae.rundir.atomic import atomic_write_json, atomic_write_parquet, read_json
+from pva_sae.rundir.fingerprints import (
+    SAE_FIELDS,
+    check_chain,
+    check_run_config,
+    file_digest,
+    sections_digest,
+)
 from pva_sae.rundir.logs import setup_logging
 from pva_sae.rundir.paths import AnalysisPaths, RunDir, ValidationPaths
 from pva_sae.sae.registry import load_layer_sae
@@ -48,6 +55,8 @@ from pva_sae.stats.predictors import Features, SealedLabels, fit_predictors, pos
 log = logging.getLogger(__name__)
 
 STAGE = "validate"
+UPSTREAM_FIELDS = ("model.name", "model.revision", "model.dtype", "data.source", "data.split_fractions",
+                   "data.split_seed", "prompt")  # what the labels and splits were made with: must match the build
 ROBUST_PREDICTORS = ("latent", "probe", "majority")
 
 
@@ -207,6 +216,9 @@ def validate(cfg: Config, progress: bool = True) -> dict[str, Any]:
     started = time.perf_counter()
     run = RunDir.at(cfg.output.run_dir)
     records = load_records(str(run.root))
+    check_run_config(run, STAGE, cfg.to_dict(), UPSTREAM_FIELDS)
+    check_run_config(run, STAGE, cfg.to_dict(), SAE_FIELDS, against=AnalysisPaths.of(run).config)
+    digests = check_chain(run, STAGE) if run.is_done("analyze") else {}
     paths = ValidationPaths.of(run)
     paths.root.mkdir(parents=True, exist_ok=True)
     setup_logging(run.log_file(STAGE))
@@ -260,7 +272,10 @@ def validate(cfg: Config, progress: bool = True) -> dict[str, Any]:
                             plot_validation(paths.plots, results, predictors, feats, val_ids, y_val, cfg)]
     results["seconds"] = round(time.perf_counter() - started, 2)
     atomic_write_json(paths.results, results)
-    run.mark_done(STAGE, {"n_validation": len(val_ids)})
+    run.mark_done(STAGE, {"n_validation": len(val_ids),
+                          "inputs": {**{k: digests.get(k) for k in ("records", "activations", "scores", "ranked")},
+                                     "config": sections_digest(cfg.to_dict(), ("validation", "steering"))},
+                          "outputs": {"choices": file_digest(paths.choices), "results": file_digest(paths.results)}})
     return results
 
 
