@@ -162,3 +162,53 @@ def test_automatic_batch_size_is_kept_on_resume(tiny_model_dir, tmp_path, monkey
     records = build_dataset(cfg, progress=False)
     assert json.loads(RunDir.at(run_dir).batch_plan.read_text())["batch_size"] == 4
     assert max(r["batch_index"] for r in records) == 1      # 6 tasks in batches of 4
+
+
+def test_resume_with_another_token_budget_uses_the_saved_plan(reference_run, tiny_model_dir, tmp_path):
+    """The batch plan depends on the machine (token budget, backend); a resume on another machine runs the
+    saved plan, so its records equal the uninterrupted run's."""
+    from pva_sae.rundir.checkpoint import BuildState, write_state
+
+    ref_dir, ref_records = reference_run
+    run_dir = tmp_path / "run"
+    cfg = resolve_config(overrides=overrides(tiny_model_dir, run_dir))
+    build_dataset(cfg, interactive=False, progress=False)
+    run = RunDir.at(run_dir)
+    plan = json.loads(run.batch_plan.read_text())
+    first = {tuple(k) for k in plan["batches"][0]}
+    partial = [r for r in json.loads(run.dataset_json.read_text())["records"]
+               if (r["task_id"], r["sample_index"]) in first]
+    for folder in (run.checkpoints, run.autosaves):
+        for f in folder.glob("*.json"):
+            f.unlink()
+    run.dataset_json.unlink()
+    run.clear_done("build")
+    write_state(run.checkpoints / "checkpoint_0_11_20260101_000000_00001.json",
+                BuildState(partial, {0}, 1), json.loads(run.config.read_text()), "checkpoint")
+    other = resolve_config(overrides=overrides(tiny_model_dir, run_dir, **{"generation.max_batch_tokens": 40}))
+    records = build_dataset(other, interactive=False, progress=False)     # would plan other batches
+    assert comparable(records) == comparable(ref_records)
+
+
+def test_a_refused_resume_writes_nothing(reference_run, tiny_model_dir, tmp_path):
+    run_dir = tmp_path / "fresh"
+    cfg = resolve_config(overrides=overrides(tiny_model_dir, run_dir, **{"checkpoint.resume_from": "/no/such.json"}))
+    with pytest.raises(Exception, match="no/such.json"):
+        build_dataset(cfg, interactive=False, progress=False)
+    assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("setting, field", [("sandbox.timeout_s=0", "timeout_s"),
+                                            ("sandbox.sandbox_user=no-such-user", "sandbox_user")])
+def test_bad_sandbox_settings_fail_fast_and_write_nothing(tmp_path, setting, field):
+    """Refused before the model loads (not after a batch), and the run directory is not created."""
+    import time
+
+    from pva_sae.errors import PvaSaeError
+
+    started = time.perf_counter()
+    with pytest.raises(PvaSaeError, match=field):
+        build_dataset(resolve_config(overrides=[f"output.run_dir={tmp_path / 'r'}", setting]),
+                      interactive=False, progress=False)
+    assert time.perf_counter() - started < 0.3
+    assert not (tmp_path / "r").exists()

@@ -150,7 +150,7 @@ def test_load_parquet(tmp_path):
 
 @pytest.mark.parametrize("name, content, fragment", [
     ("bad.jsonl", json.dumps(good_row(1, test_list="nope")) + "\n", "task_id 1: test_list is str"),
-    ("broken.jsonl", '{"task_id": 1,\n', "not valid jsonl"),
+    ("broken.jsonl", '{"task_id": 1,\n', "line 1: not valid JSON"),
     ("object.json", json.dumps({"rows": [good_row(1)]}), "must hold a JSON array"),
     ("empty.jsonl", "\n", "holds no tasks"),
     ("tasks.csv", "task_id,text\n", "unsupported extension '.csv'"),

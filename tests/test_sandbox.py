@@ -3,16 +3,24 @@
 Every test also checks (autouse fixture) that the job left nothing behind: no process below this
 test process, and an empty scratch temp directory. Hostile programs print the pid of every process
 they create, and the test checks that each one is gone: that catches processes that left their
-process group and were reparented away from this process.
+process group and were reparented away from this process. A program learns the pid the test sees
+from ``/proc/self`` (``os.getpid()`` is its pid inside the job's pid namespace).
 """
 
 from __future__ import annotations
 
+import ast
+import builtins
+import errno
 import importlib.util
+import json
 import os
 import pwd
 import random
 import resource
+import shutil
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -21,7 +29,19 @@ from pathlib import Path
 import pytest
 
 from pva_sae.config import ConfigError, SandboxConfig
-from pva_sae.execution.sandbox import ERROR_TYPES, PROCESS_TAG, STATUSES, ExecJob, probe, run_job, run_jobs
+from pva_sae.execution.sandbox import (
+    CHILD_PATH,
+    ERROR_TYPES,
+    PROCESS_TAG,
+    STATUSES,
+    BatchStats,
+    ExecJob,
+    check_sandbox_config,
+    interpreter,
+    probe,
+    run_job,
+    run_jobs,
+)
 
 CFG = SandboxConfig(timeout_s=2.0, cpu_time_s=5, memory_limit_mb=512, output_limit_kb=16, max_processes=16)
 GOOD = "def f(x):\n    return x + 1\n"
@@ -29,6 +49,8 @@ TESTS = ("assert f(1) == 2", "assert f(2) == 3", "assert f(0) == 1")
 IS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="switching to the sandbox user needs root")
 REPO = Path(__file__).resolve().parents[1]
+# The pid of the running process as this test process sees it (os.getpid() is its pid in its namespace).
+HOST_PID = "os.readlink('/proc/self')"
 
 
 @pytest.fixture(scope="module")
@@ -156,22 +178,41 @@ def test_stdlib_imports_work_after_the_user_switch():
     assert result.passed, result.stderr_tail
 
 
+ENVIRONMENT = {"PATH", "LANG", "LC_ALL", "HOME", "TMPDIR", "PYTHONHASHSEED", "PYTHONDONTWRITEBYTECODE",
+               "PYTHONIOENCODING", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"}
+
+
 @needs_root
-def test_runs_as_the_sandbox_user_with_a_minimal_environment():
+def test_runs_as_a_pool_uid_with_the_sandbox_group_and_a_minimal_environment():
     nobody = pwd.getpwnam(CFG.sandbox_user)
     program = ("import os\nUIDS = (os.getuid(), os.geteuid(), os.getgid(), os.getgroups())\n"
                "KEYS = sorted(os.environ)\n" + GOOD)
-    allowed = {"PATH", "LANG", "LC_ALL", "HOME", "TMPDIR", "PYTHONHASHSEED", "PYTHONDONTWRITEBYTECODE",
-               "PYTHONIOENCODING", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"}
-    tests = (f"assert UIDS == ({nobody.pw_uid}, {nobody.pw_uid}, {nobody.pw_gid}, [])",
-             f"assert set(KEYS) <= {allowed!r}")
+    pool = range(CFG.uid_pool_start, CFG.uid_pool_start + CFG.uid_pool_size)
+    tests = (f"assert UIDS[0] == UIDS[1] and UIDS[0] in {pool!r}", f"assert UIDS[2:] == ({nobody.pw_gid}, [])",
+             f"assert set(KEYS) <= {ENVIRONMENT!r}")
     result = run(program, tests=tests)
     assert result.passed, result.detail
 
 
-def test_probe_reports_the_protections(protections):
-    assert set(protections) == {"drops_privileges", "private_tmp", "no_network"}
-    assert protections["drops_privileges"] == IS_ROOT
+@needs_root
+def test_without_a_pool_programs_run_as_the_sandbox_user():
+    nobody = pwd.getpwnam(CFG.sandbox_user)
+    program = "import os\nUIDS = (os.getuid(), os.geteuid(), os.getgid(), os.getgroups())\n" + GOOD
+    cfg = SandboxConfig(timeout_s=2.0, uid_pool_size=0)
+    result = run(program, tests=(f"assert UIDS == ({nobody.pw_uid}, {nobody.pw_uid}, {nobody.pw_gid}, [])",), cfg=cfg)
+    assert result.passed, result.detail
+
+
+def test_probe_reports_the_protections_quickly():
+    started = time.monotonic()
+    protections = probe(CFG)
+    assert time.monotonic() - started < 1.0
+    assert set(protections) == {"drops_privileges", "private_tmp", "no_network", "private_ipc", "pid_namespace",
+                                "per_job_uid", "imports", "interpreter"}
+    assert protections["drops_privileges"] == protections["per_job_uid"] == IS_ROOT
+    assert (protections["imports"], protections["interpreter"]) == ("stdlib", interpreter())
+    if IS_ROOT:  # this machine allows namespaces to root; elsewhere probe() says False
+        assert all(protections[k] for k in ("private_tmp", "no_network", "private_ipc", "pid_namespace"))
 
 
 # --------------------------------------------------------------------------- hostile programs
@@ -202,7 +243,7 @@ def test_memory_bomb_is_a_memory_error(program):
 
 
 def test_fork_bomb_is_contained():
-    program = "import os\nwhile True:\n    os.fork()\n    print(os.getpid(), flush=True)\n"
+    program = f"import os\nwhile True:\n    os.fork()\n    print({HOST_PID}, flush=True)\n"
     result = run(program + GOOD)
     assert not result.passed
     assert not [pid for pid in printed_pids(result) if alive_sandbox_process(pid)]
@@ -214,9 +255,9 @@ def test_persistent_fork_bomb_with_escaping_children_leaves_no_survivor():
                "    try:\n"
                "        if os.fork() == 0:\n"
                "            os.setsid()\n"
-               "            print(os.getpid(), flush=True)\n"
+               f"            print({HOST_PID}, flush=True)\n"
                "            if os.fork() == 0:\n"
-               "                print(os.getpid(), flush=True)\n"
+               f"                print({HOST_PID}, flush=True)\n"
                "            time.sleep(600)\n"
                "    except OSError:\n"
                "        time.sleep(0.01)\n"
@@ -237,10 +278,27 @@ def test_process_limit_binds():
 
 
 def test_detached_child_does_not_outlive_a_passing_job():
-    program = ("import os, time\npid = os.fork()\nif pid == 0:\n    os.setsid()\n    time.sleep(600)\n"
-               "while os.getsid(pid) != pid:\n    time.sleep(0.01)\nprint(pid, flush=True)\n" + GOOD)
+    program = ("import os, time\npid = os.fork()\nif pid == 0:\n"
+               f"    print({HOST_PID}, flush=True)\n    os.setsid()\n    time.sleep(600)\n"
+               "while os.getsid(pid) != pid:\n    time.sleep(0.01)\n" + GOOD)
     result = run(program)
     assert result.passed
+    assert len(printed_pids(result)) == 1 and not alive_sandbox_process(printed_pids(result)[0])
+
+
+CLONE_SYSCALL = {"x86_64": 56, "aarch64": 220}.get(os.uname().machine)
+
+
+@pytest.mark.skipif(CLONE_SYSCALL is None, reason="clone's syscall number is known here for x86_64 and aarch64 only")
+def test_a_clone_parented_to_the_supervisor_does_not_outlive_the_job():
+    """clone(CLONE_PARENT) makes a process whose parent is the supervisor, not the worker."""
+    program = ("import ctypes, os, time\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+               f"pid = libc.syscall({CLONE_SYSCALL}, 0x8000 | 17, 0, 0, 0, 0)\n"  # CLONE_PARENT | SIGCHLD
+               f"if pid == 0:\n    print({HOST_PID}, flush=True)\n    time.sleep(600)\n"
+               "time.sleep(0.2)\n" + GOOD)
+    started = time.monotonic()
+    result = run(program)
+    assert result.passed and time.monotonic() - started < CFG.timeout_s
     assert len(printed_pids(result)) == 1 and not alive_sandbox_process(printed_pids(result)[0])
 
 
@@ -325,13 +383,18 @@ def test_moderate_output_is_kept_and_does_not_fail_the_program():
 
 
 def test_killing_its_parent_fails():
-    program = "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\n"
+    # In its pid namespace the worker's parent is outside (getppid() is 0); pid 1 is its root-owned reaper.
+    program = "import os, signal\nos.kill(os.getppid() or 1, signal.SIGKILL)\n"
     if IS_ROOT:
         program += f"os.kill({os.getpid()}, signal.SIGKILL)\n"
     result = run(program + GOOD)
     assert not result.passed
     if IS_ROOT:
         assert (result.error_type, "PermissionError") == ("runtime", result.detail.split(":")[1].strip())
+        program = (f"import os, signal\nDENIED = []\nfor pid in (os.getppid() or 1, {os.getpid()}):\n    try:\n"
+                   "        os.kill(pid, signal.SIGKILL)\n    except (PermissionError, ProcessLookupError):\n"
+                   "        DENIED.append(pid)\n")
+        assert run(program + GOOD, tests=("assert len(DENIED) == 2",)).passed
 
 
 def test_recursion_bomb():
@@ -352,18 +415,225 @@ def test_no_network(protections):
     assert run(program, tests=("assert not NET",)).passed
 
 
+# --------------------------------------------------------------------------- the harness's own builtins
+
+WRONG = "def f(x):\n    return 0\n"
+
+
+@pytest.mark.parametrize("patch, status", [
+    ("import builtins\nbuiltins.exec = lambda *a, **k: None\n", "failed"),
+    ("import builtins\nbuiltins.isinstance = lambda *a: False\n", "failed"),
+    ("import builtins\nbuiltins.AssertionError = type('AssertionError', (Exception,), {})\n", "failed"),
+    ("import builtins\nbuiltins.BaseException = type('BaseException', (Exception,), {})\n", "failed"),
+    ("import builtins\nbuiltins.compile = lambda *a, **k: None\nbuiltins.str = lambda *a: 'passed'\n", "failed"),
+    ("__builtins__.exec = lambda *a, **k: None\n", "failed"),
+    ("import os\nos.write = lambda fd, data: len(data)\nos.getpid = lambda: 1\nos._exit = lambda code: None\n",
+     "failed"),
+    # As in plain CPython, __main__'s __builtins__ is a module: item assignment is a TypeError.
+    ("__builtins__['exec'] = lambda *a, **k: None\n", "error"),
+])
+def test_patching_builtins_cannot_forge_a_pass(patch, status):
+    result = run(patch + WRONG)
+    assert result.status == status, result.detail
+
+
+def test_a_correct_program_that_patches_builtins_still_passes_and_sees_its_patch():
+    program = ("import builtins\nbuiltins.exec = lambda *a, **k: None\nbuiltins.print = lambda *a, **k: None\n"
+               "__builtins__.len = lambda x: 3\nprint('hidden')\n" + GOOD)
+    result = run(program, tests=(*TESTS, "assert len([]) == 3"))
+    assert result.passed and result.stdout_tail == ""
+
+
+# --------------------------------------------------------------------------- jobs beside each other
+
+BOMB_S = 1.0  # how long each hostile neighbour keeps going
+KILL_ALL = f"import os, time\nend = time.time() + {BOMB_S}\nwhile time.time() < end:\n    os.kill(-1, 9)\n"
+FORK_BOMB = (f"import os, time\nend = time.time() + {BOMB_S}\nwhile time.time() < end:\n    try:\n        os.fork()\n"
+             "    except OSError:\n        pass\n")
+THREAD_BOMB = (f"import threading, time\nthreading.stack_size(1 << 18)\nend = time.time() + {BOMB_S}\n"
+               "while time.time() < end:\n    try:\n"
+               "        threading.Thread(target=time.sleep, args=(max(0, end - time.time()),), daemon=True).start()\n"
+               "    except (RuntimeError, OSError, MemoryError):\n        pass\n")
+# Signals (kill with signal 0) and ptrace-attaches every sandbox process it can see in /proc.
+PROBER = ("import ctypes, os, time\nlibc = ctypes.CDLL(None, use_errno=True)\nme = int(os.readlink('/proc/self'))\n"
+          "REACHED = []\ntime.sleep(0.3)\nfor name in os.listdir('/proc'):\n"
+          "    if not name.isdigit() or int(name) == me:\n        continue\n    try:\n"
+          "        with open(f'/proc/{name}/cmdline', 'rb') as f:\n            if b'pva-sandbox' not in f.read():\n"
+          "                continue\n    except OSError:\n        continue\n    try:\n        os.kill(int(name), 0)\n"
+          "        REACHED.append(('kill', name))\n    except OSError:\n        pass\n"
+          "    if libc.ptrace(16, int(name), 0, 0) == 0:\n        REACHED.append(('ptrace', name))\n"
+          "print(REACHED)\n" + GOOD)
+# A correct program that forks, starts a thread and stays alive while the bombs go off.
+NEIGHBOUR = ("import os, threading, time\ntime.sleep(0.2)\npid = os.fork()\nif pid == 0:\n    os._exit(0)\n"
+             "os.waitpid(pid, 0)\nt = threading.Thread(target=time.sleep, args=(0.01,))\nt.start()\nt.join()\n"
+             "time.sleep(0.4)\nprint(os.getuid())\n" + GOOD)
+
+
+@needs_root
+def test_a_correct_program_passes_beside_kill_all_fork_bomb_and_thread_bomb():
+    """In one batch: kill(-1, SIGKILL), a fork bomb and a thread bomb beside correct programs, three times."""
+    hostile = [ExecJob(name, program, TESTS) for name, program in
+               [("kill", KILL_ALL), ("forks", FORK_BOMB), ("threads", THREAD_BOMB), ("prober", PROBER)]]
+    neighbours = [ExecJob(("good", i), NEIGHBOUR, TESTS) for i in range(3)]
+    cfg = SandboxConfig(timeout_s=10.0, cpu_time_s=5, memory_limit_mb=512, max_processes=16, workers=7)
+    for _ in range(3):
+        results = run_jobs(hostile + neighbours, cfg)
+        good = results[len(hostile):]
+        assert [r.status for r in good] == ["passed"] * 3, [(r.status, r.error_type, r.detail) for r in good]
+        assert len({r.stdout_tail for r in good}) == 3  # each ran as a uid of its own
+        prober = results[3]
+        assert prober.passed and prober.stdout_tail == "[]\n", prober.stdout_tail
+
+
+def sandbox_processes_below(pid: int) -> list[int]:
+    return [p for p in descendants(pid) if alive_sandbox_process(p)]
+
+
+def test_a_killed_caller_leaves_no_process_and_its_directories_go_at_the_next_start(leaves_nothing_behind):
+    scratch = leaves_nothing_behind
+    program = ("import os, time\nfor _ in range(3):\n    if os.fork() == 0:\n        os.setsid()\n        break\n"
+               "time.sleep(600)\n")
+    script = ("from pva_sae.config import SandboxConfig\nfrom pva_sae.execution.sandbox import ExecJob, run_jobs\n"
+              f"run_jobs([ExecJob(i, {program!r}, ()) for i in range(2)], SandboxConfig(timeout_s=5, workers=2))\n")
+    env = {"PATH": os.environ["PATH"], "TMPDIR": str(scratch), "PYTHONPATH": str(REPO / "src")}
+    caller = subprocess.Popen([sys.executable, "-c", script], env=env)
+    expected = 2 * (3 + (3 if IS_ROOT else 2))  # supervisor, pid 1 (as root), worker and 3 children per job
+    deadline = time.monotonic() + 15
+    while len(sandbox_processes_below(caller.pid)) < expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pids = sandbox_processes_below(caller.pid)
+    assert len(pids) >= expected
+    caller.kill()
+    caller.wait()
+    deadline = time.monotonic() + 5  # the caller's timeout_s
+    while [p for p in pids if alive_sandbox_process(p)] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [p for p in pids if alive_sandbox_process(p)] == []
+    assert len([p for p in scratch.iterdir() if p.name.startswith(PROCESS_TAG)]) == 2
+    assert run(GOOD).passed
+    assert list(scratch.iterdir()) == []
+
+
+def test_only_directories_of_dead_callers_are_removed(leaves_nothing_behind):
+    scratch = leaves_nothing_behind
+    me = os.getpid()
+    start = int(Path(f"/proc/{me}/stat").read_bytes().rsplit(b")", 1)[1].split()[19])
+    live, reused, other = (scratch / f"{PROCESS_TAG}-{me}-{start}-live", scratch / f"{PROCESS_TAG}-{me}-{start + 1}-old",
+                           scratch / "pva-sandbox-not-ours")
+    for folder in (live, reused, other):
+        folder.mkdir()
+    (reused / "locked").mkdir(mode=0)
+    assert run(GOOD).passed
+    assert sorted(scratch.iterdir()) == sorted([live, other])
+    live.rmdir()
+    other.rmdir()
+
+
+# --------------------------------------------------------------------------- what a program can import
+
+IMPORTS = ("import importlib.util, json, sys\n"
+           "FOUND = {m: importlib.util.find_spec(m) is not None for m in "
+           "('json', 'decimal', 'statistics', 'numpy', 'pytest', 'pva_sae')}\n"
+           "print(json.dumps({'found': FOUND, 'executable': sys.executable, 'prefix': sys.prefix, "
+           "'exit': callable(exit)}))\n")
+
+
+def test_imports_are_the_stdlib_wherever_the_venv_lives(leaves_nothing_behind):
+    """pva-sae installed in a venv under /tmp, unreadable to the sandbox user: same imports as from here."""
+    here = run(IMPORTS, tests=())
+    assert here.passed, here.stderr_tail
+    info = json.loads(here.stdout_tail)
+    assert info["found"] == {"json": True, "decimal": True, "statistics": True, "numpy": False, "pytest": False,
+                             "pva_sae": False}
+    assert info["executable"] == interpreter() and info["exit"]
+    venv = Path(tempfile.mkdtemp(prefix="pva-venv-", dir="/tmp"))  # mode 0700: closed to the sandbox user
+    try:
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+        site_packages = next(venv.glob("lib/python*/site-packages"))
+        shutil.copytree(REPO / "src" / "pva_sae", site_packages / "pva_sae",
+                        ignore=shutil.ignore_patterns("assets", "__pycache__"))
+        script = ("import json, sys\nfrom pva_sae.config import SandboxConfig\n"
+                  "from pva_sae.execution.sandbox import ExecJob, probe, run_job\ncfg = SandboxConfig(timeout_s=5)\n"
+                  "result = run_job(ExecJob(0, sys.argv[1], ()), cfg)\n"
+                  "print(json.dumps([sys.executable, result.status, result.stdout_tail, probe(cfg)['imports']]))\n")
+        env = {"PATH": os.environ["PATH"], "TMPDIR": str(leaves_nothing_behind)}
+        done = subprocess.run([str(venv / "bin" / "python"), "-c", script, IMPORTS], env=env, capture_output=True,
+                              text=True, timeout=60, check=False)
+        assert done.returncode == 0, done.stderr
+        executable, status, stdout, imports = json.loads(done.stdout)
+        assert executable.startswith(str(venv))
+        assert (status, stdout, imports) == ("passed", here.stdout_tail, "stdlib")
+    finally:
+        shutil.rmtree(venv)
+
+
+# --------------------------------------------------------------------------- timeouts under load
+
+LOOP = "import time\nprint(time.time(), flush=True)\nwhile True:\n    pass\n"
+
+
+def test_a_timeout_beside_other_jobs_is_run_again_alone_after_the_batch():
+    slow = "import time\ntime.sleep(0.4)\nprint(time.time(), flush=True)\n" + GOOD
+    jobs = [ExecJob("loop", LOOP, TESTS)] + [ExecJob(i, slow, TESTS) for i in range(3)]
+    seen, stats = [], BatchStats()
+    results = run_jobs(jobs, SandboxConfig(timeout_s=1.0, workers=2), progress=seen.append, stats=stats)
+    loop, good = results[0], results[1:]
+    assert (loop.status, loop.attempts) == ("timeout", 2)
+    assert [(r.status, r.attempts) for r in good] == [("passed", 1)] * 3
+    assert seen[-1] is loop and sorted(map(id, seen)) == sorted(map(id, results))
+    # The second attempt started after every other job of the batch had finished.
+    assert float(loop.stdout_tail.split()[0]) > max(float(r.stdout_tail.split()[0]) for r in good)
+    assert stats.as_dict() == {"jobs": 4, "reruns": 1, "rerun_timeouts": 1, "timeouts": 1}
+
+
+def test_a_timeout_that_ran_alone_or_hit_the_cpu_limit_is_not_run_again():
+    stats = BatchStats()
+    [alone] = run_jobs([ExecJob(0, LOOP, TESTS)], SandboxConfig(timeout_s=0.5), stats=stats)
+    cpu, good = run_jobs([ExecJob(0, LOOP, TESTS), ExecJob(1, GOOD, TESTS)],
+                         SandboxConfig(timeout_s=10, cpu_time_s=1, workers=2), stats=stats)
+    assert (alone.status, alone.attempts) == ("timeout", 1)
+    assert (cpu.status, cpu.attempts, "CPU" in cpu.detail) == ("timeout", 1, True) and good.passed
+    assert stats.as_dict() == {"jobs": 3, "reruns": 0, "rerun_timeouts": 0, "timeouts": 2}
+
+
 # --------------------------------------------------------------------------- configuration and batches
+
+def fails_fast(cfg: SandboxConfig, match: str) -> None:
+    """check_sandbox_config(cfg) raises ConfigError matching ``match`` within 0.3 s, and so does run_jobs."""
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match=match):
+        check_sandbox_config(cfg)
+    assert time.monotonic() - started < 0.3
+    with pytest.raises(ConfigError, match=match):
+        run_jobs([ExecJob("k", GOOD, TESTS)], cfg)
+
 
 @needs_root
 def test_missing_sandbox_user_is_a_clear_error():
+    fails_fast(SandboxConfig(sandbox_user="pva_no_such_user_xyz"), "sandbox.sandbox_user .* does not exist on this "
+               "machine.*create one")
     with pytest.raises(ConfigError, match="does not exist on this machine"):
         run_job(ExecJob("k", GOOD, TESTS), SandboxConfig(sandbox_user="pva_no_such_user_xyz"))
 
 
-@pytest.mark.parametrize("field, value", [("timeout_s", 0), ("memory_limit_mb", -1), ("workers", -1)])
+@needs_root
+def test_a_uid_pool_that_holds_a_user_is_rejected():
+    nobody = pwd.getpwnam("nobody").pw_uid
+    fails_fast(SandboxConfig(uid_pool_start=nobody - 2, uid_pool_size=8), f"uid {nobody} belongs to user 'nobody'")
+
+
+@pytest.mark.parametrize("field, value", [
+    ("timeout_s", 0), ("timeout_s", -1.5), ("timeout_s", float("nan")), ("memory_limit_mb", -1), ("workers", -1),
+    ("uid_pool_size", -1), ("uid_pool_start", 0),
+])
 def test_bad_limits_are_rejected(field, value):
-    with pytest.raises(ConfigError, match=f"sandbox.{field}"):
-        run_jobs([ExecJob("k", GOOD, TESTS)], SandboxConfig(**{field: value}))
+    fails_fast(SandboxConfig(**{field: value}), f"sandbox.{field}")
+
+
+def test_a_good_config_is_checked_quickly():
+    started = time.monotonic()
+    check_sandbox_config(SandboxConfig())
+    assert time.monotonic() - started < 0.3
 
 
 def test_run_jobs_keeps_order_calls_progress_and_runs_in_parallel():
@@ -376,6 +646,34 @@ def test_run_jobs_keeps_order_calls_progress_and_runs_in_parallel():
     assert [r.passed for r in results] == [False, True, False, True]
     assert sorted(map(id, seen)) == sorted(map(id, results))
     assert run_jobs([], CFG) == []
+
+
+# --------------------------------------------------------------------------- the child module
+
+def load_child():
+    spec = importlib.util.spec_from_file_location("pva_sandbox_child_under_test", CHILD_PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_child_module_imports_without_side_effects_and_maps_errors():
+    main, fds = sys.modules["__main__"], sorted(os.listdir("/proc/self/fd"))
+    child = load_child()
+    assert sys.modules["__main__"] is main and sorted(os.listdir("/proc/self/fd")) == fds
+    assert child.run_tests.__builtins__ is not vars(builtins)  # the harness's private copy
+    cases = [(KeyError("k"), "key"), (ModuleNotFoundError("m"), "import"), (RecursionError(), "recursion"),
+             (UnicodeDecodeError("utf-8", b"\xff", 0, 1, "bad"), "value"), (OSError(errno.EFBIG, "big"), "output_limit"),
+             (OSError(errno.ENOENT, "gone"), "runtime"), (KeyboardInterrupt(), "runtime"), (SystemExit(0), "exit")]
+    assert [child.error_type(exc) for exc, _ in cases] == [kind for _, kind in cases]
+    assert set(child.ERROR_TYPES.values()) <= set(ERROR_TYPES)
+
+
+def test_the_child_module_imports_only_the_standard_library():
+    tree = ast.parse(Path(CHILD_PATH).read_text())
+    names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    names |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert {name.split(".")[0] for name in names} <= set(sys.stdlib_module_names)
 
 
 # --------------------------------------------------------------------------- MBPP references

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from pva_sae.data.prompts import DEFAULT_TEMPLATE, PromptError, check_template
 from pva_sae.errors import PvaSaeError
@@ -36,6 +35,10 @@ def doc(default: Any = dataclasses.MISSING, help: str = "", factory: Any = datac
 
 # Sections whose values change the records of the build stage (a resume must match them exactly).
 BUILD_SECTIONS = ("model", "data", "prompt", "generation", "sandbox")
+# Build-section fields that cannot change a record: they never block a resume or mark a run as another run's.
+NON_RECORD_FIELDS = ("model.torch_threads", "model.local_files_only", "sandbox.workers", "generation.compile",
+                     "generation.batch_size", "generation.max_batch_tokens", "generation.backend",
+                     "sandbox.uid_pool_start", "sandbox.uid_pool_size")
 # Residual sites (see pva_sae.model.hooks for what each means) and the two predicted classes.
 SITES = ("resid_post", "resid_pre")
 DIRECTIONS = ("correct", "incorrect")
@@ -72,6 +75,10 @@ class ModelConfig:
         "auto", "'auto' picks 'eager' for Gemma-2 (SDPA drops attention soft-capping), else the library default."
     )
     local_files_only: bool = doc(False, "Never contact the hub; load only cached or local files.")
+    torch_threads: int = doc(
+        0, "torch intra-op threads. 0 = automatic: on CPU half the cores (at least 1), leaving the rest to the "
+        "sandbox workers that label each batch (torch's default of every core oversubscribes a machine where "
+        "sandboxed programs run: 7x slower measured on 2 cores); on GPU torch's default.")
 
 
 @dataclass
@@ -134,17 +141,29 @@ class GenerationConfig:
 
 @dataclass
 class SandboxConfig:
-    timeout_s: float = doc(10.0, "Wall-clock limit per program; the whole process group is killed after it.")
+    timeout_s: float = doc(
+        10.0, "Wall-clock limit per program; the whole process group is killed after it. In a parallel batch a "
+        "program that hits it is run once more, alone, after the batch, before its timeout becomes the label.")
     cpu_time_s: int = doc(10, "CPU-time limit (RLIMIT_CPU) per program.")
     memory_limit_mb: int = doc(1024, "Address-space limit (RLIMIT_AS) per program.")
     file_size_limit_mb: int = doc(16, "Largest file a program may write (RLIMIT_FSIZE).")
     max_open_files: int = doc(64, "Open file descriptors per program (RLIMIT_NOFILE).")
-    max_processes: int = doc(32, "Processes for the sandbox user (RLIMIT_NPROC); only enforced for non-root.")
+    max_processes: int = doc(
+        32, "Processes and threads per program (RLIMIT_NPROC). It counts per uid: per job with the uid pool; "
+        "without root it counts all of the caller's processes.")
     output_limit_kb: int = doc(64, "Captured stdout/stderr per program; the rest is discarded.")
     workers: int = doc(0, "Programs run in parallel; 0 means one per CPU core.")
     sandbox_user: str = doc(
-        "nobody", "Unprivileged user the programs run as when pva-sae runs as root (RLIMIT_NPROC does not bind root)."
+        "nobody", "Unprivileged user whose group the programs run with when pva-sae runs as root, and whose uid "
+        "they run as when uid_pool_size is 0 (RLIMIT_NPROC does not bind root)."
     )
+    uid_pool_start: int = doc(
+        61000, "As root, each running program gets its own uid from uid_pool_start .. uid_pool_start + "
+        "uid_pool_size - 1 (no passwd entry needed; no user may own one), so that concurrent programs cannot "
+        "signal or trace each other or share RLIMIT_NPROC. The default stays below systemd's dynamic users (61184).")
+    uid_pool_size: int = doc(
+        128, "Uids in the pool; at most this many programs run at once on the machine (across processes). "
+        "0 runs every program as sandbox_user, sharing one uid.")
 
 
 @dataclass
@@ -520,6 +539,12 @@ def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, Any, 
 
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def record_fields_differing(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Dotted names of the build-section fields that differ and can change the records."""
+    return [k for k in diff_configs({s: saved.get(s) for s in BUILD_SECTIONS}, {s: current.get(s) for s in BUILD_SECTIONS})
+            if k not in NON_RECORD_FIELDS]
 
 
 def diff_configs(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:

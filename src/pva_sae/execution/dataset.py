@@ -19,11 +19,12 @@ from typing import Any, Iterator
 
 from tqdm.auto import tqdm
 
-from pva_sae.config import BUILD_SECTIONS, Config, diff_configs
+from pva_sae.config import BUILD_SECTIONS, Config, record_fields_differing
 from pva_sae.data import mbpp as data
 from pva_sae.data import prompts
 from pva_sae.errors import PvaSaeError
 from pva_sae.execution.label import label_samples
+from pva_sae.execution.sandbox import BatchStats, check_sandbox_config, probe
 from pva_sae.model.generation import (
     Generator,
     batch_token_budget,
@@ -38,7 +39,7 @@ from pva_sae.rundir.artifacts import (
     write_splits,
 )
 from pva_sae.rundir.atomic import atomic_write_json, read_json
-from pva_sae.rundir.checkpoint import BuildState, Checkpointer, decide_resume
+from pva_sae.rundir.checkpoint import BuildState, Checkpointer, CheckpointError, decide_resume
 from pva_sae.rundir.fingerprints import (
     invalidate_downstream,
     records_digest,
@@ -81,69 +82,94 @@ def _signals_raise() -> Iterator[None]:
             signal.signal(s, h)
 
 
-def prepare_run(cfg: Config, stage: str = STAGE) -> RunDir:
-    """Create the run directory and write (or check) its config before any work."""
-    run = RunDir.at(cfg.output.run_dir).ensure()
-    current = cfg.to_dict()
-    if run.config.is_file():
-        saved = read_json(run.config)
-        differing = [k for k in diff_configs(saved, current) if k.split(".")[0] in BUILD_SECTIONS]
-        if differing and cfg.checkpoint.resume != "never":
+def check_run_config(cfg: Config) -> RunDir:
+    """The run directory, after checking (without writing anything) that its saved config does not
+    conflict with ``cfg`` in a field that changes the records."""
+    run = RunDir.at(cfg.output.run_dir)
+    if run.config.is_file() and cfg.checkpoint.resume != "never":
+        differing = record_fields_differing(read_json(run.config), cfg.to_dict())
+        if differing:
             raise ConfigMismatch(
                 f"run directory {run.root} was created with another config; differing fields: "
                 f"{', '.join(differing)}. Use the same config, another --run-dir, or --no-resume to start over.")
-    atomic_write_json(run.config, current)
     return run
 
 
-def build_labelled_dataset(cfg: Config, *, interactive: bool | None = None, progress: bool = True) -> list[dict[str, Any]]:
+def prepare_run(cfg: Config, stage: str = STAGE) -> RunDir:
+    """Check the run directory's config against ``cfg``, then create the directory and write the config."""
+    run = check_run_config(cfg).ensure()
+    atomic_write_json(run.config, cfg.to_dict())
+    return run
+
+
+def build_labelled_dataset(cfg: Config, *, interactive: bool | None = None, progress: bool = True,
+                           loaded=None) -> list[dict[str, Any]]:
     """Generate and label every (task, sample) of ``cfg`` in ``cfg.output.run_dir``; return the records
-    (sorted by task id, then sample index). The run directory gets the ``build`` marker when done."""
+    (sorted by task id, then sample index). The run directory gets the ``build`` marker when done.
 
-    run = prepare_run(cfg)
-    log_path = setup_logging(run.log_file(STAGE))
-    log.info("build stage starting; log at %s", log_path)
-
+    Everything that can refuse (the config against the run's, the sandbox settings, the data, the resume
+    decision) is checked before anything is written or the model is loaded, so a refused command leaves
+    the run directory as it was. ``loaded`` reuses a model already in memory.
+    """
+    run = check_run_config(cfg)
+    check_sandbox_config(cfg.sandbox)
     tasks_all = data.load_tasks(cfg.data.source)
     tasks = data.select_range(tasks_all, cfg.data.start_idx, cfg.data.end_idx)
     if cfg.data.task_ids is not None:
         tasks = data.select_ids(tasks, cfg.data.task_ids)
     splits = data.make_splits(tasks_all, cfg.data.split_fractions, cfg.data.split_seed)
     split_of = {tid: name for name, ids in splits.items() for tid in ids}
-    write_splits(run, cfg.data.split_seed, cfg.data.split_fractions, splits, data.split_summary(tasks_all, splits))
+    if run.is_done(STAGE) and cfg.checkpoint.resume != "never" and not cfg.checkpoint.resume_from:
+        log.warning("build already complete in %s; returning the saved dataset", run.root)
+        return read_saved_records(run)
+    checkpointer = Checkpointer(run, cfg.checkpoint, cfg.to_dict(), cfg.data.start_idx,
+                                cfg.data.end_idx if cfg.data.end_idx is not None else len(tasks_all) - 1)
+    state = decide_resume(checkpointer, cfg.checkpoint, interactive)
+    saved_plan = read_plan(run) if state.n_records else None
+    if state.n_records and saved_plan is None:
+        raise CheckpointError(f"{run.root} has a checkpoint but no saved batch plan ({run.batch_plan}): its batch "
+                              "indices cannot be mapped to tasks; start over with --no-resume")
 
-    loaded = load_model(cfg.model)
+    run.ensure()
+    atomic_write_json(run.config, cfg.to_dict())
+    log_path = setup_logging(run.log_file(STAGE))
+    log.info("build stage starting; log at %s", log_path)
+    write_splits(run, cfg.data.split_seed, cfg.data.split_fractions, splits, data.split_summary(tasks_all, splits))
+    loaded = loaded or load_model(cfg.model)
     manifest = base_manifest(STAGE, {"split_seed": cfg.data.split_seed, "generation_seed": cfg.generation.seed})
     manifest.update({
         "model": {"name": cfg.model.name, "source": loaded.source, "path_or_id": loaded.path_or_id,
                   "revision": loaded.revision, "dtype": str(loaded.dtype), "family": loaded.family,
-                  "n_layers": loaded.n_layers, "d_model": loaded.d_model},
+                  "n_layers": loaded.n_layers, "d_model": loaded.d_model, "torch_threads": loaded.torch_threads},
         "device": device_info(loaded.device),
         "dataset": {"source": cfg.data.source, "sha256": data.dataset_sha256(cfg.data.source),
                     "n_tasks_total": len(tasks_all), "n_tasks_selected": len(tasks)},
+        "sandbox": probe(cfg.sandbox),
     })
     atomic_write_json(run.manifest, manifest)
 
     by_id = {t.task_id: t for t in tasks}
     prompt_list = [(t.task_id, prompts.build_prompt(t, cfg.prompt.template, cfg.prompt.initiator)) for t in tasks]
     generator = Generator(loaded, cfg.generation)
-    batch_size = _planned_batch_size(run, cfg, generator, [p for _, p in prompt_list])
-    plan = plan_batches(prompt_list, loaded.tokenizer, batch_size, cfg.generation.n_samples,
-                        cfg.generation.sort_by_length, batch_token_budget(cfg.generation.max_batch_tokens, loaded.device),
-                        cfg.generation.max_new_tokens)
-    checkpointer = Checkpointer(run, cfg.checkpoint, cfg.to_dict(), cfg.data.start_idx,
-                                cfg.data.end_idx if cfg.data.end_idx is not None else len(tasks_all) - 1)
-    if run.is_done(STAGE) and cfg.checkpoint.resume != "never" and not cfg.checkpoint.resume_from:
-        log.warning("build already complete in %s; returning the saved dataset", run.root)
-        return read_saved_records(run)
+    if saved_plan is not None:
+        plan = plan_from_saved(saved_plan, dict(prompt_list), cfg.generation.n_samples, run)
+    else:
+        size = resolve_batch_size(generator, [p for _, p in prompt_list])
+        plan = plan_batches(prompt_list, loaded.tokenizer, size, cfg.generation.n_samples,
+                            cfg.generation.sort_by_length,
+                            batch_token_budget(cfg.generation.max_batch_tokens, loaded.device),
+                            cfg.generation.max_new_tokens)
+        write_plan(run, plan, {"batch_size": size, "configured_batch_size": cfg.generation.batch_size,
+                               "backend": generator.backend, "dtype": str(loaded.dtype),
+                               "device": str(loaded.device)})
     previous = records_digest(run)
     run.clear_done(STAGE)
-    state = decide_resume(checkpointer, cfg.checkpoint, interactive)
 
     started = time.perf_counter()
+    stats = BatchStats()
     try:
         with _signals_raise():
-            _generate_and_label(plan, state, generator, by_id, split_of, cfg, checkpointer, progress)
+            _generate_and_label(plan, state, generator, by_id, split_of, cfg, checkpointer, progress, stats)
     except KeyboardInterrupt as exc:
         signum = exc.args[0] if exc.args and isinstance(exc.args[0], int) else signal.SIGINT
         path = checkpointer.save(state, "emergency")
@@ -155,6 +181,7 @@ def build_labelled_dataset(cfg: Config, *, interactive: bool | None = None, prog
     records = sorted(state.records, key=lambda r: (r["task_id"], r["sample_index"]))
     checkpointer.save(BuildState(records, state.done_batches, state.sequence), "checkpoint")
     metadata = dataset_metadata(records, splits, tasks, elapsed, manifest, cfg)
+    metadata["sandbox"] = {"protections": manifest["sandbox"], "this_session": stats.as_dict()}
     save_dataset(run, records, metadata, cfg.output.save_format)
     digest = records_digest(run)
     if previous is not None and previous != digest:
@@ -171,20 +198,36 @@ def build_labelled_dataset(cfg: Config, *, interactive: bool | None = None, prog
     return records
 
 
-def _planned_batch_size(run: RunDir, cfg: Config, generator, prompts: list[str]) -> int:
-    """generation.batch_size, resolved once per run: with 0 (from free memory) a resumed build reuses the
-    size its first attempt chose, since the checkpointed batch indices refer to that plan."""
+# --------------------------------------------------------------------------- the saved batch plan
 
-    if cfg.generation.batch_size == 0 and run.batch_plan.is_file() and cfg.checkpoint.resume != "never":
-        size = int(read_json(run.batch_plan)["batch_size"])
-    else:
-        size = resolve_batch_size(generator, prompts)
-    atomic_write_json(run.batch_plan, {"batch_size": size, "configured": cfg.generation.batch_size})
-    return size
+def write_plan(run: RunDir, plan, info: dict[str, Any]) -> None:
+    """The batch plan as (task_id, sample_index) keys per batch, with what produced it: a resumed build
+    runs exactly these batches, whatever the device, token budget or backend of the resuming machine."""
+    atomic_write_json(run.batch_plan, {**info, "batches": [[[t, s] for t, s, _ in batch] for batch in plan]})
+
+
+def read_plan(run: RunDir) -> dict[str, Any] | None:
+    if not run.batch_plan.is_file():
+        return None
+    saved = read_json(run.batch_plan)
+    return saved if "batches" in saved else None
+
+
+def plan_from_saved(saved: dict[str, Any], prompt_of: dict[int, str], n_samples: int, run: RunDir) -> list:
+    """The saved plan's batches with their prompts; refuses when it does not cover exactly this build's items."""
+    plan = [[(int(t), int(s), prompt_of.get(int(t))) for t, s in batch] for batch in saved["batches"]]
+    saved_keys = sorted((t, s) for batch in plan for t, s, _ in batch)
+    wanted = sorted((t, s) for t in prompt_of for s in range(n_samples))
+    if saved_keys != wanted:
+        raise CheckpointError(f"the saved batch plan {run.batch_plan} covers other (task, sample) items than this "
+                              "build; resume with the config the build started with, or --no-resume")
+    log.info("resuming with the saved batch plan (%d batches; made with backend %s, %s on %s)", len(plan),
+             saved.get("backend"), saved.get("dtype"), saved.get("device"))
+    return plan
 
 
 def _generate_and_label(plan, state: BuildState, generator, by_id, split_of, cfg: Config,
-                        checkpointer: Checkpointer, progress: bool) -> None:
+                        checkpointer: Checkpointer, progress: bool, stats: BatchStats) -> None:
 
     total = sum(len(b) for b in plan)
     bar = tqdm(total=total, initial=state.n_records, desc="build", unit="sample", disable=not progress,
@@ -194,7 +237,7 @@ def _generate_and_label(plan, state: BuildState, generator, by_id, split_of, cfg
         for batch_index, batch in enumerate(plan):
             if batch_index in state.done_batches:
                 continue
-            new = label_samples(generator.generate_batch(batch, batch_index), by_id, split_of, cfg)
+            new = label_samples(generator.generate_batch(batch, batch_index), by_id, split_of, cfg, stats)
             # The batch's records and its "done" mark change together, so a save never holds half a batch.
             state.records.extend(new)
             state.done_batches.add(batch_index)

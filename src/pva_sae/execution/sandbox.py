@@ -1,65 +1,99 @@
 """Run generated programs against their test asserts, each in a fresh, limited interpreter.
 
-This is the only module of pva-sae that executes generated code. It labels a program ``passed`` only
-when every test assert ran and held. It contains the accidents and the simple attacks that generated
-code produces (endless loops, memory and fork bombs, ``sys.exit`` before the tests, writes outside
-its directory, floods of output, crashes of the interpreter). It is **not a sandbox in the strong
-sense**: the program shares the kernel with the caller and no system-call filter is installed.
-Run untrusted code from strangers in a VM or container as well.
+This is the only module of pva-sae that executes generated code (the code that runs in the child
+process is :mod:`pva_sae.execution.child`, which this module starts). It labels a program ``passed``
+only when every test assert ran and held. It contains the accidents and the simple attacks that
+generated code produces (endless loops, memory, fork and thread bombs, ``sys.exit`` before the tests,
+writes outside its directory, floods of output, crashes of the interpreter, attacks on neighbouring
+jobs). It is **not a sandbox in the strong sense**: the program shares the kernel with the caller and
+no system-call filter is installed. Run untrusted code from strangers in a VM or container as well.
 
 Processes
 ---------
-For every job the caller starts ``sys.executable -s -P -c <child script>`` (``-P`` on Python 3.11+)
-in a new session (``start_new_session``, so the child is the leader of its own process group), in a
-fresh temporary directory, stdin from ``/dev/null``, stdout and stderr to two anonymous temporary
-files, and a minimal environment. That process is the **supervisor**; it runs trusted code only:
+For every job the caller starts ``python -S -s -P .../child.py`` (``-P`` on Python 3.11+) in a new
+session (``start_new_session``), in a fresh temporary directory, stdin from ``/dev/null``, stdout and
+stderr to two anonymous temporary files, and a minimal environment. ``child.py`` is run by path: the
+interpreter reads and compiles the whole file at start-up, with the caller's credentials, so the
+later uid drop never needs to read it. That process is the **supervisor**; it runs trusted code only:
 
 1. it reads the job (marshal) from an inherited file descriptor and closes it;
 2. it becomes a child subreaper (``PR_SET_CHILD_SUBREAPER``): any process the program starts, even one
    that calls ``setsid()`` to leave the process group, stays its descendant;
-3. as root, it enters new mount and network namespaces (where the kernel allows it): a size-limited
-   tmpfs is mounted on the working directory and bound over ``/tmp``, ``/var/tmp``, ``/dev/shm`` and
-   ``/run/lock``, ``/`` is remounted read-only, and the program has no network;
-4. it forks the **worker**, which sets the resource limits (``RLIMIT_AS``, ``RLIMIT_CPU``,
-   ``RLIMIT_FSIZE``, ``RLIMIT_NOFILE``, ``RLIMIT_NPROC``, ``RLIMIT_CORE=0``) on itself, drops to
-   ``cfg.sandbox_user`` when running as root (``setgroups([])``, ``setgid``, ``setuid``, then
-   ``PR_SET_NO_NEW_PRIVS``), and only then compiles and runs the program;
-5. it waits for the worker at most ``cfg.timeout_s``, SIGKILLs the worker on timeout, then kills and
-   reaps every remaining descendant (found through ``/proc``) and writes its report to the caller
-   through a second inherited pipe.
+3. as root, it enters new network, IPC and mount namespaces (where the kernel allows them): the
+   program has no network and no System V IPC shared with anyone, a size-limited tmpfs is mounted on
+   the working directory and bound over ``/tmp``, ``/var/tmp``, ``/dev/shm`` and ``/run/lock``, and
+   ``/`` is remounted read-only. It then unshares the pid namespace and forks **pid 1** of the new
+   namespace, a trusted process that only reaps orphans and dies with the supervisor
+   (``PR_SET_PDEATHSIG``); when pid 1 dies the kernel kills every process of the namespace;
+4. it forks the **worker** (pid 2 of the namespace, so the program gets ordinary signal semantics),
+   which sets the resource limits (``RLIMIT_AS``, ``RLIMIT_CPU``, ``RLIMIT_FSIZE``,
+   ``RLIMIT_NOFILE``, ``RLIMIT_NPROC``, ``RLIMIT_CORE=0``) on itself, drops to the job's uid when
+   running as root (``setgroups([])``, ``setgid``, ``setuid``, then ``PR_SET_NO_NEW_PRIVS``), and only
+   then runs the program;
+5. it waits for the worker at most ``cfg.timeout_s``, SIGKILLs the worker on timeout, kills pid 1 of
+   the namespace, then kills and reaps every remaining descendant (found through ``/proc``, which
+   stays the host's, so its pids are the supervisor's) and writes its report to the caller through a
+   second inherited pipe. It also stops at once when the caller dies (its end of that pipe closes).
 
 The caller waits for the supervisor (with a margin, in case the supervisor itself is stuck), sends
-SIGKILL to the whole process group, reaps, reads the report, and deletes the temporary directory.
+SIGKILL to the whole process group, reaps, reads the report, and deletes the temporary directory. A
+caller killed before that leaves its temporary directory behind; the next call removes directories
+whose creating process is gone (their names carry its pid and start time).
 
 The limits are set inside the child rather than in a ``preexec_fn`` because ``preexec_fn`` is unsafe
 in a threaded caller (``run_jobs`` uses threads) and because the supervisor itself must stay
 unlimited. The uid drop matters beyond file permissions: ``RLIMIT_NPROC`` is not enforced for root,
-and a root program could kill the caller. The program's parent is the root-owned supervisor, never
-the caller, so ``os.kill(os.getppid(), SIGKILL)`` fails with ``PermissionError``.
+and a root program could kill the caller.
 
-The standard library of an interpreter installed under a private home (``/root/.pyenv``) is not
-readable by the sandbox user. Before dropping privileges the worker opens every directory of
-``sys.path``; entries it can no longer read afterwards are replaced by ``/proc/self/fd/N``, which
-reaches the already-open directory without a permission check on its parents.
+Jobs cannot touch each other
+----------------------------
+As root, every running job has a uid of its own, from a pool (``cfg.uid_pool_start`` to
+``uid_pool_start + uid_pool_size - 1``: uids without a passwd entry, with the group of
+``cfg.sandbox_user``). A job claims a free uid with an exclusive ``flock`` on
+``/run/lock/pva-sandbox-uids/<uid>.lock`` (under ``/tmp`` without ``/run/lock``), held by the caller
+and the supervisor until every process of the job is dead, so concurrent ``run_jobs`` calls, in this
+process or another, never share a uid. Kill and ptrace permission and ``RLIMIT_NPROC`` go by uid, so
+``os.kill(-1, SIGKILL)`` reaches only the job's own processes and a fork or thread bomb exhausts only
+its own ``max_processes``; a pid namespace alone would not separate ``RLIMIT_NPROC``. The pid
+namespace adds that the program cannot name a process outside its job (its pids are 1, 2, ...;
+``os.getppid()`` of the worker is 0) and that nothing it started outlives pid 1, even when the
+supervisor is killed. ``uid_pool_size = 0`` runs every job as ``cfg.sandbox_user`` itself (jobs can
+then signal each other and share ``RLIMIT_NPROC``). A pool uid has no passwd entry, so
+``pwd.getpwuid(os.getuid())`` (and ``getpass.getuser()``) fails inside the sandbox.
+
+What a program can import
+-------------------------
+The standard library of the interpreter that runs pva-sae, nothing else, the same wherever the
+virtual environment or the package lives. The child is the base interpreter (``sys._base_executable``
+with symlinks resolved, not a venv's ``bin/python``) started with ``-S`` (no ``site``: no site-packages,
+no ``.pth`` files, no editable installs); the builtins ``site`` would add (``exit``, ``quit``, ``help``)
+are added by hand. The standard library of an interpreter under a private home (``/root/.pyenv``) is
+not readable by the sandbox user, and one under ``/tmp`` is hidden by the private tmpfs: the
+supervisor opens every directory of ``sys.path`` before both, and the worker replaces entries it
+cannot reach by ``/proc/self/fd/N``, which reaches the already-open directory without a path lookup.
+``sys.executable`` names the base interpreter; it need not be executable by the sandbox user.
 
 The test harness
 ----------------
 The worker runs, in one ``__main__`` namespace: the program, then ``test_setup_code`` (MBPP's setup
 code builds objects from classes the program defines, so it must follow the program), then each test
 assert in order, stopping at the first that does not hold. Everything is compiled before anything
-runs, so a syntax error anywhere is reported as ``syntax``.
+runs, so a syntax error anywhere is reported as ``syntax``. The namespace's ``__builtins__`` is a copy
+of the builtins module (and is what ``import builtins`` returns to the program), while the harness
+resolves every built-in name in a private copy taken when ``child.py`` was loaded and binds the ``os``
+functions it calls then: a program that patches ``builtins.exec``, ``builtins.isinstance``,
+``builtins.AssertionError`` or its own ``__builtins__`` changes what it and the tests see, as in plain
+CPython, but not what the harness calls.
 
 How a pass is reported
 ----------------------
 The supervisor draws a random nonce before forking. After the last assert the harness writes one
 line, ``<nonce> <pid> <status> <error_type> <hex detail>``, to a pipe read by the supervisor, which
-accepts only a line carrying its nonce and the worker's pid. A program that exits early
-(``sys.exit(0)`` is caught as ``exit``; ``os._exit(0)`` leaves no line), prints "passed", writes
-to every open descriptor, or forks a child that finishes the tests in its place cannot produce an
-accepted line. stdin is ``/dev/null`` and the nonce never passes through a file or an argument. The
-nonce does live in the worker's memory: a program that deliberately searches the harness's frames
-(``gc``, ``sys._getframe``) can find it. That is the residual risk of running the tests in the same
-interpreter as the program, accepted here.
+accepts only a line carrying its nonce and the worker's pid (as the worker sees it, in its
+namespace). A program that exits early (``sys.exit(0)`` is caught as ``exit``; ``os._exit(0)`` leaves
+no line), prints "passed", writes to every open descriptor, or forks a child that finishes the tests
+in its place cannot produce an accepted line. stdin is ``/dev/null`` and the nonce never passes
+through a file or an argument.
 
 Outcomes
 --------
@@ -77,6 +111,12 @@ An ``AssertionError`` counts as ``failed`` only when it is raised by the test as
 raised by the program's own code (a top-level self-check, or an ``assert`` inside the function under
 test) is ``error``/``runtime``: the program crashed, it did not return a wrong answer.
 
+Timeouts under load: in :func:`run_jobs`, a job that hit the wall-clock limit while other jobs ran
+beside it is run once more, alone, after the parallel batch; its result then has ``attempts == 2``
+and the second attempt's outcome is the label. Re-runs go one at a time, so every genuine endless
+loop of a batch costs another ``timeout_s`` of wall-clock time. A ``RLIMIT_CPU`` timeout is not
+re-run (load does not consume the program's CPU time). :class:`BatchStats` counts the re-runs.
+
 Output
 ------
 stdout and stderr go to anonymous files (never to memory); ``RLIMIT_FSIZE`` bounds each at
@@ -87,26 +127,32 @@ ends with the harness's traceback of the failure); the rest is discarded.
 
 Determinism
 -----------
-``-I`` would ignore ``PYTHONHASHSEED``; the interpreter instead gets ``-s`` and ``-P`` (no user site,
-no script directory on ``sys.path``) and an environment built here from scratch with
-``PYTHONHASHSEED=0``, which isolates it just as well and makes set and dict order of strings, and
-therefore labels, the same on every run.
+``-I`` would ignore ``PYTHONHASHSEED``; the interpreter instead gets ``-S``, ``-s`` and ``-P`` and an
+environment built here from scratch with ``PYTHONHASHSEED=0``, which isolates it just as well and
+makes set and dict order of strings, and therefore labels, the same on every run.
 
 Residual risks
 --------------
-* The program runs in the harness's interpreter, so a program written to subvert the harness (see
-  above), or an exploit of the kernel, can report a false pass or escape.
-* Jobs that run in parallel share the sandbox user: a program can signal its neighbours
-  (``os.kill(-1, SIGKILL)``), whose outcome then reads ``signal``; ``RLIMIT_NPROC`` counts all of
-  that user's processes, so a fork bomb can keep a neighbour from forking. Nothing kills every
-  process of the sandbox user, since parallel jobs share it; each supervisor kills its own tree.
+* The harness runs in the program's interpreter. A program written to subvert it can still report a
+  false pass: the nonce and the harness's functions are reachable from the program through frame
+  and object introspection (``sys._getframe``, ``gc.get_objects``, tracebacks), a trace function
+  (``sys.settrace``) can alter the test frames, and ``ctypes`` can write anywhere in the process's
+  memory. A wrong function can also return an object whose ``__eq__`` always answers True, which no
+  assert-based test can tell from a right answer. Generated code does none of this by accident; the
+  labels are trustworthy for a model's honest attempts, not against an adversary.
+* An exploit of the kernel escapes everything here.
+* ``/proc`` is the host's: a program can list every process of the machine and read what ``/proc``
+  shows to any user (command lines, for instance), though it cannot signal or trace them.
+* Only the root mount is remounted read-only; other mounts (``/dev``, a separate ``/home`` or data
+  disk) stay writable wherever their permissions let any user write (the usual world-writable
+  directories are covered by the private tmpfs).
 * ``RLIMIT_AS`` is per process: a program with ``max_processes`` processes may use that many times
   ``memory_limit_mb``. There is no cgroup.
-* Without root there is no uid drop: the program runs as the caller's user and may read or write
-  that user's files and signal that user's processes (the supervisor included; processes that left
-  the group may then outlive the job). Without mount/network namespaces (unprivileged containers)
-  the program sees the real ``/tmp`` and the network, and in the working directory may write many
-  files of up to ``file_size_limit_mb`` each. :func:`probe` says which protections are active.
+* Without root there is no uid drop, no namespace and no uid pool: the program runs as the caller's
+  user and may read or write that user's files and signal that user's processes (the supervisor and
+  its neighbours included; processes that left the group may then outlive the job), it sees the real
+  ``/tmp`` and the network, and ``RLIMIT_NPROC`` counts all of the user's processes. :func:`probe`
+  says which protections are active.
 
 Linux only (``/proc``, ``prctl``, namespaces, ``os.fork``).
 """
@@ -114,21 +160,30 @@ Linux only (``/proc``, ``prctl``, namespaces, ``os.fork``).
 from __future__ import annotations
 
 import ast
+import dataclasses
+import fcntl
+import functools
 import marshal
+import math
 import os
 import pwd
+import re
 import select
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from pva_sae.config import ConfigError, SandboxConfig
+from pva_sae.execution import child
 
 STATUSES = ("passed", "failed", "error", "timeout")
 
@@ -137,9 +192,13 @@ ERROR_TYPES = (
     "zero_division", "eof", "runtime", "output_limit", "exit", "signal", "sandbox",
 )
 
-# Marker in every sandbox process's command line, so that `ps` shows what a process is.
+# Marker in every sandbox process's command line and temporary directory name, so that `ps` and `ls`
+# show what they are.
 PROCESS_TAG = "pva-sandbox"
+# What a program may import (see "What a program can import"); recorded by probe().
+IMPORT_POLICY = "stdlib"
 
+CHILD_PATH = os.path.abspath(child.__file__)
 STDERR_TAIL_BYTES = 2048
 # The supervisor enforces timeout_s; the caller waits this much longer before killing the supervisor.
 SUPERVISOR_GRACE_S = 10.0
@@ -147,8 +206,15 @@ SUPERVISOR_GRACE_S = 10.0
 TMPFS_FILES = 4
 HASH_SEED = "0"
 REPORT_LIMIT_BYTES = 1 << 20
-# Exit status of a worker whose result could not be written (the child script's EXIT_RESULT_LOST).
-_EXIT_RESULT_LOST = 71
+# Where the uid locks live: a root-owned folder of the first of these that exists.
+UID_LOCK_PARENTS = ("/run/lock", "/tmp")
+UID_LOCK_FOLDER = "pva-sandbox-uids"
+UID_CLAIM_POLL_S = 0.01
+# The highest uid the pool may reach (2**31 - 2; -1 as a 32-bit uid means "unchanged").
+MAX_UID = 2**31 - 2
+_WORKDIR_NAME = re.compile(re.escape(PROCESS_TAG) + r"-(\d+)-(\d+)-")
+_cleaned_folders: set[str] = set()
+_cleaning = threading.Lock()
 
 
 class SandboxError(RuntimeError):
@@ -175,75 +241,133 @@ class ExecResult:
     duration_s: float  # the program's own run time (worker process), without interpreter start-up
     stderr_tail: str  # last 2 KB of stderr, ending with the harness's traceback of the failure
     stdout_tail: str = ""  # last output_limit_kb of stdout
+    attempts: int = 1  # 2 when a wall-clock timeout in a parallel batch was re-run alone; this is the last attempt
 
     @property
     def passed(self) -> bool:
         return self.status == "passed"
 
 
+@dataclass
+class BatchStats:
+    """Counts over every :func:`run_jobs` call it is passed to: pass one object to all calls of a build.
+
+    ``as_dict()`` is what a run manifest records.
+    """
+
+    jobs: int = 0  # jobs run, each counted once however many attempts it took
+    reruns: int = 0  # jobs that hit the wall-clock limit beside other jobs and were run again alone
+    rerun_timeouts: int = 0  # of those, the ones that timed out again (their label is timeout)
+    timeouts: int = 0  # jobs whose final status is timeout (wall-clock or CPU-time limit)
+
+    def add(self, results: Sequence[ExecResult], reruns: int) -> None:
+        self.jobs += len(results)
+        self.reruns += reruns
+        self.rerun_timeouts += sum(r.attempts == 2 and r.status == "timeout" for r in results)
+        self.timeouts += sum(r.status == "timeout" for r in results)
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
 # --------------------------------------------------------------------------- public entry points
 
 def run_job(job: ExecJob, cfg: SandboxConfig) -> ExecResult:
-    """Run one job in its own sandbox and classify the outcome."""
-    _check_config(cfg)
-    return _execute(job, cfg, _sandbox_identity(cfg))[0]
+    """Run one job in its own sandbox and classify the outcome (a single attempt: it runs alone)."""
+    user = _start(cfg)
+    return _execute(job, cfg, user)[0]
 
 
-def run_jobs(jobs: Sequence[ExecJob], cfg: SandboxConfig,
-             progress: Callable[[ExecResult], None] | None = None) -> list[ExecResult]:
+def run_jobs(jobs: Sequence[ExecJob], cfg: SandboxConfig, progress: Callable[[ExecResult], None] | None = None,
+             stats: BatchStats | None = None) -> list[ExecResult]:
     """Run jobs in parallel (``cfg.workers`` at once; 0 = one per CPU core); results come back in job order.
 
-    ``progress`` is called in the calling thread with each result as it completes (completion order).
+    A job that hits the wall-clock limit while others run beside it is run again, alone, once the
+    parallel batch is done (``attempts == 2``). ``progress`` is called in the calling thread with each
+    final result (completion order; re-run jobs last). ``stats``, if given, is added to.
     """
-    _check_config(cfg)
+    user = _start(cfg)
     if not jobs:
         return []
-    identity = _sandbox_identity(cfg)
     workers = min(cfg.workers or os.cpu_count() or 1, len(jobs))
-    results: list[ExecResult | None] = [None] * len(jobs)
+    results, timed_out = _run_parallel(jobs, cfg, user, workers, progress)
+    for index in timed_out:  # one at a time: nothing else of this batch runs beside it
+        results[index] = dataclasses.replace(_execute(jobs[index], cfg, user)[0], attempts=2)
+        if progress is not None:
+            progress(results[index])
+    if stats is not None:
+        stats.add(results, reruns=len(timed_out))
+    return results
+
+
+def _run_parallel(jobs: Sequence[ExecJob], cfg: SandboxConfig, user: tuple[int, int] | None, workers: int,
+                  progress: Callable[[ExecResult], None] | None) -> tuple[list[ExecResult], list[int]]:
+    """Results of one attempt per job, and the indices of the wall-clock timeouts to run again (sorted).
+
+    ``progress`` gets every result but those timeouts'. With one worker every job already ran alone.
+    """
+    results: list[ExecResult] = [None] * len(jobs)  # type: ignore[list-item]
+    timed_out = []
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sandbox") as pool:
-        futures = {pool.submit(_execute, job, cfg, identity): index for index, job in enumerate(jobs)}
+        futures = {pool.submit(_execute, job, cfg, user): index for index, job in enumerate(jobs)}
         try:
             for future in as_completed(futures):
-                result = future.result()[0]
+                result, report = future.result()
                 results[futures[future]] = result
-                if progress is not None:
+                if workers > 1 and _wall_clock_timeout(result, report):
+                    timed_out.append(futures[future])
+                elif progress is not None:
                     progress(result)
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)
             raise
-    return results  # type: ignore[return-value]
+    return results, sorted(timed_out)
 
 
-def probe(cfg: SandboxConfig) -> dict[str, bool]:
+def probe(cfg: SandboxConfig) -> dict[str, bool | str]:
     """Which protections are active on this machine: run a trivial job and read the supervisor's report.
 
-    Keys: ``drops_privileges`` (runs as ``cfg.sandbox_user``), ``private_tmp`` (mount namespace with a
-    private tmpfs and a read-only root), ``no_network`` (network namespace).
+    Keys: ``drops_privileges`` (programs run unprivileged), ``private_tmp`` (mount namespace with a
+    private tmpfs and a read-only root), ``no_network`` (network namespace), ``private_ipc`` (IPC
+    namespace), ``pid_namespace`` (each job in its own pid namespace), ``per_job_uid`` (each running
+    job has its own uid from the pool), ``imports`` (what a program may import: ``"stdlib"``) and
+    ``interpreter`` (the Python that runs the programs).
     """
-    _check_config(cfg)
-    result, report = _execute(ExecJob("probe", "", ()), cfg, _sandbox_identity(cfg))
+    user = _start(cfg)
+    result, report = _execute(ExecJob("probe", "", ()), cfg, user)
     if not result.passed:
         raise SandboxError(f"the sandbox probe did not pass: {result.status} {result.error_type} {result.detail}")
-    return {name: bool(report.get(name)) for name in ("drops_privileges", "private_tmp", "no_network")}
+    found: dict[str, bool | str] = {
+        name: bool(report.get(name))
+        for name in ("drops_privileges", "private_tmp", "no_network", "private_ipc", "pid_namespace")
+    }
+    found["per_job_uid"] = bool(report.get("drops_privileges")) and cfg.uid_pool_size > 0
+    found["imports"] = IMPORT_POLICY
+    found["interpreter"] = interpreter()
+    return found
+
+
+def check_sandbox_config(cfg: SandboxConfig) -> None:
+    """Raise :class:`ConfigError` naming the field and the fix when ``cfg`` cannot work on this machine.
+
+    Fast (no process is started): run it before loading a model.
+    """
+    _sandbox_user(cfg)
+    interpreter()
 
 
 # --------------------------------------------------------------------------- configuration
 
-def _check_config(cfg: SandboxConfig) -> None:
-    positive = ("timeout_s", "cpu_time_s", "memory_limit_mb", "file_size_limit_mb", "max_open_files",
-                "max_processes", "output_limit_kb")
-    for name in positive:
-        if getattr(cfg, name) <= 0:
-            raise ConfigError(f"sandbox.{name} must be > 0, got {getattr(cfg, name)}")
-    if cfg.max_open_files < 16:
-        raise ConfigError(f"sandbox.max_open_files must be >= 16 (the interpreter needs some), got {cfg.max_open_files}")
-    if cfg.workers < 0:
-        raise ConfigError(f"sandbox.workers must be >= 0 (0 = one per CPU core), got {cfg.workers}")
+def _start(cfg: SandboxConfig) -> tuple[int, int] | None:
+    """Check the config, remove what killed callers left behind; the sandbox user's (uid, gid) as root."""
+    user = _sandbox_user(cfg)
+    _remove_stale_workdirs(user, cfg)
+    return user
 
 
-def _sandbox_identity(cfg: SandboxConfig) -> tuple[int, int] | None:
-    """(uid, gid) to run programs as when we are root; None when we are not (no switch is possible)."""
+def _sandbox_user(cfg: SandboxConfig) -> tuple[int, int] | None:
+    """Validate ``cfg``; (uid, gid) of ``cfg.sandbox_user`` when we are root, None when we are not."""
+    _check_limits(cfg)
     if os.geteuid() != 0:
         return None
     try:
@@ -255,9 +379,138 @@ def _sandbox_identity(cfg: SandboxConfig) -> tuple[int, int] | None:
             "pva-sandbox`) or set sandbox.sandbox_user to an existing one such as 'nobody'."
         ) from None
     if entry.pw_uid == 0 or entry.pw_gid == 0:
-        raise ConfigError(f"sandbox.sandbox_user {cfg.sandbox_user!r} has uid or gid 0; it must be unprivileged")
+        raise ConfigError(f"sandbox.sandbox_user {cfg.sandbox_user!r} has uid or gid 0; set it to an unprivileged user")
+    _check_pool_is_free(cfg)
     return entry.pw_uid, entry.pw_gid
 
+
+def _check_limits(cfg: SandboxConfig) -> None:
+    positive = ("timeout_s", "cpu_time_s", "memory_limit_mb", "file_size_limit_mb", "max_open_files",
+                "max_processes", "output_limit_kb")
+    for name in positive:
+        value = getattr(cfg, name)
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            default = getattr(SandboxConfig(), name)
+            raise ConfigError(f"sandbox.{name} must be a finite number > 0, got {value!r}; "
+                              f"set it to a positive value (default: sandbox.{name}={default})")
+    if cfg.max_open_files < 16:
+        raise ConfigError(f"sandbox.max_open_files must be >= 16 (the interpreter needs some), got {cfg.max_open_files}")
+    if cfg.workers < 0:
+        raise ConfigError(f"sandbox.workers must be >= 0 (0 = one per CPU core), got {cfg.workers}")
+    if cfg.uid_pool_size < 0 or (cfg.uid_pool_size and not 0 < cfg.uid_pool_start <= MAX_UID - cfg.uid_pool_size):
+        raise ConfigError(
+            f"sandbox.uid_pool_start={cfg.uid_pool_start} with sandbox.uid_pool_size={cfg.uid_pool_size} is not a "
+            f"range of uids in 1..{MAX_UID}; set uid_pool_size to 0 (no pool) or more, and uid_pool_start above 0"
+        )
+
+
+def _check_pool_is_free(cfg: SandboxConfig) -> None:
+    """No user may own a pool uid: the programs could signal that user's processes."""
+    pool = range(cfg.uid_pool_start, cfg.uid_pool_start + cfg.uid_pool_size)
+    taken = sorted((e.pw_uid, e.pw_name) for e in pwd.getpwall() if e.pw_uid in pool)
+    if taken:
+        uid, name = taken[0]
+        raise ConfigError(
+            f"sandbox.uid_pool_start={cfg.uid_pool_start}, sandbox.uid_pool_size={cfg.uid_pool_size}: uid {uid} "
+            f"belongs to user {name!r}, whose processes the programs could then signal; move the pool to uids "
+            "that no user has (set sandbox.uid_pool_start), or set sandbox.uid_pool_size=0"
+        )
+
+
+def interpreter() -> str:
+    """The Python that runs the programs: this one's base interpreter (outside any venv), symlinks resolved."""
+    for candidate in (getattr(sys, "_base_executable", None), sys.executable):
+        if candidate:
+            path = os.path.realpath(candidate)
+            if os.path.isfile(path) and os.access(path, os.X_OK):
+                return path
+    raise SandboxError(f"no Python interpreter to run programs with (sys.executable is {sys.executable!r})")
+
+
+# --------------------------------------------------------------------------- identities and directories
+
+@contextmanager
+def _job_identity(cfg: SandboxConfig, user: tuple[int, int] | None) -> Iterator[tuple[tuple[int, int] | None, int | None]]:
+    """((uid, gid) the job runs as, or None without root; the descriptor holding its uid's lock, or None)."""
+    if user is None or not cfg.uid_pool_size:
+        yield user, None
+        return
+    uid, lock_fd = _claim_uid(cfg)
+    try:
+        yield (uid, user[1]), lock_fd
+    finally:
+        os.close(lock_fd)
+
+
+def _claim_uid(cfg: SandboxConfig) -> tuple[int, int]:
+    """A pool uid no running job has, with the descriptor of its exclusive lock; waits while all are taken."""
+    folder = _uid_lock_folder()
+    while True:
+        for uid in range(cfg.uid_pool_start, cfg.uid_pool_start + cfg.uid_pool_size):
+            fd = os.open(os.path.join(folder, f"{uid}.lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            return uid, fd
+        time.sleep(UID_CLAIM_POLL_S)
+
+
+def _uid_lock_folder() -> str:
+    parent = next((p for p in UID_LOCK_PARENTS if os.path.isdir(p)), UID_LOCK_PARENTS[-1])
+    folder = os.path.join(parent, UID_LOCK_FOLDER)
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    info = os.lstat(folder)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != 0 or info.st_mode & 0o022:
+        raise SandboxError(f"{folder} must be a directory owned by root and writable only by root; remove it")
+    return folder
+
+
+@functools.cache
+def _workdir_prefix(pid: int) -> str:
+    """Names of process ``pid``'s working directories start with this: tag, pid and start time."""
+    return f"{PROCESS_TAG}-{pid}-{_start_time(pid)}-"
+
+
+def _start_time(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot), or None when there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            text = f.read()
+    except OSError:
+        return None
+    return int(text[text.rindex(b")") + 2:].split()[19])
+
+
+def _remove_stale_workdirs(user: tuple[int, int] | None, cfg: SandboxConfig) -> None:
+    """Delete working directories left by callers that died (once per process and temp folder)."""
+    folder = tempfile.gettempdir()
+    with _cleaning:
+        if folder in _cleaned_folders:
+            return
+        _cleaned_folders.add(folder)
+    owners = {os.geteuid()} | ({user[0]} if user else set())
+    if user and cfg.uid_pool_size:
+        owners |= set(range(cfg.uid_pool_start, cfg.uid_pool_start + cfg.uid_pool_size))
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    for entry in entries:
+        match = _WORKDIR_NAME.match(entry.name)
+        if not match or _start_time(int(match[1])) == int(match[2]):
+            continue
+        try:
+            info = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if stat.S_ISDIR(info.st_mode) and info.st_uid in owners:
+            _remove_tree(entry.path)
+
+
+# --------------------------------------------------------------------------- one job
 
 def _payload(job: ExecJob, cfg: SandboxConfig, identity: tuple[int, int] | None) -> bytes:
     mb = 1024 * 1024
@@ -300,28 +553,28 @@ def _child_env(workdir: str) -> dict[str, str]:
 
 
 def _child_command(payload_fd: int, report_fd: int) -> list[str]:
-    flags = ["-s", "-P"] if sys.version_info >= (3, 11) else ["-s"]
-    return [sys.executable, *flags, "-c", _CHILD_SCRIPT, str(payload_fd), str(report_fd), PROCESS_TAG]
+    flags = ["-S", "-s", "-P"] if sys.version_info >= (3, 11) else ["-S", "-s"]
+    return [interpreter(), *flags, CHILD_PATH, str(payload_fd), str(report_fd), PROCESS_TAG]
 
 
-# --------------------------------------------------------------------------- one job
-
-def _execute(job: ExecJob, cfg: SandboxConfig, identity: tuple[int, int] | None) -> tuple[ExecResult, dict]:
+def _execute(job: ExecJob, cfg: SandboxConfig, user: tuple[int, int] | None) -> tuple[ExecResult, dict]:
     """Run one job; return its result and the supervisor's report (empty when there was none)."""
     started = time.monotonic()
-    workdir = tempfile.mkdtemp(prefix="pva-sandbox-")
-    try:
-        if identity is not None:
-            os.chown(workdir, *identity)
-        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, tempfile.TemporaryFile() as payload:
-            payload.write(_payload(job, cfg, identity))
-            payload.flush()
-            payload.seek(0)
-            report, supervisor_stuck, exit_code = _run_supervisor(payload.fileno(), out, err, workdir, cfg)
-            stderr_tail = _tail(err, min(STDERR_TAIL_BYTES, cfg.output_limit_kb * 1024))
-            stdout_tail = _tail(out, cfg.output_limit_kb * 1024)
-    finally:
-        _remove_tree(workdir)
+    with _job_identity(cfg, user) as (identity, lock_fd):
+        workdir = tempfile.mkdtemp(prefix=_workdir_prefix(os.getpid()))
+        try:
+            if identity is not None:
+                os.chown(workdir, *identity)
+            with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, tempfile.TemporaryFile() as payload:
+                payload.write(_payload(job, cfg, identity))
+                payload.flush()
+                payload.seek(0)
+                inherited = (payload.fileno(),) + ((lock_fd,) if lock_fd is not None else ())
+                report, supervisor_stuck, exit_code = _run_supervisor(inherited, out, err, workdir, cfg)
+                stderr_tail = _tail(err, min(STDERR_TAIL_BYTES, cfg.output_limit_kb * 1024))
+                stdout_tail = _tail(out, cfg.output_limit_kb * 1024)
+        finally:
+            _remove_tree(workdir)
     if report.get("setup_error"):
         raise SandboxError(f"the sandbox could not be set up: {report['setup_error']}\n{stderr_tail}")
     status, error_type, detail = _classify(report, supervisor_stuck, exit_code, cfg)
@@ -330,15 +583,19 @@ def _execute(job: ExecJob, cfg: SandboxConfig, identity: tuple[int, int] | None)
     return result, report
 
 
-def _run_supervisor(payload_fd: int, out, err, workdir: str, cfg: SandboxConfig) -> tuple[dict, bool, int]:
-    """Start the supervisor, wait for it, kill its process group, reap it; (report, stuck, exit code)."""
+def _run_supervisor(inherited: tuple[int, ...], out, err, workdir: str, cfg: SandboxConfig) -> tuple[dict, bool, int]:
+    """Start the supervisor, wait for it, kill its process group, reap it; (report, stuck, exit code).
+
+    ``inherited[0]`` is the payload; the supervisor also keeps the uid lock's descriptor, if any, open
+    until it exits.
+    """
     report_r, report_w = os.pipe()
     try:
         try:
             proc = subprocess.Popen(
-                _child_command(payload_fd, report_w), stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                _child_command(inherited[0], report_w), stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                 cwd=workdir, env=_child_env(workdir), start_new_session=True, close_fds=True,
-                pass_fds=(payload_fd, report_w),
+                pass_fds=(*inherited, report_w),
             )
         finally:
             os.close(report_w)
@@ -410,7 +667,7 @@ def _tail(f, limit: int) -> str:
 
 
 def _remove_tree(path: str) -> None:
-    """Delete the working directory, also when the program took permissions away inside it (non-root runs)."""
+    """Delete a working directory, also when the program took permissions away inside it (non-root runs)."""
     try:
         shutil.rmtree(path)
     except OSError:
@@ -422,6 +679,8 @@ def _remove_tree(path: str) -> None:
                     pass
         shutil.rmtree(path, ignore_errors=True)
 
+
+# --------------------------------------------------------------------------- outcomes
 
 def _classify(report: dict, supervisor_stuck: bool, exit_code: int, cfg: SandboxConfig) -> tuple[str, str | None, str]:
     """(status, error_type, detail) from the supervisor's report."""
@@ -439,9 +698,14 @@ def _classify(report: dict, supervisor_stuck: bool, exit_code: int, cfg: Sandbox
         return "timeout", None, f"CPU time limit of {cfg.cpu_time_s} s exceeded (SIGXCPU)"
     if worker_exit < 0:
         return "error", "signal", _signal_name(-worker_exit)
-    if worker_exit == _EXIT_RESULT_LOST:
+    if worker_exit == child.EXIT_RESULT_LOST:
         return "error", "exit", "the program closed the harness's result pipe; its tests could not report"
     return "error", "exit", f"the program {_describe_exit(worker_exit)} before its tests finished"
+
+
+def _wall_clock_timeout(result: ExecResult, report: dict) -> bool:
+    """A timeout that load on the machine can cause (not the CPU-time limit, which load does not consume)."""
+    return result.status == "timeout" and (not report or bool(report.get("timed_out")))
 
 
 def _describe_exit(code: int) -> str:
@@ -453,443 +717,3 @@ def _signal_name(number: int) -> str:
         return signal.Signals(number).name
     except ValueError:
         return f"signal {number}"
-
-
-# --------------------------------------------------------------------------- the child process
-#
-# Run by the child interpreter with `-c`; it imports only small standard modules so that it starts
-# quickly. The supervisor part runs with the caller's privileges and never runs program code; the
-# worker part sets the limits, drops privileges, then runs the program and its tests.
-
-_CHILD_SCRIPT = r'''
-import builtins
-import marshal
-import os
-import resource
-import select
-import sys
-import time
-
-SIGKILL = 9
-EFBIG = 27
-CLONE_NEWNS = 0x00020000
-CLONE_NEWNET = 0x40000000
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 32, 4096, 16384, 1 << 18
-PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 36, 38
-SHARED_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
-RESULT_BUFFER = 65536
-DETAIL_CHARS = 300
-TRACEBACK_FRAMES = 20
-EXIT_WORKER_SETUP, EXIT_RESULT_LOST, EXIT_HARNESS_BUG = 70, 71, 72
-ERROR_TYPES = {
-    SyntaxError: "syntax", NameError: "name", TypeError: "type", ValueError: "value",
-    IndexError: "index", KeyError: "key", AttributeError: "attribute", ImportError: "import",
-    RecursionError: "recursion", MemoryError: "memory", ZeroDivisionError: "zero_division",
-    EOFError: "eof", SystemExit: "exit",
-}
-STATUSES = ("passed", "failed", "error", "setup_error")
-
-
-def main():
-    if sys.path and sys.path[0] == "":
-        del sys.path[0]
-    payload_fd, report_fd = int(sys.argv[1]), int(sys.argv[2])
-    with os.fdopen(payload_fd, "rb") as f:
-        job = marshal.loads(f.read())
-    report = supervise(job, report_fd)
-    write_all(report_fd, repr(report).encode())
-
-
-def write_all(fd, data):
-    while data:
-        data = data[os.write(fd, data):]
-
-
-# ---------------------------------------------------------------- supervisor
-
-def supervise(job, report_fd):
-    """Fork the worker, watch it, clean up after it; return the report for the caller."""
-    report = {"drops_privileges": job["uid"] is not None, "private_tmp": False, "no_network": False}
-    try:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        prctl(libc, PR_SET_CHILD_SUBREAPER, 1)
-        if job["uid"] is not None:
-            report["no_network"] = libc.unshare(CLONE_NEWNET) == 0
-            report["private_tmp"] = make_private_tmp(libc, job)
-        nonce = os.urandom(16).hex().encode()
-        result_r, result_w = os.pipe()
-    except Exception as exc:
-        report["setup_error"] = describe(exc)
-        return report
-    started = time.monotonic()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(result_r)
-            os.close(report_fd)
-            worker(job, libc, nonce, result_w)
-        finally:
-            os._exit(EXIT_HARNESS_BUG)
-    os.close(result_w)
-    timed_out, status, data = watch(pid, result_r, started + job["timeout_s"])
-    report["duration_s"] = time.monotonic() - started
-    kill_descendants()
-    report["timed_out"] = timed_out
-    report["exit_code"] = os.waitstatus_to_exitcode(status)
-    result = accepted_result(data, nonce, pid)
-    if result and result[0] == "setup_error":
-        report["setup_error"] = result[2]
-    elif result and not timed_out:
-        report["result"] = result
-    return report
-
-
-def prctl(libc, option, value):
-    if libc.prctl(option, value, 0, 0, 0) != 0:
-        raise OSError(ctypes_errno(), f"prctl({option}) failed")
-
-
-def ctypes_errno():
-    import ctypes
-    return ctypes.get_errno()
-
-
-def mount(libc, source, target, fstype, flags, data=None):
-    encode = lambda s: None if s is None else s.encode()
-    if libc.mount(encode(source), encode(target), encode(fstype), flags, encode(data)) != 0:
-        errno = ctypes_errno()
-        raise OSError(errno, f"mount {target}: {os.strerror(errno)}")
-
-
-def make_private_tmp(libc, job):
-    """Give the program a private, size-limited tmpfs as its directory and as every shared scratch directory.
-
-    Returns False (and changes nothing visible) when the kernel refuses a mount namespace.
-    """
-    if libc.unshare(CLONE_NEWNS) != 0:
-        return False
-    try:
-        # Private propagation first: nothing mounted below may reach the caller's namespace.
-        mount(libc, None, "/", None, MS_REC | MS_PRIVATE)
-        workdir = os.getcwd()
-        options = f"size={job['tmpfs_mb']}m,mode=0700,uid={job['uid']},gid={job['gid']}"
-        mount(libc, "tmpfs", workdir, "tmpfs", MS_NOSUID | MS_NODEV, options)
-    except OSError:
-        return False
-    os.chdir(workdir)
-    for path in SHARED_DIRS:
-        if os.path.isdir(path):
-            mount(libc, ".", path, None, MS_BIND)
-    try:
-        mount(libc, None, "/", None, MS_REMOUNT | MS_BIND | MS_RDONLY)
-    except OSError:
-        pass
-    os.chdir("/tmp")
-    os.environ["HOME"] = os.environ["TMPDIR"] = "/tmp"
-    return True
-
-
-def watch(pid, result_r, deadline):
-    """Wait for the worker until the deadline, collecting what it writes to the result pipe.
-
-    Returns (timed_out, wait status, collected bytes).
-    """
-    os.set_blocking(result_r, False)
-    try:
-        pidfd = os.pidfd_open(pid)
-    except (AttributeError, OSError):
-        pidfd = None
-    data = bytearray()
-    reading = True
-    timed_out = False
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            os.kill(pid, SIGKILL)
-            status = os.waitpid(pid, 0)[1]
-            timed_out = True
-            break
-        watched = ([result_r] if reading else []) + ([pidfd] if pidfd is not None else [])
-        wait = remaining if pidfd is not None else min(remaining, 0.005)
-        ready = select.select(watched, [], [], wait)[0]
-        if result_r in ready:
-            reading = read_some(result_r, data)
-    while reading:
-        reading = read_some(result_r, data, stop_when_empty=True)
-    return timed_out, status, data
-
-
-def read_some(fd, data, stop_when_empty=False):
-    """Append what can be read now (keeping the last RESULT_BUFFER bytes); False at end of stream."""
-    try:
-        chunk = os.read(fd, RESULT_BUFFER)
-    except BlockingIOError:
-        return not stop_when_empty
-    if not chunk:
-        return False
-    data += chunk
-    if len(data) > RESULT_BUFFER:
-        del data[:-RESULT_BUFFER]
-    return True
-
-
-def accepted_result(data, nonce, pid):
-    """The last line carrying the nonce and the worker's pid, as (status, error_type, detail)."""
-    for line in reversed(bytes(data).split(b"\n")):
-        parts = line.split(b" ")
-        if len(parts) != 5 or parts[0] != nonce or parts[1] != str(pid).encode():
-            continue
-        try:
-            status, error_type = parts[2].decode(), parts[3].decode()
-            detail = bytes.fromhex(parts[4].decode()).decode("utf-8", "replace")
-        except ValueError:
-            continue
-        if status in STATUSES:
-            return status, "" if error_type == "-" else error_type, detail
-    return None
-
-
-def kill_descendants():
-    """SIGKILL and reap every descendant until none is left.
-
-    As a subreaper this process inherits every orphan below it, so once it has no children at all,
-    no descendant exists. Processes forked while a sweep runs are caught by the next one.
-    """
-    me = os.getpid()
-    while True:
-        try:
-            while os.waitpid(-1, os.WNOHANG)[0]:
-                pass
-        except ChildProcessError:
-            return
-        for pid in descendants(me):
-            try:
-                os.kill(pid, SIGKILL)
-            except OSError:
-                pass
-        time.sleep(0.001)
-
-
-def descendants(root):
-    children = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rindex(b")") + 2:].split()[1])
-        children.setdefault(ppid, []).append(int(name))
-    found, stack = [], [root]
-    while stack:
-        for child in children.get(stack.pop(), ()):
-            found.append(child)
-            stack.append(child)
-    return found
-
-
-# ---------------------------------------------------------------- worker
-
-def worker(job, libc, nonce, result_w):
-    """Limit this process, drop privileges, run the program and its tests, report, exit."""
-    try:
-        path_dirs = open_path_dirs() if job["uid"] is not None else {}
-        set_limits(job["limits"])
-        if job["uid"] is not None:
-            drop_privileges(job["uid"], job["gid"])
-        prctl(libc, PR_SET_NO_NEW_PRIVS, 1)
-        reach_path_dirs(path_dirs)
-    except BaseException as exc:
-        emit(result_w, nonce, ("setup_error", "", describe(exc)))
-        os._exit(EXIT_WORKER_SETUP)
-    outcome = run_tests(job)
-    emit(result_w, nonce, outcome)
-    for stream in (sys.__stdout__, sys.__stderr__):
-        try:
-            stream.flush()
-        except BaseException:
-            pass
-    os._exit(0)
-
-
-def open_path_dirs():
-    """Descriptors of the import path's directories, opened while they are still readable."""
-    fds = {}
-    for entry in sys.path:
-        if entry not in fds and os.path.isdir(entry):
-            fds[entry] = os.open(entry, os.O_RDONLY | os.O_DIRECTORY)
-    return fds
-
-
-def reach_path_dirs(fds):
-    """Replace import-path entries the sandbox user cannot read by their open descriptors.
-
-    Packages imported before the switch (encodings, collections, ctypes...) import their submodules
-    lazily through their own __path__, which is redirected the same way.
-    """
-    moved = {}
-    for entry, fd in fds.items():
-        if os.access(entry, os.R_OK | os.X_OK):
-            os.close(fd)
-        else:
-            moved[entry] = f"/proc/self/fd/{fd}"
-    if not moved:
-        return
-    sys.path[:] = [relocate(entry, moved) for entry in sys.path]
-    for module in list(sys.modules.values()):
-        path = getattr(module, "__dict__", {}).get("__path__")
-        if isinstance(path, list):
-            path[:] = [relocate(entry, moved) for entry in path]
-
-
-def relocate(path, moved):
-    """`path` under the longest moved directory, rewritten below that directory's descriptor."""
-    for directory in sorted(moved, key=len, reverse=True):
-        if path == directory or path.startswith(directory + "/"):
-            return moved[directory] + path[len(directory):]
-    return path
-
-
-def set_limits(limits):
-    for name, (soft, hard) in limits.items():
-        which = getattr(resource, "RLIMIT_" + name)
-        current_hard = resource.getrlimit(which)[1]
-        if os.geteuid() != 0 and current_hard != resource.RLIM_INFINITY:
-            hard = min(hard, current_hard)
-        resource.setrlimit(which, (min(soft, hard), hard))
-
-
-def drop_privileges(uid, gid):
-    os.setgroups([])
-    os.setgid(gid)
-    os.setuid(uid)
-    if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid) or os.getgroups():
-        raise PermissionError(f"could not switch to uid {uid} gid {gid}")
-
-
-def emit(fd, nonce, outcome):
-    status, error_type, detail = outcome
-    line = b" ".join([nonce, str(os.getpid()).encode(), status.encode(), (error_type or "-").encode(),
-                      detail.encode("utf-8", "replace").hex().encode()]) + b"\n"
-    try:
-        while line:
-            line = line[os.write(fd, line):]
-    except OSError:
-        os._exit(EXIT_RESULT_LOST)
-
-
-# ---------------------------------------------------------------- harness
-
-def run_tests(job):
-    """Compile everything, then run program, setup code and each assert; return (status, error_type, detail)."""
-    pieces = [("program", job["program"])]
-    if job["setup"].strip():
-        pieces.append(("setup", job["setup"]))
-    pieces += [(f"test {i}", test) for i, test in enumerate(job["tests"], 1)]
-    sources = {f"<{label}>": source for label, source in pieces}
-    compiled = []
-    for label, source in pieces:
-        try:
-            compiled.append((label, compile(source, f"<{label}>", "exec", dont_inherit=True)))
-        except BaseException as exc:
-            show_traceback(exc, sources)
-            kind = "syntax" if isinstance(exc, (SyntaxError, ValueError)) else error_type(exc)
-            return "error", kind, f"{label}: {describe(exc)}"
-    namespace = fresh_main()
-    for label, code in compiled:
-        try:
-            exec(code, namespace)
-        except BaseException as exc:
-            show_traceback(exc, sources)
-            return outcome_of(exc, label, sources)
-    return "passed", "", ""
-
-
-def fresh_main():
-    """A new __main__ module for the program, so that `import __main__` and pickling see the program."""
-    module = type(sys)("__main__")
-    module.__dict__["__builtins__"] = builtins
-    sys.modules["__main__"] = module
-    return module.__dict__
-
-
-def outcome_of(exc, label, sources):
-    if isinstance(exc, AssertionError) and label.startswith("test ") and innermost_file(exc) == f"<{label}>":
-        message = describe(exc)
-        detail = f"{label} failed: {sources[f'<{label}>'].strip()}"
-        if message != "AssertionError":
-            detail += f" ({message})"
-        write_stderr(detail + "\n")
-        return "failed", "", detail[:DETAIL_CHARS]
-    return "error", error_type(exc), f"{label}: {describe(exc)}"[:DETAIL_CHARS]
-
-
-def error_type(exc):
-    if isinstance(exc, OSError) and exc.errno == EFBIG:
-        return "output_limit"
-    for cls in type(exc).__mro__:
-        if cls in ERROR_TYPES:
-            return ERROR_TYPES[cls]
-    return "runtime"
-
-
-def innermost_file(exc):
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb.tb_frame.f_code.co_filename if tb is not None else None
-
-
-def describe(exc):
-    name = type(exc).__name__
-    try:
-        message = str(exc)
-    except BaseException:
-        message = "<unprintable message>"
-    return (f"{name}: {message}" if message else name)[:DETAIL_CHARS]
-
-
-def show_traceback(exc, sources):
-    """Write a short traceback (last frames, with the program's lines) to stderr for stderr_tail."""
-    try:
-        frames = []
-        tb = exc.__traceback__
-        while tb is not None:
-            frames.append((tb.tb_frame.f_code.co_filename, tb.tb_lineno, tb.tb_frame.f_code.co_name))
-            tb = tb.tb_next
-        frames = [f for f in frames if f[0] in sources][-TRACEBACK_FRAMES:]
-        lines = ["Traceback (most recent call last):"]
-        for filename, lineno, name in frames:
-            lines.append(f'  File "{filename}", line {lineno}, in {name}')
-            source_lines = sources[filename].splitlines()
-            if 0 < lineno <= len(source_lines):
-                lines.append("    " + source_lines[lineno - 1].strip())
-        if isinstance(exc, SyntaxError) and exc.text:
-            lines.append(f'  File "{exc.filename}", line {exc.lineno}')
-            lines.append("    " + exc.text.strip())
-        lines.append(describe(exc))
-        write_stderr("\n".join(lines) + "\n")
-    except BaseException:
-        pass
-
-
-def write_stderr(text):
-    try:
-        for stream in (sys.__stdout__, sys.__stderr__):
-            stream.flush()
-    except BaseException:
-        pass
-    try:
-        os.write(2, text.encode("utf-8", "replace"))
-    except OSError:
-        pass
-
-
-main()
-'''

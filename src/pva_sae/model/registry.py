@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,7 @@ class LoadedModel:
     family: str                # config.model_type: 'gemma2', 'llama', ...
     n_layers: int
     d_model: int
+    torch_threads: int = 0     # intra-op threads in use (recorded in the manifest)
 
 
 # --------------------------------------------------------------------------- registry
@@ -287,6 +289,7 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     if source.entry is not None:
         _check_against_registry(source.entry, family, n_layers, d_model)
     device = resolve_device(cfg.device)
+    threads = set_torch_threads(cfg.torch_threads, device)
     dtype = resolve_dtype(cfg.dtype, device, family)
     if source.is_dir:
         _raise_if_corrupt(source.path_or_id, source)
@@ -298,7 +301,16 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     log.info("loaded %s (%s, revision %s) on %s as %s", source.path_or_id, family, revision, device, dtype)
     return LoadedModel(model=model, tokenizer=tokenizer, name=cfg.name, source=source.kind,
                        path_or_id=source.path_or_id, revision=revision, device=device, dtype=dtype,
-                       family=family, n_layers=n_layers, d_model=d_model)
+                       family=family, n_layers=n_layers, d_model=d_model, torch_threads=threads)
+
+
+def set_torch_threads(setting: int, device: "torch.device") -> int:
+    """Apply model.torch_threads (0 = automatic, see its doc) and return the thread count in use."""
+    if setting == 0 and device.type == "cpu":
+        setting = max(1, (os.cpu_count() or 1) // 2)
+    if setting > 0 and torch.get_num_threads() != setting:
+        torch.set_num_threads(setting)
+    return torch.get_num_threads()
 
 
 def _hub_kwargs(source: ModelSource, cfg: ModelConfig) -> dict[str, Any]:

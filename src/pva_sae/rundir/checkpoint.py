@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from pva_sae.config import BUILD_SECTIONS, CheckpointConfig, diff_configs
-from pva_sae.errors import PvaSaeError
+from pva_sae.config import CheckpointConfig, record_fields_differing
+from pva_sae.errors import InputError, PvaSaeError
 from pva_sae.rundir.atomic import atomic_write_json, read_json, timestamp
 from pva_sae.rundir.paths import RunDir
 
@@ -72,7 +72,7 @@ def read_state(path: Path) -> tuple[BuildState, dict[str, Any]]:
         raise CheckpointError(f"checkpoint {path} does not exist; list checkpoints with `pva-sae checkpoints --run-dir ...`")
     try:
         raw = read_json(path)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except InputError as exc:
         raise CheckpointError(
             f"checkpoint {path} is corrupted ({exc}); delete it or pass another one with "
             "--resume-from, or start over with --no-resume") from None
@@ -130,7 +130,7 @@ class Checkpointer:
     # --- resume
     def load_for_resume(self, path: Path) -> BuildState:
         state, saved_config = read_state(path)
-        differing = diff_configs(_resume_relevant(saved_config), _resume_relevant(self.config))
+        differing = record_fields_differing(saved_config, self.config)
         if differing:
             raise CheckpointError(
                 f"checkpoint {path} was made with a different config; differing fields: {', '.join(differing)}. "
@@ -183,11 +183,6 @@ def _sequence_in_name(path: Path) -> int:
         return int(path.stem.rsplit("_", 1)[-1])
     except ValueError:
         return 0
-
-
-def _resume_relevant(config: dict[str, Any]) -> dict[str, Any]:
-    """Config sections that change the records; checkpoint/output settings may differ on resume."""
-    return {k: v for k, v in config.items() if k in BUILD_SECTIONS}
 
 
 def ask_resume(n_records: int, path: Path, input_fn: Callable[[str], str] = input) -> bool:

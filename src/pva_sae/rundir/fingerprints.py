@@ -13,10 +13,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from pva_sae.config import diff_configs
 from pva_sae.errors import StaleInputError
 from pva_sae.hashing import sha256_file, sha256_json
 from pva_sae.rundir.atomic import read_json
-from pva_sae.rundir.paths import RunDir
+from pva_sae.rundir.paths import AnalysisPaths, RunDir, ValidationPaths
 
 ORDER = ("build", "analyze", "validate", "steer")
 # Settings of the analysis stage that later stages depend on (the SAE and what the latents were chosen from).
@@ -65,8 +66,6 @@ def check_consumed(run: RunDir, stage: str, reader: str, key: str, current: str 
 
 def current_digests(run: RunDir) -> dict[str, str | None]:
     """Digests of the artifacts later stages read, as they are on disk now."""
-    from pva_sae.rundir.paths import AnalysisPaths, ValidationPaths
-
     a, v = AnalysisPaths.of(run), ValidationPaths.of(run)
     return {"records": records_digest(run), "activations": file_digest(a.activations), "scores": file_digest(a.scores),
             "ranked": file_digest(a.ranked_json), "choices": file_digest(v.choices), "results": file_digest(v.results)}
@@ -96,8 +95,6 @@ def check_run_config(run: RunDir, stage: str, config: dict[str, Any], fields: tu
     """Refuse when ``config`` differs from the config an upstream stage ran with (``against``; by default the
     run's ``config.json``, what the dataset was built with) in any of ``fields`` (dotted names or whole
     sections), naming the differing fields: a later stage must not silently use another model, data, prompt or SAE than its inputs."""
-    from pva_sae.config import diff_configs
-
     against = against or run.config
     if not against.is_file():
         return

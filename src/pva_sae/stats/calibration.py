@@ -35,8 +35,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import special, stats
 
-from . import causal
-from .causal import NULL_AVERAGE, NULL_TYPICAL
+from pva_sae.stats import causal
+from pva_sae.stats.causal import NULL_AVERAGE, NULL_TYPICAL
 
 NULL_BASELINE = "steering as likely to correct as to corrupt a task (vs the alpha = 0 baseline)"
 TASK_CONCENTRATION = 2.0
