@@ -76,9 +76,10 @@ class ModelConfig:
     )
     local_files_only: bool = doc(False, "Never contact the hub; load only cached or local files.")
     torch_threads: int = doc(
-        0, "torch intra-op threads. 0 = automatic: on CPU half the cores (at least 1), leaving the rest to the "
-        "sandbox workers that label each batch (torch's default of every core oversubscribes a machine where "
-        "sandboxed programs run: 7x slower measured on 2 cores); on GPU torch's default.")
+        0, "torch intra-op threads. 0 = automatic: on CPU the cores this process may use (generation and the "
+        "sandbox take turns, so both get every core), on GPU torch's default. On a machine shared with other "
+        "work set it to 1: torch's threads then oversubscribe the cores (7x slower measured on a loaded 2-core "
+        "machine); one thread cost 55% more generation time on an idle one.")
 
 
 @dataclass

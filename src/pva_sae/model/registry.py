@@ -307,7 +307,7 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
 def set_torch_threads(setting: int, device: "torch.device") -> int:
     """Apply model.torch_threads (0 = automatic, see its doc) and return the thread count in use."""
     if setting == 0 and device.type == "cpu":
-        setting = max(1, (os.cpu_count() or 1) // 2)
+        setting = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if setting > 0 and torch.get_num_threads() != setting:
         torch.set_num_threads(setting)
     return torch.get_num_threads()

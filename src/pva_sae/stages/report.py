@@ -226,12 +226,14 @@ def steering_section(run: RunDir) -> list[Block]:
         return out + [Block("p", "The steering stage has not run.")]
     res = read_json(paths.results)
     design = res["design"]
-    out.append(Block("p", f"All arms run on the same {res['tasks']['validation']} validation tasks with the same batch "
-                          f"plan; the paired baseline is an alpha = 0 re-run. Controls per direction: "
-                          f"{design['control_kinds']['latent']} SAE latents of the target's layer (near-zero separation, "
-                          f"matched firing rate, passing the general filter) and {design['control_kinds']['random']} "
-                          f"random directions of the target's norm. Alpha chosen on {res['tasks']['tuning']} tuning "
-                          f"tasks for specificity (target minus the mean of {design['tuning_controls']} controls); "
+    kinds = "; ".join(f"{d} direction: {v['control_kinds']['latent']} latent + {v['control_kinds']['random']} random"
+                      for d, v in res["directions"].items())
+    out.append(Block("p", f"All arms run on the same {res['tasks']['validation']} validation tasks with the same "
+                          f"batch plan; the paired baseline is an alpha = 0 re-run. Controls per direction: "
+                          f"{design['n_controls']}, half SAE latents of the target's layer (near-zero separation, "
+                          f"matched firing rate, passing the general filter) and half random directions of the "
+                          f"target's norm; where fewer latents qualify, random directions fill the rest ({kinds}). "
+                          f"Alpha chosen on {res['tasks']['tuning']} tuning tasks for specificity (target minus the mean of {design['tuning_controls']} controls); "
                           f"{res['tasks']['generated']} generations in this run (cached conditions not counted)."
                           + ("" if design["target"] == "latent" else
                              f" The target is steering.target={design['target']}, not the chosen latent.")))

@@ -209,10 +209,11 @@ def unembedding_direction(loaded, token: str, norm: float) -> torch.Tensor:
 
 
 def pick_control_latents(scores: dict[str, Any], target: int, n_correct: int, n_incorrect: int, n: int,
-                         max_separation: float, max_general: float, seed: int) -> list[dict[str, Any]]:
+                         max_separation: float, max_general: float, seed: int,
+                         allow_fewer: bool = False) -> list[dict[str, Any]]:
     """``n`` latents of the target's layer with |separation| <= max_separation that pass the general-text
     filter (frequency < max_general, as the target did), firing on the SAE-analysis split at a rate
-    closest to the target's (ties in seeded random order)."""
+    closest to the target's (ties in seeded random order). With ``allow_fewer`` as many as qualify."""
     fc, fi = np.asarray(scores["f_correct"]), np.asarray(scores["f_incorrect"])
     rate = (n_correct * fc + n_incorrect * fi) / (n_correct + n_incorrect)     # (d_sae,)
     ok = (np.abs(fc - fi) <= max_separation) & (rate > 0)
@@ -220,7 +221,7 @@ def pick_control_latents(scores: dict[str, Any], target: int, n_correct: int, n_
         ok &= np.asarray(scores["general_frequency"]) < max_general
     ok[target] = False
     candidates = np.flatnonzero(ok)
-    if len(candidates) < n:
+    if len(candidates) < n and not (allow_fewer and len(candidates)):
         raise InputError(f"only {len(candidates)} control latents have |separation| <= {max_separation}, pass the "
                          f"general filter and fire at all; raise steering.control_max_separation or lower "
                          f"steering.n_controls")
@@ -469,7 +470,13 @@ def steer(cfg: Config, progress: bool = True) -> dict[str, Any]:
             arm, vector = target_arm(cfg, steerer, direction, row, sae)
             latents = pick_control_latents(inputs["scores"][layer], int(row["latent"]), summary["n_correct"],
                                            summary["n_incorrect"], s.n_controls // 2, s.control_max_separation,
-                                           cfg.analysis.general_max_frequency, s.seed)
+                                           cfg.analysis.general_max_frequency, s.seed, allow_fewer=True)
+            shortfall = s.n_controls // 2 - len(latents)
+            if shortfall:
+                log.warning("%s direction: only %d latents of layer %d qualify as controls (|separation| <= %g, "
+                            "general frequency < %g); the other %d controls are random directions",
+                            direction, len(latents), layer, s.control_max_separation,
+                            cfg.analysis.general_max_frequency, s.n_controls - len(latents))
             controls = control_arms(direction, layer, latents, s.n_controls - len(latents), sae, s.normalize,
                                     float(vector.norm()), s.seed)
             unit = inputs["norms"][layer] if s.alpha_units == "residual_norm" else 1.0
@@ -490,6 +497,8 @@ def steer(cfg: Config, progress: bool = True) -> dict[str, Any]:
                 "tuning": tuned,
                 "controls": [{**a.as_dict(), **next((c for c in latents if c["latent"] == a.latent), {})}
                              for a, _ in controls],
+                "control_kinds": {"latent": len(latents), "random": len(controls) - len(latents),
+                                  "latent_shortfall": shortfall},
                 "net_effect": net_effects(base_val, target_out, control_out, val_ids, cfg),
             }
         for name, (direction, baseline_passed) in EXPERIMENTS.items():
