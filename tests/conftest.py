@@ -80,9 +80,9 @@ def analysed(tiny_model_dir, tmp_path_factory):
 
     base = tmp_path_factory.mktemp("analyze")
     run_dir = base / "run"
-    common = [f"model.name={tiny_model_dir}", f"output.run_dir={run_dir}", "checkpoint.resume=auto"]
-    build_dataset(resolve_config(overrides=common + ["data.end_idx=29", "generation.max_new_tokens=4",
-                                                     "generation.batch_size=10"]), progress=False)
+    common = [f"model.name={tiny_model_dir}", f"output.run_dir={run_dir}", "checkpoint.resume=auto",
+              "generation.max_new_tokens=4", "generation.batch_size=10"]
+    build_dataset(resolve_config(overrides=common + ["data.end_idx=29"]), progress=False)
     run = RunDir.at(run_dir)
     dataset = json.loads(run.dataset_json.read_text())
     for record in dataset["records"]:  # a random model solves nothing: plant labels to exercise both classes

@@ -212,3 +212,19 @@ def test_missing_stages_are_named_and_nothing_is_written(tmp_path):
     with pytest.raises(FileNotFoundError, match="no finished build stage"):
         steer(cfg, progress=False)
     assert not (tmp_path / "nothing").exists()
+
+
+def test_later_stages_take_the_run_directory_as_the_source_of_truth(steered, capsys):
+    """No --model: the run's own config is used (nothing regenerated); an upstream setting is refused by name."""
+    from pva_sae.cli import EXIT_USER_ERROR, main
+
+    cfg, run, res = steered
+    assert main(["steer", "--quiet", "--run-dir", str(run.root)]) == 0
+    out = capsys.readouterr().out
+    assert "correction (" in out and "net effect of" in out
+    assert json.loads(SteeringPaths.of(run).results.read_text())["tasks"]["generated"] == 0
+    assert main(["validate", "--quiet", "--run-dir", str(run.root), "--set", "generation.max_new_tokens=16"]) \
+        == EXIT_USER_ERROR
+    assert "generation.max_new_tokens" in capsys.readouterr().err
+    assert main(["report", "--run-dir", str(run.root / "no-such-run")]) == EXIT_USER_ERROR
+    assert not (run.root / "no-such-run").exists()

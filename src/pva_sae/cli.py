@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from pva_sae.config import DIRECTIONS, SITES, describe
+from pva_sae.config import SITES, describe
 from pva_sae.errors import PvaSaeError
 
 EXIT_USER_ERROR = 2
@@ -67,6 +67,25 @@ def _config(args: argparse.Namespace):
     return resolve_for_model(args.config, _overrides(args))
 
 
+def _run_config(args: argparse.Namespace, stage: str):
+    """For stages after the build, the run directory is the source of truth: the config the previous stage
+    ran with (``config.json`` of the build, then analysis/ and validation/) is the base, then --config and
+    --set. A stage refuses an override of a setting its inputs were made with, naming the field."""
+    from pva_sae.config import resolve_config
+    from pva_sae.rundir.atomic import read_json
+    from pva_sae.rundir.paths import AnalysisPaths, RunDir, SteeringPaths, ValidationPaths
+
+    cfg = _config(args)
+    run = RunDir.at(cfg.output.run_dir)
+    # a stage's own earlier config first (a rerun keeps its settings), then the stages before it
+    chain = {"analyze": [AnalysisPaths.of(run).config, run.config],
+             "validate": [ValidationPaths.of(run).config, AnalysisPaths.of(run).config, run.config],
+             "steer": [SteeringPaths.of(run).config, ValidationPaths.of(run).config, AnalysisPaths.of(run).config,
+                       run.config]}[stage]
+    base = next((path for path in chain if path.is_file()), None)
+    return cfg if base is None else resolve_config(args.config, _overrides(args), base=read_json(base))
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     from pva_sae.stages.build import build_dataset
 
@@ -82,7 +101,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from pva_sae.rundir.paths import AnalysisPaths, RunDir
     from pva_sae.stages.analyze import analyze
 
-    cfg = _config(args)
+    cfg = _run_config(args, "analyze")
     summary = analyze(cfg, progress=not args.quiet)
     paths = AnalysisPaths.of(RunDir.at(cfg.output.run_dir))
     print(f"analysed {summary['n_tasks']} tasks ({summary['n_correct']} correct) with {summary['release']}; "
@@ -92,31 +111,26 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from pva_sae.rundir.paths import RunDir, ValidationPaths
-    from pva_sae.stages.report import write_report
+    from pva_sae.stages.report import validation_summary, write_report
     from pva_sae.stages.validate import validate
 
-    cfg = _config(args)
+    cfg = _run_config(args, "validate")
     results = validate(cfg, progress=not args.quiet)
     html_path, _ = write_report(cfg.output.run_dir)
-    for direction in DIRECTIONS:
-        r = results["validation"][direction][0]
-        print(f"{r['label']} -> {direction}: AUROC {r['metrics']['auroc']['estimate']:.3f}, "
-              f"F1 {r['metrics']['f1']['estimate']:.3f}")
+    print("\n".join(validation_summary(results)))
     print(f"results in {ValidationPaths.of(RunDir.at(cfg.output.run_dir)).results}; report {html_path}")
     return 0
 
 
 def cmd_steer(args: argparse.Namespace) -> int:
     from pva_sae.rundir.paths import RunDir, SteeringPaths
-    from pva_sae.stages.report import write_report
+    from pva_sae.stages.report import steering_summary, write_report
     from pva_sae.stages.steer import steer
 
-    cfg = _config(args)
+    cfg = _run_config(args, "steer")
     results = steer(cfg, progress=not args.quiet)
     html_path, _ = write_report(cfg.output.run_dir)
-    for name, e in results["experiments"].items():
-        print(f"{name}: {e['successes']}/{e['n']} vs controls {e['control_successes']}/{e['control_n']} "
-              f"(binomial p {e['binomial_p_vs_control']})")
+    print("\n".join(steering_summary(results)))
     print(f"results in {SteeringPaths.of(RunDir.at(cfg.output.run_dir)).results}; report {html_path}")
     return 0
 

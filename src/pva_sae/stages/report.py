@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pva_sae.config import DIRECTIONS
+from pva_sae.errors import MissingInputError
 from pva_sae.rundir.atomic import atomic_write_text, read_json
 from pva_sae.rundir.paths import AnalysisPaths, RunDir, SteeringPaths, ValidationPaths
 
@@ -293,6 +294,41 @@ def steering_section(run: RunDir) -> list[Block]:
     return out
 
 
+def validation_summary(results: dict[str, Any]) -> list[str]:
+    """One line per validated latent: AUROC and F1 with intervals, the probe's, the best trivial F1, and the
+    verdict of the paired AUROC difference against the probe."""
+    lines = []
+    for direction in DIRECTIONS:
+        rows = results["validation"][direction]
+        by = {r["name"]: r for r in rows}
+        probe = by["probe"]
+        trivial = max((by["majority"], by["always_positive"]), key=lambda r: r["metrics"]["f1"]["estimate"])
+        for lat in [r for r in rows if r["name"] in ("latent", "steered_latent")]:
+            vs = next(q for q in lat["paired"] if q["name"] == "probe")
+            m = lat["metrics"]
+            role = "steered latent" if lat["name"] == "steered_latent" else "latent"
+            lines.append(f"{role} L{lat['layer']}:{lat['latent']} -> {direction}: AUROC {fmt_ci(m['auroc'])}, F1 "
+                         f"{fmt_ci(m['f1'])} (probe AUROC {fmt_ci(probe['metrics']['auroc'])}, {vs['verdict']} than "
+                         f"the probe; {trivial['label']} F1 {fmt_ci(trivial['metrics']['f1'])})")
+    return lines
+
+
+def steering_summary(results: dict[str, Any]) -> list[str]:
+    """One line per experiment (target vs its controls, rank and permutation p) and per direction (net effect)."""
+    lines = []
+    for name, e in results["experiments"].items():
+        rate, cs = e["rate"], e["controls_summary"]
+        control = "n/a" if cs["mean_rate"] is None else f"{cs['mean_rate']:.1%}"
+        share = "n/a" if rate["estimate"] is None else f"{rate['estimate']:.1%}"
+        lines.append(f"{name} ({e['target']}, {e['direction']} direction): {rate['successes']}/{rate['n']} ({share}) "
+                     f"vs {e['n_controls']} controls {control}; rank p {fmt_p(e['rank_p']['p'])}, permutation p "
+                     f"{fmt_p(e['permutation_p']['p'])} (Holm {fmt_p(e['holm_p']['permutation_p'])})")
+    for direction, d in results["directions"].items():
+        lines.append(f"net effect of {d['target']['label']} ({direction} direction): "
+                     f"{fmt_ci(d['net_effect']['target'])} vs controls' mean {fmt(d['net_effect']['controls_mean'])}")
+    return lines
+
+
 def fmt_p(x: float | None) -> str:
     """p-values: three significant digits, '< 0.001' below that."""
     if x is None:
@@ -366,6 +402,9 @@ def render_markdown(blocks: list[Block], base: Path) -> str:
 def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     """Write ``report.html`` and ``report.md`` into the run directory; returns their paths."""
     run = RunDir.at(run_dir)
+    if not run.config.is_file():
+        raise MissingInputError(f"{run.root} is not a pva-sae run directory (no config.json): give the --run-dir "
+                                "of a run made by `pva-sae build` or `pva-sae run`")
     blocks = build_blocks(run)
     html_path, md_path = run.report_html, run.report_md
     atomic_write_text(html_path, render_html(blocks))

@@ -92,7 +92,8 @@ log = logging.getLogger(__name__)
 
 STAGE = "steer"
 UPSTREAM_FIELDS = ("model.name", "model.revision", "model.dtype", "data.source", "data.split_fractions",
-                   "data.split_seed", "prompt")  # what the labels and splits were made with: must match the build
+                   "data.split_seed", "prompt", "generation.max_new_tokens", "generation.stop_strings",
+                   "generation.top_p", "generation.seed")  # what labels and splits were made with: as the build
 EXPERIMENTS = {  # name: (direction steered, baseline outcome of the relevant tasks); a flip changes that outcome
     "correction": ("correct", False),
     "preservation_failure": ("correct", True),

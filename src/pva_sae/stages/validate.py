@@ -56,7 +56,8 @@ log = logging.getLogger(__name__)
 
 STAGE = "validate"
 UPSTREAM_FIELDS = ("model.name", "model.revision", "model.dtype", "data.source", "data.split_fractions",
-                   "data.split_seed", "prompt")  # what the labels and splits were made with: must match the build
+                   "data.split_seed", "prompt", "generation.max_new_tokens", "generation.stop_strings",
+                   "generation.top_p", "generation.seed")  # what labels and splits were made with: as the build
 ROBUST_PREDICTORS = ("latent", "probe", "majority")
 
 
