@@ -155,9 +155,9 @@ def main() -> None:
     rows = []
     for device in devices(args.device):
         name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-        rows.append((f"score_layer, all layers (generation excluded)", name,
+        rows.append(("score_layer, all layers (generation excluded)", name,
                      bench_score_layer(args, device, labels)))
-        rows.append((f"score_all_layers, streamed (generation included)", name,
+        rows.append(("score_all_layers, streamed (generation included)", name,
                      bench_stream(args, device, labels)))
         if not args.no_encode:
             rows.append((f"encode {args.tasks}x{args.d_model} bf16 -> {args.latents}, all layers", name,

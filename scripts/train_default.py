@@ -51,8 +51,9 @@ from pva_sae.default.card import plot_loss, render_card
 from pva_sae.default.evaluate import evaluate
 from pva_sae.default.package import unpack
 from pva_sae.default.recipe import OVERRIDABLE, PREPARE_OPTIONS, Recipe, recipe_from
-from pva_sae.default.records import log, read_json
+from pva_sae.default.records import log
 from pva_sae.default.train import train
+from pva_sae.rundir.atomic import read_json
 
 ASSETS = ROOT / "src" / "pva_sae" / "assets" / "default"
 PREPARED = ROOT / ".prep"

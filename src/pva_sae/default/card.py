@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from pva_sae.default.recipe import Recipe
-from pva_sae.default.records import log, read_json
+from pva_sae.default.records import log
+from pva_sae.rundir.atomic import read_json
 
 TODO = "**TO FILL** (from training.json)"
 

@@ -18,11 +18,12 @@ from pva_sae.data.extract import extract_program
 from pva_sae.data.prompts import build_prompt
 from pva_sae.default.corpus import read_jsonl
 from pva_sae.default.recipe import Recipe
-from pva_sae.default.records import log, now, read_json, versions, write_json
+from pva_sae.default.records import log, now, versions, write_json
 from pva_sae.default.tiny import PACKAGED_MBPP
 from pva_sae.execution.sandbox import ExecJob, run_jobs
 from pva_sae.model.generation import Generator, batch_token_budget, plan_batches
 from pva_sae.model.registry import load_model
+from pva_sae.rundir.atomic import read_json
 
 KNOWN_BROKEN_TASKS = (341, 596, 642)  # fail under Python 3 whatever the program (set order, sys.getsizeof)
 

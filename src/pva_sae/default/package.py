@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from pva_sae.default.recipe import Recipe, check_budget
-from pva_sae.default.records import directory_bytes, log, read_json, write_json
+from pva_sae.default.records import directory_bytes, log, write_json
 from pva_sae.hashing import sha256_file
+from pva_sae.rundir.atomic import read_json
 
 PACKED = {"model.tar": "model", "saes.tar": "saes"}
 

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 
 from pva_sae.default.corpus import read_jsonl
-from pva_sae.default.records import read_json
 from pva_sae.hashing import sha256_file
+from pva_sae.rundir.atomic import read_json
 
 PREP_FILES = ("tokens.npz", "tasks.jsonl", "general_corpus.jsonl", "train_corpus.jsonl")
 

@@ -1,14 +1,11 @@
 """The build's JSON records (``prepare.json``, ``training.json``), version stamps and console log line.
 
-Why not :mod:`pva_sae.rundir.atomic` (the run artifacts' reader and writer): its JSON format is
-not the records' (two spaces of indent and ASCII escapes; the shipped ``training.json`` has one
-space and keeps non-ASCII), and it imports pyarrow at module level, which the ``train`` step (on a
-GPU machine with torch, transformers, tokenizers, numpy and safetensors) does not otherwise need.
+The records are written by the project's one atomic JSON writer (:mod:`pva_sae.rundir.atomic`) in their
+own format (one space of indent, non-ASCII kept: the shipped ``training.json`` is written so).
 """
 
 from __future__ import annotations
 
-import json
 import platform
 import time
 from pathlib import Path
@@ -16,6 +13,7 @@ from typing import Any
 
 import torch
 
+from pva_sae.rundir.atomic import atomic_write_json
 from pva_sae.rundir.manifest import git_commit, package_versions
 
 BUILD_PACKAGES = ("torch", "transformers", "tokenizers", "numpy", "safetensors")
@@ -31,15 +29,8 @@ def now() -> str:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """``obj`` as JSON (one space of indent, non-ASCII kept, final newline), via a temporary file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
-
-
-def read_json(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8"))
+    """``obj`` as the build's records are written (one space of indent, non-ASCII kept), atomically."""
+    atomic_write_json(path, obj, indent=1, ensure_ascii=False)
 
 
 def versions() -> dict[str, Any]:

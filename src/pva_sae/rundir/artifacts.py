@@ -6,11 +6,13 @@ paths come from :mod:`pva_sae.rundir.paths`.
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from safetensors import safe_open
@@ -19,15 +21,18 @@ from safetensors.torch import save
 
 from pva_sae.config import SITES
 from pva_sae.errors import InputError, MissingInputError
-from pva_sae.rundir.atomic import (
-    atomic_write_bytes,
-    atomic_write_json,
-    atomic_write_parquet,
-    read_json,
-)
+from pva_sae.rundir.atomic import atomic_write_bytes, atomic_write_json, read_json
 from pva_sae.rundir.paths import AnalysisPaths, RunDir, SteeringPaths, ValidationPaths
 
 BUILD_STAGE = "build"
+
+
+def atomic_write_parquet(path: Path, rows: list[dict[str, Any]] | dict[str, list[Any]]) -> None:
+    """A Parquet file from a list of row dicts or a dict of columns, written atomically."""
+
+    buf = io.BytesIO()
+    pq.write_table(pa.table(rows) if isinstance(rows, dict) else pa.Table.from_pylist(rows), buf)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 # --------------------------------------------------------------------------- records (build stage)
@@ -120,6 +125,10 @@ def read_choices(paths: ValidationPaths) -> dict[str, Any]:
 
 def read_validation_results(paths: ValidationPaths) -> dict[str, Any]:
     return read_json(paths.results)
+
+
+def write_validation_scores(paths: ValidationPaths, columns: dict[str, list[Any]]) -> None:
+    atomic_write_parquet(paths.predictions, columns)
 
 
 def read_validation_scores(paths: ValidationPaths) -> dict[str, list[Any]]:

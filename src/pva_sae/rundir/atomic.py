@@ -1,20 +1,16 @@
-"""Atomic file writes and the one JSON / Parquet writer of run artifacts.
+"""Atomic file writes and the one JSON writer and reader (the Parquet writer is in ``artifacts``).
 
 A crash (even SIGKILL) leaves either the old file or the new one, never half of one.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
-
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pva_sae.errors import InputError
 
@@ -42,16 +38,8 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_write_parquet(path: Path, rows: list[dict[str, Any]] | dict[str, list[Any]]) -> None:
-    """A Parquet file from a list of row dicts or a dict of columns, written atomically."""
-
-    buf = io.BytesIO()
-    pq.write_table(pa.table(rows) if isinstance(rows, dict) else pa.Table.from_pylist(rows), buf)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+def atomic_write_json(path: Path, obj: Any, indent: int = 2, ensure_ascii: bool = True) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=ensure_ascii, default=_json_default) + "\n")
 
 
 def _json_default(obj: Any) -> Any:

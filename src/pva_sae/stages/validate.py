@@ -36,8 +36,9 @@ from pva_sae.rundir.artifacts import (
     read_splits,
     task_labels,
     write_choices,
+    write_validation_scores,
 )
-from pva_sae.rundir.atomic import atomic_write_json, atomic_write_parquet, read_json
+from pva_sae.rundir.atomic import atomic_write_json, read_json
 from pva_sae.rundir.fingerprints import (
     SAE_FIELDS,
     check_chain,
@@ -287,5 +288,5 @@ def _save_scores(paths: ValidationPaths, predictors, feats, val_ids, y_val, diff
                                "difficulty": [difficulty[t] for t in val_ids]}
     for p in predictors:
         columns[f"{p.direction}/{p.name}"] = p.score(feats, val_ids).tolist()
-    atomic_write_parquet(paths.predictions, columns)
+    write_validation_scores(paths, columns)
 
