@@ -156,6 +156,7 @@ def test_steering_end_to_end(steered):
         assert d["net_effect"]["target"]["n"] == n_val and len(d["net_effect"]["controls"]) == 4
     for name, e in res["experiments"].items():
         assert e["n_controls"] == 4 and {c["kind"] for c in e["controls"]} == {"latent", "random"}
+        assert all(len(c["ci"]) == 2 for c in e["controls"])
         for test in ("rank_p", "permutation_p", "prediction_p", "sign_test_p", "mcnemar_p"):
             assert "null" in e[test] and test in e["holm_p"]
     # every arm runs on every validation task, so the two experiments of one direction partition them

@@ -105,7 +105,7 @@ def plot_selection_landscape(path: Path, scores: dict[int, dict[str, Any]], gene
                        edgecolor="k", zorder=5, label=f"{role}: L{r['layer']}:{r['latent']}")
         ax.set(xlabel=f"separation ({direction})", ylabel=f"Welch t ({direction})",
                title=f"latents predicting '{direction}' (SAE-analysis split)")
-        ax.legend(fontsize=6, markerscale=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     return _save(fig, path)
 

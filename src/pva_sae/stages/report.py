@@ -294,6 +294,10 @@ def steering_section(run: RunDir) -> list[Block]:
     return out
 
 
+VERSUS = {"better": "better than", "worse": "worse than", "no different": "no different from",
+          "undefined": "not comparable with"}
+
+
 def validation_summary(results: dict[str, Any]) -> list[str]:
     """One line per validated latent: AUROC and F1 with intervals, the probe's, the best trivial F1, and the
     verdict of the paired AUROC difference against the probe."""
@@ -308,8 +312,8 @@ def validation_summary(results: dict[str, Any]) -> list[str]:
             m = lat["metrics"]
             role = "steered latent" if lat["name"] == "steered_latent" else "latent"
             lines.append(f"{role} L{lat['layer']}:{lat['latent']} -> {direction}: AUROC {fmt_ci(m['auroc'])}, F1 "
-                         f"{fmt_ci(m['f1'])} (probe AUROC {fmt_ci(probe['metrics']['auroc'])}, {vs['verdict']} than "
-                         f"the probe; {trivial['label']} F1 {fmt_ci(trivial['metrics']['f1'])})")
+                         f"{fmt_ci(m['f1'])} (probe AUROC {fmt_ci(probe['metrics']['auroc'])}: {VERSUS[vs['verdict']]} the "
+                         f"probe; {trivial['label']} F1 {fmt_ci(trivial['metrics']['f1'])})")
     return lines
 
 

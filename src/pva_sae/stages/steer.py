@@ -80,6 +80,7 @@ from pva_sae.rundir.logs import setup_logging
 from pva_sae.rundir.paths import AnalysisPaths, RunDir, SteeringPaths, ValidationPaths
 from pva_sae.sae.registry import load_layer_sae
 from pva_sae.stats.causal import (
+    clopper_pearson,
     experiment_tests,
     holm,
     mcnemar_p,
@@ -339,11 +340,17 @@ def experiment(baseline: dict[int, dict], target: dict[int, dict], controls: lis
     res["mcnemar_p"] = {"p": mcnemar_p(before, [target[i]["passed"] for i in ids]), "null": NULL_UNCHANGED}
     res["controls"] = [{"label": arm.label, "kind": arm.kind, "latent": arm.latent,
                         "rate": float(row.mean()) if row.size else None, "successes": int(row.sum()), "n": int(row.size),
+                        "ci": _interval(int(row.sum()), int(row.size), s.ci_level),
                         "mcnemar_p": mcnemar_p(before, [out[i]["passed"] for i in ids])}
                        for (arm, out), row in zip(controls, c)]
     rel = [i for i in ids if baseline[i]["passed"] == baseline_passed]
     res["mean_similarity"] = (float(np.mean([_similarity(baseline[i], target[i]) for i in rel])) if rel else None)
     return res
+
+
+def _interval(k: int, n: int, level: float) -> list[float | None]:
+    """Clopper-Pearson interval, None where undefined (no relevant task)."""
+    return [None, None] if n == 0 else [float(x) for x in clopper_pearson(k, n, level)]
 
 
 def _similarity(a: dict[str, Any], b: dict[str, Any]) -> float:
