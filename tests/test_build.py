@@ -210,5 +210,5 @@ def test_bad_sandbox_settings_fail_fast_and_write_nothing(tmp_path, setting, fie
     with pytest.raises(PvaSaeError, match=field):
         build_dataset(resolve_config(overrides=[f"output.run_dir={tmp_path / 'r'}", setting]),
                       interactive=False, progress=False)
-    assert time.perf_counter() - started < 0.3
+    assert time.perf_counter() - started < 2.0       # before the model loads (0.02 s measured idle)
     assert not (tmp_path / "r").exists()

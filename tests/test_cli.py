@@ -69,3 +69,11 @@ def test_quiet_silences_every_progress_bar(tmp_path, tiny_model_dir):
                          capture_output=True, text=True, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr
     assert "Loading weights" not in out.stderr and "it/s" not in out.stderr and "sample/s" not in out.stderr
+
+
+def test_version_flag(capsys):
+    import pva_sae
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"pva-sae {pva_sae.__version__}"

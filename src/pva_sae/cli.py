@@ -13,6 +13,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
+from pva_sae import __version__
 from pva_sae.config import SITES, describe
 from pva_sae.errors import PvaSaeError
 
@@ -219,6 +220,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, list[Callabl
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pva-sae", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"pva-sae {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (func, help_text, extras) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
