@@ -128,3 +128,45 @@ def test_atomic_write_leaves_no_temp_files(tmp_path):
     atomic_write_json(target, {"x": 2})
     assert json.loads(target.read_text()) == {"x": 2}
     assert [p.name for p in target.parent.iterdir()] == ["b.json"]
+
+
+def test_saves_append_new_records_only_and_stay_small(tmp_path):
+    """Checkpoints refer to an append-only journal: 20 saves of 10 new records write 200 journal lines in
+    all, and every checkpoint file stays small however many records the build holds."""
+    run, cfg, cp, _ = make(tmp_path, every_n_records=10, keep_checkpoints=3)
+    state = BuildState()
+    for i in range(20):
+        state.records.extend({"task_id": 10 * i + j, "sample_index": 0, "program": "x" * 200} for j in range(10))
+        state.done_batches.add(i)
+        cp.maybe_save(state)
+    [journal] = run.checkpoints.glob("journal_*.jsonl")
+    assert len(journal.read_text().splitlines()) == 200
+    saves = sorted(run.checkpoints.glob("checkpoint_*.json"))
+    assert len(saves) == 3                                        # the last few are kept
+    assert all(p.stat().st_size < 4096 for p in saves)
+    loaded, _ = read_state(cp.find_latest())
+    assert loaded.records == state.records and loaded.done_batches == set(range(20))
+
+
+def test_an_older_checkpoint_reads_its_own_records_and_a_resume_starts_a_new_journal(tmp_path):
+    run, cfg, cp, _ = make(tmp_path, every_n_records=5, keep_checkpoints=10)
+    state = state_with(5, batches={0})
+    first = cp.maybe_save(state)
+    state.records.extend({"task_id": i, "sample_index": 0} for i in range(5, 12))   # journaled later, then a crash
+    cp.save(state, "emergency")
+    resumed = Checkpointer(run, cfg, Config().to_dict(), 0, 9)
+    old = resumed.load_for_resume(first)
+    assert old.n_records == 5 and old.records == state.records[:5]
+    old.records.append({"task_id": 99, "sample_index": 0})
+    again = resumed.save(old, "checkpoint")
+    assert read_state(again)[0].records == state.records[:5] + [{"task_id": 99, "sample_index": 0}]
+    assert len(list(run.checkpoints.glob("journal_*.jsonl"))) == 2
+
+
+def test_a_checkpoint_whose_journal_is_gone_is_named(tmp_path):
+    run, cfg, cp, _ = make(tmp_path, every_n_records=1)
+    path = cp.maybe_save(state_with(3))
+    for journal in run.checkpoints.glob("journal_*.jsonl"):
+        journal.unlink()
+    with pytest.raises(CheckpointError, match="journal"):
+        read_state(path)

@@ -172,6 +172,7 @@ class CheckpointConfig:
     every_n_records: int = doc(50, "Write a checkpoint after every this many new records (rounded up to a batch).")
     autosave_interval_s: float = doc(300.0, "Also write an autosave when this many seconds passed since the last one.")
     keep_autosaves: int = doc(3, "How many autosaves to keep.")
+    keep_checkpoints: int = doc(5, "How many checkpoints to keep (records live in an append-only journal beside them).")
     resume: str = doc(
         "ask",
         "'ask' (prompt when interactive, resume when not), 'auto' (resume from the latest checkpoint), "

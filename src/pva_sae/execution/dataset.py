@@ -178,8 +178,8 @@ def build_labelled_dataset(cfg: Config, *, interactive: bool | None = None, prog
         raise BuildInterrupted(signum, path) from None
     elapsed = time.perf_counter() - started
 
+    checkpointer.save(state, "checkpoint")          # the records in arrival order: the journal only appends
     records = sorted(state.records, key=lambda r: (r["task_id"], r["sample_index"]))
-    checkpointer.save(BuildState(records, state.done_batches, state.sequence), "checkpoint")
     metadata = dataset_metadata(records, splits, tasks, elapsed, manifest, cfg)
     metadata["sandbox"] = {"protections": manifest["sandbox"], "this_session": stats.as_dict()}
     save_dataset(run, records, metadata, cfg.output.save_format)
