@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import dataclasses
 import errno
 import importlib.util
 import json
@@ -32,10 +33,12 @@ from pva_sae.config import ConfigError, SandboxConfig
 from pva_sae.execution.sandbox import (
     CHILD_PATH,
     ERROR_TYPES,
+    FORKSERVER_PATH,
     PROCESS_TAG,
     STATUSES,
     BatchStats,
     ExecJob,
+    Sandbox,
     check_sandbox_config,
     interpreter,
     probe,
@@ -207,12 +210,16 @@ def test_probe_reports_the_protections_quickly():
     started = time.monotonic()
     protections = probe(CFG)
     assert time.monotonic() - started < 1.0
-    assert set(protections) == {"drops_privileges", "private_tmp", "no_network", "private_ipc", "pid_namespace",
-                                "per_job_uid", "imports", "interpreter"}
+    assert set(protections) == {"drops_privileges", "private_tmp", "no_network", "network_namespace", "private_ipc",
+                                "pid_namespace", "per_job_uid", "imports", "interpreter", "start_method",
+                                "code_version"}
     assert protections["drops_privileges"] == protections["per_job_uid"] == IS_ROOT
     assert (protections["imports"], protections["interpreter"]) == ("stdlib", interpreter())
     if IS_ROOT:  # this machine allows namespaces to root; elsewhere probe() says False
         assert all(protections[k] for k in ("private_tmp", "no_network", "private_ipc", "pid_namespace"))
+        assert protections["network_namespace"] == "per worker slot"  # CFG's start method is the fork server
+        spawned = probe(dataclasses.replace(CFG, start_method="spawn"))
+        assert (spawned["no_network"], spawned["network_namespace"]) == (True, "per job")
 
 
 # --------------------------------------------------------------------------- hostile programs
@@ -415,6 +422,73 @@ def test_no_network(protections):
     assert run(program, tests=("assert not NET",)).passed
 
 
+# What a job sees of its network namespace: the namespace's inode, whether an abstract unix socket name
+# is free, how many unix sockets the namespace holds (its own included), whether loopback is up and
+# whether the program could bring it up (SIOCGIFFLAGS, SIOCSIFFLAGS).
+NET_STATE = (
+    "import fcntl, os, socket, struct, time\n"
+    "NS = os.stat('/proc/self/ns/net').st_ino\n"
+    "s = socket.socket(socket.AF_UNIX)\n"
+    "try:\n    s.bind(b'\\0pva-slot')\n    FREE = True\nexcept OSError:\n    FREE = False\n"
+    "SOCKETS = len(open('/proc/self/net/unix').read().splitlines()) - 1\n"
+    "probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+    "flags = struct.unpack('16sH', fcntl.ioctl(probe, 0x8913, struct.pack('16sH', b'lo', 0))[:18])[1]\n"
+    "try:\n    fcntl.ioctl(probe, 0x8914, struct.pack('16sH', b'lo', flags | 1))\n    RAISED = True\n"
+    "except OSError:\n    RAISED = False\n"
+    "print(NS, FREE, SOCKETS, bool(flags & 1), RAISED, time.time(), flush=True)\n"
+)
+# A bound, listening socket kept alive after the job's processes die: it travels inside a unix socket
+# pair that holds itself (a cycle only the kernel's garbage collector frees).
+NET_LEAK = NET_STATE + (
+    "s.listen()\n"
+    "a, b = socket.socketpair()\n"
+    "socket.send_fds(a, [b'x'], [s.fileno()])\n"
+    "socket.send_fds(b, [b'y'], [a.fileno(), b.fileno()])\n"
+)
+
+
+def net_states(results) -> list[tuple[int, bool, int, bool, bool, float]]:
+    assert all(r.passed for r in results), [(r.status, r.detail, r.stderr_tail) for r in results]
+    return [(int(ns), free == "True", int(n), up == "True", raised == "True", float(t))
+            for ns, free, n, up, raised, t in (r.stdout_tail.split() for r in results)]
+
+
+@needs_root
+def test_a_worker_slot_reuses_its_network_namespace_and_nothing_carries_over(protections):
+    if protections["network_namespace"] != "per worker slot":
+        pytest.skip("no network namespace per worker slot on this machine")
+    with Sandbox(CFG, workers=1) as sandbox:
+        states = net_states(sandbox.map([ExecJob(i, NET_STATE, ()) for i in range(3)]))
+    assert len({ns for ns, *_ in states}) == 1  # one slot, one namespace, entered by each job
+    # Each job finds the name free and no socket but its own; loopback stays down and cannot be raised.
+    assert [state[1:5] for state in states] == [(True, 1, False, False)] * 3
+
+
+@needs_root
+def test_a_job_that_leaves_a_socket_behind_gets_its_slot_a_new_network_namespace(protections):
+    if protections["network_namespace"] != "per worker slot":
+        pytest.skip("no network namespace per worker slot on this machine")
+    with Sandbox(CFG, workers=1) as sandbox:
+        states = net_states(sandbox.map([ExecJob(0, NET_LEAK, ()), ExecJob(1, NET_STATE, ()),
+                                         ExecJob(2, NET_STATE, ())]))
+    leaked, after, again = states
+    assert after[0] != leaked[0]  # the leaking job's namespace is never entered again
+    assert after[1:3] == again[1:3] == (True, 1)
+    assert again[0] == after[0]  # a clean job's namespace is reused
+
+
+@needs_root
+def test_jobs_running_at_the_same_time_have_separate_network_namespaces(protections):
+    if not protections["no_network"]:
+        pytest.skip("no network namespace on this machine")
+    slow = NET_STATE + "time.sleep(1.5)\n"
+    with Sandbox(dataclasses.replace(CFG, timeout_s=10.0), workers=2) as sandbox:
+        first, second = net_states(sandbox.map([ExecJob(0, slow, ()), ExecJob(1, slow, ())]))
+    assert abs(first[5] - second[5]) < 1.5  # each started while the other slept: they ran beside each other
+    assert first[0] != second[0]
+    assert first[1:3] == second[1:3] == (True, 1)
+
+
 # --------------------------------------------------------------------------- the harness's own builtins
 
 WRONG = "def f(x):\n    return 0\n"
@@ -583,7 +657,7 @@ def test_a_timeout_beside_other_jobs_is_run_again_alone_after_the_batch():
     assert seen[-1] is loop and sorted(map(id, seen)) == sorted(map(id, results))
     # The second attempt started after every other job of the batch had finished.
     assert float(loop.stdout_tail.split()[0]) > max(float(r.stdout_tail.split()[0]) for r in good)
-    assert stats.as_dict() == {"jobs": 4, "reruns": 1, "rerun_timeouts": 1, "timeouts": 1}
+    assert stats.as_dict() == {"jobs": 4, "reruns": 1, "rerun_timeouts": 1, "timeouts": 1, "cache_hits": 0}
 
 
 def test_a_timeout_that_ran_alone_or_hit_the_cpu_limit_is_not_run_again():
@@ -593,7 +667,7 @@ def test_a_timeout_that_ran_alone_or_hit_the_cpu_limit_is_not_run_again():
                          SandboxConfig(timeout_s=10, cpu_time_s=1, workers=2), stats=stats)
     assert (alone.status, alone.attempts) == ("timeout", 1)
     assert (cpu.status, cpu.attempts, "CPU" in cpu.detail) == ("timeout", 1, True) and good.passed
-    assert stats.as_dict() == {"jobs": 3, "reruns": 0, "rerun_timeouts": 0, "timeouts": 2}
+    assert stats.as_dict() == {"jobs": 3, "reruns": 0, "rerun_timeouts": 0, "timeouts": 2, "cache_hits": 0}
 
 
 # --------------------------------------------------------------------------- configuration and batches
@@ -700,3 +774,91 @@ def test_reference_sample_passes_and_mutants_get_the_plain_python_verdict():
     assert all(not r.passed for job, r in zip(mutants, mutant_results) if job.key[1] == "return None")
     assert checker.cross_check(mutants, mutant_results, cfg) == []
     assert sum(not r.passed for r in mutant_results) > 0.8 * len(mutants)
+
+
+# --------------------------------------------------------------------------- the pool and its fork server
+
+# Each program changes the interpreter it runs in; the next one, forked from the same server, must not see it.
+POLLUTE = ("import sys, os, builtins, json, signal\nsys.modules['json'] = None\nbuiltins.len = lambda x: 42\n"
+           "sys.path.insert(0, '/nowhere')\nos.environ['PVA_LEAK'] = '1'\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+           "import __main__\nsys.modules['pva_leak'] = __main__\nsys.setrecursionlimit(50)\n" + GOOD)
+CLEAN = ("import sys, os, json, signal\nSTATE = (len([]), 'pva_leak' in sys.modules, '/nowhere' in sys.path, "
+         "'PVA_LEAK' in os.environ, signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, sys.getrecursionlimit())\n"
+         + GOOD)
+
+
+def test_a_program_that_changes_its_interpreter_does_not_affect_the_next_one():
+    with Sandbox(CFG, workers=1) as sandbox:
+        for _ in range(2):
+            polluted, clean = sandbox.map([ExecJob(0, POLLUTE, TESTS), ExecJob(1, CLEAN, TESTS)])
+            assert polluted.passed, polluted.detail
+            assert clean.passed, clean.detail
+            state = run(CLEAN, tests=("assert STATE == (0, False, False, False, True, 1000)",))
+            assert state.passed, state.detail
+        result = sandbox.map([ExecJob(2, CLEAN, ("assert STATE == (0, False, False, False, True, 1000)",))])[0]
+        assert result.passed, result.detail
+
+
+def test_each_program_gets_its_own_random_seed_and_no_socket_to_the_server():
+    program = ("import random, os, stat\nprint(random.getrandbits(64))\n"
+               "print(sum(stat.S_ISSOCK(os.fstat(int(fd)).st_mode) for fd in os.listdir('/proc/self/fd') "
+               "if fd.isdigit() and os.path.exists(f'/proc/self/fd/{fd}')))\n")
+    results = run_jobs([ExecJob(i, program, ()) for i in range(4)], SandboxConfig(timeout_s=5, workers=2))
+    assert all(r.passed for r in results), [r.stderr_tail for r in results]
+    lines = [r.stdout_tail.split() for r in results]
+    assert len({seed for seed, _ in lines}) == 4
+    assert {sockets for _, sockets in lines} == {"0"}
+
+
+def test_both_start_methods_give_the_same_labels():
+    programs = [GOOD, "def f(x):\n    return 0\n", "def f(x):\n    return y\n", "import sys\nsys.exit(3)\n",
+                "import os\nos.kill(os.getpid(), 11)\n", "print(hash('pva'), {'a', 'b', 'c'})\n" + GOOD,
+                "import sys\nprint(sys.argv[0].endswith('child.py'), len(sys.argv), sys.flags.no_site, "
+                "sys.flags.safe_path, sys.executable, sorted(sys.path))\n" + GOOD]
+    jobs = [ExecJob(i, p, TESTS) for i, p in enumerate(programs)]
+    labels = {}
+    for start_method in ("forkserver", "spawn"):
+        cfg = dataclasses.replace(CFG, start_method=start_method)
+        labels[start_method] = [(r.status, r.error_type, r.detail, r.stdout_tail) for r in run_jobs(jobs, cfg)]
+        assert probe(cfg)["start_method"] == start_method
+    assert labels["forkserver"] == labels["spawn"]
+    assert [label[:2] for label in labels["spawn"]] == [("passed", None), ("failed", None), ("error", "name"),
+                                                         ("error", "exit"), ("error", "signal"), ("passed", None),
+                                                         ("passed", None)]
+
+
+def test_a_pool_keeps_its_fork_server_across_batches_and_replaces_a_dead_one():
+    with Sandbox(CFG, workers=2) as sandbox:
+        first = sandbox._server.pid
+        batch = [ExecJob(i, GOOD, TESTS) for i in range(3)]
+        assert all(r.passed for r in sandbox.map(batch))
+        assert all(r.passed for r in sandbox.submit(batch).result())
+        assert sandbox._server.pid == first
+        os.kill(first, 9)
+        assert all(r.passed for r in sandbox.map(batch))
+        assert sandbox._server.pid != first
+
+
+def test_a_rerun_in_a_pool_runs_alone_even_beside_another_batch():
+    slow = "import time\ntime.sleep(0.3)\nprint(time.time(), flush=True)\n" + GOOD
+    with Sandbox(SandboxConfig(timeout_s=1.0), workers=3) as sandbox:
+        other = sandbox.submit([ExecJob(i, slow, TESTS) for i in range(8)])
+        loop = sandbox.map([ExecJob("loop", LOOP, TESTS)])[0]
+        others = other.result()
+    assert (loop.status, loop.attempts) == ("timeout", 2)
+    started_again = float(loop.stdout_tail.split()[0])
+    assert all(r.passed for r in others)
+    assert all(float(r.stdout_tail.split()[0]) < started_again or float(r.stdout_tail.split()[0]) > started_again + 1
+               for r in others)
+
+
+def test_the_fork_server_imports_only_the_standard_library():
+    tree = ast.parse(Path(FORKSERVER_PATH).read_text())
+    names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    names |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert {name.split(".")[0] for name in names} <= set(sys.stdlib_module_names)
+    assert not {"random", "threading", "subprocess"} & names
+
+
+def test_a_bad_start_method_is_rejected():
+    fails_fast(SandboxConfig(start_method="thread"), "sandbox.start_method")

@@ -5,6 +5,10 @@ site-packages::
 
     python -S -s -P .../pva_sae/execution/child.py PAYLOAD_FD REPORT_FD pva-sandbox
 
+or, with the fork server (``sandbox.start_method = "forkserver"``), loaded once by
+:mod:`pva_sae.execution.forkserver`, which forks a fresh process per job and calls
+:func:`run_supervisor` in it.
+
 The design (processes, namespaces, uid, the pass channel) is described in sandbox.py's module
 docstring; this is the code it describes. The file imports only the standard library and never
 pva_sae, which the child's interpreter cannot import. Importing it defines names and nothing else,
@@ -42,6 +46,14 @@ _STREAMS = (sys.__stdout__, sys.__stderr__)
 CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x08000000, 0x20000000, 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 32, 4096, 16384, 1 << 18
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 36, 38
+# /proc/<pid>/net files read to tell whether a job left anything in its network namespace. The
+# sockstat files count the namespace's sockets (the per-protocol tables /proc/net/tcp... would walk the
+# host's whole hash tables: a millisecond each). The others are empty in a new namespace: one header
+# line, or (NET_LISTS) nothing at all while the loopback interface is down.
+NET_COUNTS = ("sockstat", "sockstat6")
+NET_COUNTERS = (b"used", b"inuse", b"tw")  # per namespace; sockstat's other numbers are the host's
+NET_TABLES = ("unix", "ip6_flowlabel", "fib_trie", "if_inet6")
+NET_LISTS = ("fib_trie", "if_inet6")
 SHARED_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
 RESULT_BUFFER = 65536
 DETAIL_CHARS = 300
@@ -60,14 +72,26 @@ def main():
     if not getattr(sys.flags, "safe_path", False):  # Python 3.10 has no -P: drop this file's directory
         del sys.path[0]
     add_site_builtins()
-    payload_fd, report_fd = int(sys.argv[1]), int(sys.argv[2])
+    run_supervisor(int(sys.argv[1]), int(sys.argv[2]))
+
+
+def run_supervisor(payload_fd, report_fd, network_fd=None):
+    """Read the job, supervise it, write the report for the caller.
+
+    The whole life of a supervisor after start-up, the same whether this file is the script of a new
+    interpreter (:func:`main`) or was loaded by the fork server, which forks a process per job and
+    calls this in it (see :mod:`pva_sae.execution.forkserver`). ``network_fd`` (fork server only) is
+    the worker slot's network namespace, entered instead of a new one. Returns True when the job
+    left state in that namespace (see :func:`network_namespace_used`): it must not be entered again.
+    """
     with os.fdopen(payload_fd, "rb") as f:
         job = marshal.loads(f.read())
-    report = supervise(job, report_fd)
+    report = supervise(job, report_fd, network_fd)
     try:
-        write_all(report_fd, repr(report).encode())
+        write_all(report_fd, marshal.dumps(report))
     except BrokenPipeError:  # the caller is gone
         pass
+    return bool(report.get("network_used"))
 
 
 def add_site_builtins():
@@ -84,14 +108,23 @@ def write_all(fd, data):
 
 # ---------------------------------------------------------------- supervisor
 
-def supervise(job, report_fd):
-    """Isolate, fork the worker, watch it, kill everything it left; return the report for the caller."""
+def supervise(job, report_fd, network_fd=None):
+    """Isolate, fork the worker, watch it, kill everything it left; return the report for the caller.
+
+    With ``network_fd`` (a worker slot's network namespace) the report's ``network_used`` says
+    whether the job left anything in it, checked once every process of the job is dead.
+    """
     report = {"drops_privileges": job["uid"] is not None, "private_tmp": False, "no_network": False,
-              "private_ipc": False, "pid_namespace": False}
+              "network_namespace": "none", "private_ipc": False, "pid_namespace": False}
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         prctl(libc, PR_SET_CHILD_SUBREAPER, 1)
-        path_fds = isolate(libc, job, report) if job["uid"] is not None else {}
+        if job["uid"] is not None:
+            path_fds = isolate(libc, job, report, network_fd)
+        else:
+            path_fds = {}
+            if network_fd is not None:
+                os.close(network_fd)
         init_pid = start_namespace_init(libc) if report["pid_namespace"] else None
         nonce = os.urandom(16).hex().encode()
         result_r, result_w = os.pipe()
@@ -118,6 +151,8 @@ def supervise(job, report_fd):
         os.kill(init_pid, signal.SIGKILL)
         reap_children()
     kill_descendants()
+    if report["network_namespace"] == "per worker slot":
+        report["network_used"] = network_namespace_used()
     report["timed_out"] = ended == "timeout"
     report["caller_gone"] = ended == "caller_gone"
     report["exit_code"] = os.waitstatus_to_exitcode(status)
@@ -129,13 +164,21 @@ def supervise(job, report_fd):
     return report
 
 
-def isolate(libc, job, report):
+def isolate(libc, job, report, network_fd=None):
     """As root: enter new network, IPC, mount and pid namespaces (where the kernel allows them).
 
-    Returns descriptors of the import path's directories, opened in the new mount namespace before
-    the private tmpfs hides /tmp (an interpreter installed there stays reachable through them).
+    With ``network_fd`` the network namespace is the worker slot's (entered with ``setns``; a new one
+    only if that fails), otherwise a new one. Returns descriptors of the import path's directories,
+    opened in the new mount namespace before the private tmpfs hides /tmp (an interpreter installed
+    there stays reachable through them).
     """
-    report["no_network"] = libc.unshare(CLONE_NEWNET) == 0
+    if network_fd is not None and libc.setns(network_fd, CLONE_NEWNET) == 0:
+        report["no_network"], report["network_namespace"] = True, "per worker slot"
+    else:
+        report["no_network"] = libc.unshare(CLONE_NEWNET) == 0
+        report["network_namespace"] = "per job" if report["no_network"] else "none"
+    if network_fd is not None:
+        os.close(network_fd)
     report["private_ipc"] = libc.unshare(CLONE_NEWIPC) == 0
     own_mounts = enter_mount_namespace(libc)
     path_fds = open_path_dirs()
@@ -143,6 +186,35 @@ def isolate(libc, job, report):
     # Only the children forked from now on are in the new pid namespace; this process stays outside.
     report["pid_namespace"] = libc.unshare(CLONE_NEWPID) == 0
     return path_fds
+
+
+def network_namespace_used():
+    """Whether this process's network namespace holds anything a job can leave in it.
+
+    Read from ``/proc/thread-self/net`` once every process of the job is dead: any socket a process
+    made in it (``sockets: used``, which counts every family: unix, abstract or not, TCP, UDP, raw,
+    ping, netlink, packet), a TCP socket in any state (``inuse``) or in TIME_WAIT (``tw``), a unix
+    socket, an IPv6 flow label, or an address or route (loopback up). A fresh namespace has none of
+    them. A socket that outlives its processes (one passed over a unix socket in a cycle, until the
+    kernel's garbage collector frees it) is found too.
+    """
+    for name in NET_COUNTS:
+        try:
+            with open(f"/proc/thread-self/net/{name}", "rb") as f:
+                fields = f.read().split()
+        except FileNotFoundError:  # no IPv6 in this kernel
+            continue
+        if any(fields[i] in NET_COUNTERS and fields[i + 1] != b"0" for i in range(len(fields) - 1)):
+            return True
+    for name in NET_TABLES:
+        try:
+            with open(f"/proc/thread-self/net/{name}", "rb") as f:
+                lines = f.read().splitlines()
+        except FileNotFoundError:
+            continue
+        if any(line.strip() for line in lines[0 if name in NET_LISTS else 1:]):
+            return True
+    return False
 
 
 def prctl(libc, option, value):

@@ -1,24 +1,72 @@
-"""Labelling: extract a program from each completion, run its task's tests in the sandbox, make the record."""
+"""Labelling: extract a program from each completion, run its task's tests in the sandbox, make the record.
+
+MBPP: the program, the task's ``test_setup_code``, then its three asserts. HumanEval: the prompt's
+imports and helpers, the program, then HumanEval's ``check`` run on the entry point (see
+:mod:`pva_sae.data.humaneval`). Under ``prompt.style='signature'`` the program is extracted from
+HumanEval's prompt followed by the completion (the model wrote the function's body).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from pva_sae.config import Config
+from pva_sae.data import humaneval
 from pva_sae.data.extract import extract_program
-from pva_sae.execution.sandbox import BatchStats, ExecJob, run_jobs
+from pva_sae.execution.label_cache import LabelCache
+from pva_sae.execution.sandbox import BatchStats, ExecJob, Sandbox, run_jobs
 
 
-def label_samples(samples, by_id, split_of, cfg: Config, stats: BatchStats | None = None) -> list[dict[str, Any]]:
-    """Extract each sample's program, run its task's tests in the sandbox, and make the records
-    (``stats`` counts jobs, timeouts and re-runs over a whole build)."""
+@contextmanager
+def labelling_pool(cfg: Config, stats: BatchStats | None = None) -> Iterator[Sandbox]:
+    """One sandbox pool for a whole stage: its fork server stays warm across batches and it uses the
+    run directory's label cache (``sandbox.label_cache``); ``stats`` is added to by every batch."""
+    cache = LabelCache.for_run(cfg)
+    try:
+        with Sandbox(cfg.sandbox, cache=cache, stats=stats) as sandbox:
+            yield sandbox
+    finally:
+        if cache is not None:
+            cache.close()
 
-    programs = [extract_program(s.completion, prompt_end=cfg.prompt.initiator) for s in samples]
-    jobs = [ExecJob(key=(s.task_id, s.sample_index), program=p, tests=tuple(by_id[s.task_id].test_list),
-                    setup_code=by_id[s.task_id].test_setup_code) for s, p in zip(samples, programs)]
-    results = run_jobs(jobs, cfg.sandbox, stats=stats)
+
+def label_samples(samples, by_id, split_of, cfg: Config, stats: BatchStats | None = None,
+                  sandbox: Sandbox | None = None) -> list[dict[str, Any]]:
+    """Extract each sample's program, run its task's tests in the sandbox, and make the records.
+
+    ``sandbox`` (from :func:`labelling_pool`) runs them in a pool that outlives this batch (its stats
+    and cache are the pool's); without it a pool is made for this batch, with the run's label cache,
+    and ``stats`` counts jobs, cache hits, timeouts and re-runs.
+    """
+    programs = [program_of(s.completion, by_id[s.task_id], cfg) for s in samples]
+    jobs = [exec_job((s.task_id, s.sample_index), by_id[s.task_id], p) for s, p in zip(samples, programs)]
+    if sandbox is not None:
+        results = sandbox.map(jobs)
+    else:
+        cache = LabelCache.for_run(cfg)
+        try:
+            results = run_jobs(jobs, cfg.sandbox, stats=stats, cache=cache)
+        finally:
+            if cache is not None:
+                cache.close()
     return [make_record(s, p, r, by_id[s.task_id], split_of.get(s.task_id))
             for s, p, r in zip(samples, programs, results)]
+
+
+def program_of(completion: str, task, cfg: Config) -> str:
+    """The program a completion holds: the new text alone, or HumanEval's prompt plus it ('signature')."""
+    if cfg.prompt.style == "signature":
+        return extract_program(humaneval.signature_program(task, completion), prompt_end="")
+    return extract_program(completion, prompt_end=cfg.prompt.initiator)
+
+
+def exec_job(key, task, program: str) -> ExecJob:
+    """The sandbox job that labels ``program`` for ``task`` (an MBPP or a HumanEval task)."""
+    if isinstance(task, humaneval.HumanEvalTask):
+        return ExecJob(key=key, program=humaneval.program_to_run(task, program), tests=humaneval.check_tests(task))
+    return ExecJob(key=key, program=program, tests=tuple(task.test_list), setup_code=task.test_setup_code)
 
 
 def make_record(sample, program: str, result, task, split: str | None) -> dict[str, Any]:

@@ -19,7 +19,8 @@ later uid drop never needs to read it. That process is the **supervisor**; it ru
 1. it reads the job (marshal) from an inherited file descriptor and closes it;
 2. it becomes a child subreaper (``PR_SET_CHILD_SUBREAPER``): any process the program starts, even one
    that calls ``setsid()`` to leave the process group, stays its descendant;
-3. as root, it enters new network, IPC and mount namespaces (where the kernel allows them): the
+3. as root, it enters a network namespace (a new one; with the fork server, its worker slot's, see
+   "Network namespaces") and new IPC and mount namespaces (where the kernel allows them): the
    program has no network and no System V IPC shared with anyone, a size-limited tmpfs is mounted on
    the working directory and bound over ``/tmp``, ``/var/tmp``, ``/dev/shm`` and ``/run/lock``, and
    ``/`` is remounted read-only. It then unshares the pid namespace and forks **pid 1** of the new
@@ -36,9 +37,71 @@ later uid drop never needs to read it. That process is the **supervisor**; it ru
    second inherited pipe. It also stops at once when the caller dies (its end of that pipe closes).
 
 The caller waits for the supervisor (with a margin, in case the supervisor itself is stuck), sends
-SIGKILL to the whole process group, reaps, reads the report, and deletes the temporary directory. A
+SIGKILL to the whole process group, reaps, reads the report, and deletes the temporary directory.
+
+Start methods (``cfg.start_method``): with ``"spawn"`` the supervisor is a new interpreter, as just
+described. With ``"forkserver"`` (the default) a pool (:class:`Sandbox`) starts one trusted server
+process, ``python -S -s -P .../forkserver.py``, with the same interpreter, flags and environment,
+which loads ``child.py`` once; for every job it forks a fresh supervisor that takes the job's
+descriptors, session, directory and environment and then runs the same code from step 1 (see
+:mod:`pva_sae.execution.forkserver`). The server never runs a program and never reads a job: each
+program still gets a new process, new IPC, mount and pid namespaces (and its worker slot's network
+namespace, see "Network namespaces"), limits and uid set after the fork in its own worker, and
+nothing a program changes reaches the next one. Waiting, the process-group kill and reaping
+are then done by the server (it is the supervisor's parent), which is also a subreaper that kills
+whatever a supervisor that died abnormally left; the caller waits for the server's answer. A
+fork server that dies is replaced (a job it lost runs again on the new one). :func:`probe`
+records the start method. A
 caller killed before that leaves its temporary directory behind; the next call removes directories
 whose creating process is gone (their names carry its pid and start time).
+
+Network namespaces
+------------------
+With ``"spawn"`` every supervisor unshares a new network namespace. Creating one (the loopback
+device is registered under the kernel's global ``rtnl`` lock, with ``pernet_ops_rwsem`` and
+``net_rwsem`` held) and destroying one (``cleanup_net``, a single kernel work item, with RCU grace
+periods) are serialised across the whole machine, which caps parallel jobs at a few hundred per
+second however many cores there are. With ``"forkserver"`` the server makes one network namespace
+per **worker slot**, a connection (one pool thread, which runs one job at a time), when the slot
+gets its first job; it holds only a descriptor of it (it enters the new namespace, opens
+``/proc/self/ns/net`` and returns to its own). Each supervisor of the slot enters it with
+``setns`` before it unshares anything else or forks, and closes the descriptor, so no process of
+the program holds it. No job can see or change what another job did to the network, because:
+
+1. Jobs that run at the same time never share one: only jobs of one slot do, and the server forks
+   a slot's next supervisor only after it has reaped the previous one (it refuses a second job on a
+   connection whose job still runs).
+2. No process of a job is alive when the next job of its slot starts: a supervisor that ends
+   normally has killed pid 1 of the job's pid namespace and reaped every descendant (step 5), and a
+   process has released its descriptors, sockets included, before it can be reaped. When a
+   supervisor ends otherwise (killed, stuck, failed), processes of its job may still be dying: the
+   server discards the slot's namespace and the next job gets a new one.
+3. A program cannot change the namespace's lasting state. It is owned by the host's user
+   namespace and the program holds no capability in it (it runs as a pool uid under
+   ``PR_SET_NO_NEW_PRIVS``): it cannot bring loopback up (``SIOCSIFFLAGS`` fails with ``EPERM``),
+   add an address, route, rule, neighbour, queueing discipline or firewall rule, or write
+   ``/proc/sys/net`` (owned by root, mode 0644). A user namespace it creates gives it capabilities
+   only over the namespaces that user namespace owns, which die with its processes. With loopback
+   down and no other interface, no packet goes anywhere: a TCP connect fails with ``ENETUNREACH``,
+   so no connection can linger in ``TIME_WAIT``.
+4. What could outlive a program is a socket (held in a cycle of unix sockets passing each other
+   over ``SCM_RIGHTS``, until the kernel's garbage collector frees it, it keeps an abstract unix
+   name or a port bound) or an IPv6 flow label (they linger after release). Once every process of
+   the job is dead the supervisor reads ``/proc/thread-self/net`` (``sockstat`` and ``sockstat6``:
+   every socket a process made in the namespace, of any family, and TCP sockets in any state or in
+   ``TIME_WAIT``; the unix socket table; flow labels; addresses and routes) and, when it finds any,
+   the server discards the namespace.
+
+So every job enters a new network namespace or one in which no socket, flow label, address or
+route is left and loopback is down, as in a new one. What does carry over are the namespace's
+statistics counters (``/proc/net/snmp``, ``/proc/net/netstat``, loopback's counters in
+``/proc/net/dev``): a program that makes failed sends raises ``OutNoRoutes``, which a later job of
+its slot can read. Two programs written to cooperate could pass a few bits that way; a program that
+does not read these files is not affected, and the host's ``/proc`` already offers such channels
+(see "Residual risks"). The IPC namespace stays per job (System V segments, semaphores and message
+queues, and POSIX message queues, outlive their processes), and so does the mount namespace (the
+tmpfs must be new for every job). :func:`probe` records ``network_namespace``: ``"per worker
+slot"``, ``"per job"`` (spawn, or where ``setns`` fails) or ``"none"``.
 
 The limits are set inside the child rather than in a ``preexec_fn`` because ``preexec_fn`` is unsafe
 in a threaded caller (``run_jobs`` uses threads) and because the supervisor itself must stay
@@ -111,9 +174,10 @@ An ``AssertionError`` counts as ``failed`` only when it is raised by the test as
 raised by the program's own code (a top-level self-check, or an ``assert`` inside the function under
 test) is ``error``/``runtime``: the program crashed, it did not return a wrong answer.
 
-Timeouts under load: in :func:`run_jobs`, a job that hit the wall-clock limit while other jobs ran
-beside it is run once more, alone, after the parallel batch; its result then has ``attempts == 2``
-and the second attempt's outcome is the label. Re-runs go one at a time, so every genuine endless
+Timeouts under load: in :func:`run_jobs` (and :meth:`Sandbox.map`), a job that hit the wall-clock
+limit while other jobs of the pool ran beside it is run once more, alone (no other job of the pool
+beside it), after the parallel batch; its result then has ``attempts == 2`` and the second
+attempt's outcome is the label. Re-runs go one at a time, so every genuine endless
 loop of a batch costs another ``timeout_s`` of wall-clock time. A ``RLIMIT_CPU`` timeout is not
 re-run (load does not consume the program's CPU time). :class:`BatchStats` counts the re-runs.
 
@@ -124,6 +188,15 @@ stdout and stderr go to anonymous files (never to memory); ``RLIMIT_FSIZE`` boun
 ``SIGXFSZ``), reported as ``output_limit`` unless the program handles it. The caller keeps the last
 ``output_limit_kb`` of stdout (``stdout_tail``) and the last 2 KB of stderr (``stderr_tail``, which
 ends with the harness's traceback of the failure); the rest is discarded.
+
+Pools and the label cache
+-------------------------
+:class:`Sandbox` is a pool kept for a whole stage: its threads and fork server live across
+batches (``map`` blocks, ``submit`` returns a Future), so a caller can generate the next batch
+while the pool labels this one. Given a label cache (:mod:`pva_sae.execution.label_cache`) it
+does not run a job whose label is stored, runs identical jobs of a batch once, and stores every
+new final label except timeouts and sandbox failures; such results have ``cached`` True and count
+in :class:`BatchStats` as ``cache_hits``.
 
 Determinism
 -----------
@@ -159,10 +232,10 @@ Linux only (``/proc``, ``prctl``, namespaces, ``os.fork``).
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import fcntl
 import functools
+import hashlib
 import marshal
 import math
 import os
@@ -177,13 +250,15 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Protocol, Self
 
 from pva_sae.config import ConfigError, SandboxConfig
-from pva_sae.execution import child
+from pva_sae.execution import child, forkserver
+from pva_sae.execution.forkserver import ForkServer, ServerGone
 
 STATUSES = ("passed", "failed", "error", "timeout")
 
@@ -199,6 +274,8 @@ PROCESS_TAG = "pva-sandbox"
 IMPORT_POLICY = "stdlib"
 
 CHILD_PATH = os.path.abspath(child.__file__)
+FORKSERVER_PATH = os.path.abspath(forkserver.__file__)
+START_METHODS = ("forkserver", "spawn")
 STDERR_TAIL_BYTES = 2048
 # The supervisor enforces timeout_s; the caller waits this much longer before killing the supervisor.
 SUPERVISOR_GRACE_S = 10.0
@@ -242,6 +319,7 @@ class ExecResult:
     stderr_tail: str  # last 2 KB of stderr, ending with the harness's traceback of the failure
     stdout_tail: str = ""  # last output_limit_kb of stdout
     attempts: int = 1  # 2 when a wall-clock timeout in a parallel batch was re-run alone; this is the last attempt
+    cached: bool = False  # not run: the label of an identical job, from the label cache or from the same batch
 
     @property
     def passed(self) -> bool:
@@ -255,16 +333,18 @@ class BatchStats:
     ``as_dict()`` is what a run manifest records.
     """
 
-    jobs: int = 0  # jobs run, each counted once however many attempts it took
+    jobs: int = 0  # jobs labelled, each counted once however many attempts it took (cache hits included)
     reruns: int = 0  # jobs that hit the wall-clock limit beside other jobs and were run again alone
     rerun_timeouts: int = 0  # of those, the ones that timed out again (their label is timeout)
     timeouts: int = 0  # jobs whose final status is timeout (wall-clock or CPU-time limit)
+    cache_hits: int = 0  # jobs not run: their label came from the label cache or an identical job of the batch
 
     def add(self, results: Sequence[ExecResult], reruns: int) -> None:
         self.jobs += len(results)
         self.reruns += reruns
-        self.rerun_timeouts += sum(r.attempts == 2 and r.status == "timeout" for r in results)
+        self.rerun_timeouts += sum(r.attempts == 2 and r.status == "timeout" and not r.cached for r in results)
         self.timeouts += sum(r.status == "timeout" for r in results)
+        self.cache_hits += sum(r.cached for r in results)
 
     def as_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
@@ -272,79 +352,308 @@ class BatchStats:
 
 # --------------------------------------------------------------------------- public entry points
 
+class LabelStore(Protocol):
+    """What :class:`Sandbox` needs of a label cache (:class:`pva_sae.execution.label_cache.LabelCache`)."""
+
+    def key(self, job: ExecJob) -> str: ...
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, ExecResult]: ...
+
+    def put_many(self, items: Sequence[tuple[str, ExecResult]]) -> None: ...
+
+
 def run_job(job: ExecJob, cfg: SandboxConfig) -> ExecResult:
     """Run one job in its own sandbox and classify the outcome (a single attempt: it runs alone)."""
-    user = _start(cfg)
-    return _execute(job, cfg, user)[0]
+    with Sandbox(cfg, workers=1) as sandbox:
+        return sandbox.run_once(job)[0]
 
 
 def run_jobs(jobs: Sequence[ExecJob], cfg: SandboxConfig, progress: Callable[[ExecResult], None] | None = None,
-             stats: BatchStats | None = None) -> list[ExecResult]:
+             stats: BatchStats | None = None, cache: LabelStore | None = None) -> list[ExecResult]:
     """Run jobs in parallel (``cfg.workers`` at once; 0 = one per CPU core); results come back in job order.
 
     A job that hits the wall-clock limit while others run beside it is run again, alone, once the
     parallel batch is done (``attempts == 2``). ``progress`` is called in the calling thread with each
-    final result (completion order; re-run jobs last). ``stats``, if given, is added to.
+    final result (completion order; re-run jobs last). ``stats``, if given, is added to. With
+    ``cache``, a job whose label is known is not run (``cached`` is True), see :meth:`Sandbox.map`.
+    A pool (and its fork server) lives for this call only; :class:`Sandbox` keeps one across calls.
     """
-    user = _start(cfg)
+    _start(cfg)
     if not jobs:
         return []
     workers = min(cfg.workers or os.cpu_count() or 1, len(jobs))
-    results, timed_out = _run_parallel(jobs, cfg, user, workers, progress)
-    for index in timed_out:  # one at a time: nothing else of this batch runs beside it
-        results[index] = dataclasses.replace(_execute(jobs[index], cfg, user)[0], attempts=2)
-        if progress is not None:
-            progress(results[index])
-    if stats is not None:
-        stats.add(results, reruns=len(timed_out))
-    return results
+    with Sandbox(cfg, cache=cache, stats=stats, workers=workers) as sandbox:
+        return sandbox.map(jobs, progress)
 
 
-def _run_parallel(jobs: Sequence[ExecJob], cfg: SandboxConfig, user: tuple[int, int] | None, workers: int,
-                  progress: Callable[[ExecResult], None] | None) -> tuple[list[ExecResult], list[int]]:
-    """Results of one attempt per job, and the indices of the wall-clock timeouts to run again (sorted).
+class Sandbox:
+    """A pool that runs jobs, kept alive across batches: ``workers`` threads and, with
+    ``cfg.start_method == "forkserver"``, one fork server started (pre-warmed) when the pool is made.
 
-    ``progress`` gets every result but those timeouts'. With one worker every job already ran alone.
+    Use it as a context manager, or call :meth:`close`. :meth:`map` (blocking) and :meth:`submit`
+    (a :class:`~concurrent.futures.Future`) label a batch with :func:`run_jobs`' semantics, and may be
+    called any number of times, also from several threads: jobs of one pool run beside each other,
+    and the re-run of a wall-clock timeout runs alone (no other job of this pool beside it).
+    ``cache`` (a :class:`LabelStore`) serves known labels and stores new final ones; ``stats`` is
+    added to by every batch. ``workers`` defaults to ``cfg.workers`` (0 = one per CPU core).
     """
-    results: list[ExecResult] = [None] * len(jobs)  # type: ignore[list-item]
-    timed_out = []
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sandbox") as pool:
-        futures = {pool.submit(_execute, job, cfg, user): index for index, job in enumerate(jobs)}
+
+    def __init__(self, cfg: SandboxConfig, *, cache: LabelStore | None = None, stats: BatchStats | None = None,
+                 workers: int | None = None):
+        self.cfg, self.cache, self.stats = cfg, cache, stats
+        self._user = _start(cfg)
+        self.workers = workers or cfg.workers or os.cpu_count() or 1
+        self._threads = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="sandbox")
+        self._batches: ThreadPoolExecutor | None = None
+        self._gate = _Gate()
+        self._lock = threading.Lock()  # the server, the connections, stats
+        self._local = threading.local()
+        self._server: ForkServer | None = None
+        self._connections: list[forkserver.Connection] = []
+        self._closed = False
+        if cfg.start_method == "forkserver":
+            self._fork_server()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def map(self, jobs: Iterable[ExecJob], progress: Callable[[ExecResult], None] | None = None) -> list[ExecResult]:
+        """Label ``jobs``; results in job order. ``progress`` gets each final result in the calling thread.
+
+        With a cache, jobs whose key is stored are not run and of identical jobs of the batch only one
+        runs; those results have ``cached`` True and count as ``cache_hits``. Timeouts and sandbox
+        failures are never stored, so they run again next time.
+        """
+        jobs = list(jobs)
+        results: list[ExecResult | None] = [None] * len(jobs)
+        keys = [self.cache.key(job) for job in jobs] if self.cache is not None else list(range(len(jobs)))
+        known = self.cache.get_many(set(keys)) if self.cache is not None else {}
+        groups: dict = {}
+        for index, key in enumerate(keys):
+            if key in known:
+                results[index] = dataclasses.replace(known[key], cached=True)
+                if progress is not None:
+                    progress(results[index])
+            else:
+                groups.setdefault(key, []).append(index)
+
+        def finish(key, result: ExecResult) -> None:
+            for n, index in enumerate(groups[key]):
+                results[index] = result if n == 0 else dataclasses.replace(result, cached=True)
+                if progress is not None:
+                    progress(results[index])
+
+        fresh, timed_out = self._run_parallel({key: jobs[indices[0]] for key, indices in groups.items()}, finish)
+        for key in timed_out:  # one at a time: nothing else of this pool runs beside it
+            with self._gate.alone():
+                finish(key, dataclasses.replace(self.run_once(jobs[groups[key][0]])[0], attempts=2))
+            fresh[key] = results[groups[key][0]]
+        if self.cache is not None:
+            self.cache.put_many([(key, result) for key, result in fresh.items() if cacheable(result)])
+        if self.stats is not None:
+            with self._lock:
+                self.stats.add(results, reruns=len(timed_out))
+        return results  # type: ignore[return-value]
+
+    def submit(self, jobs: Iterable[ExecJob], progress: Callable[[ExecResult], None] | None = None) -> Future:
+        """:meth:`map` in the background: a Future of the results. Batches submitted run one after
+        another, in order; ``progress`` is called in the pool's batch thread."""
+        with self._lock:
+            if self._batches is None:
+                self._batches = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sandbox-batch")
+        return self._batches.submit(self.map, list(jobs), progress)
+
+    def run_once(self, job: ExecJob) -> tuple[ExecResult, dict]:
+        """One attempt at one job, in the calling thread: (result, the supervisor's report).
+
+        When the fork server dies before the job could report (killed, say), the job starts again
+        once on a new server.
+        """
+        try:
+            return _execute(job, self.cfg, self._user, self._connection())
+        except ServerGone:
+            self._drop_server(getattr(self._local, "server", None))
+        try:
+            return _execute(job, self.cfg, self._user, self._connection())
+        except ServerGone as exc:
+            raise SandboxError(f"the sandbox fork server failed twice in a row: {exc}") from None
+
+    def close(self) -> None:
+        """Wait for the running batches, then end the threads and the fork server."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._batches is not None:
+            self._batches.shutdown(wait=True)
+        self._threads.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            for connection in self._connections:
+                connection.close()
+            self._connections.clear()
+            if self._server is not None:
+                self._server.close()
+                self._server = None
+
+    def _run_parallel(self, jobs: dict, finish: Callable[[object, ExecResult], None]) -> tuple[dict, list]:
+        """Run each job once; ``finish`` every result but the wall-clock timeouts of jobs that ran beside
+        another, whose keys come back (in job order) to be run again alone."""
+        futures = {self._threads.submit(self._attempt, job): key for key, job in jobs.items()}
+        fresh, timed_out = {}, []
         try:
             for future in as_completed(futures):
-                result, report = future.result()
-                results[futures[future]] = result
-                if workers > 1 and _wall_clock_timeout(result, report):
-                    timed_out.append(futures[future])
-                elif progress is not None:
-                    progress(result)
+                key = futures[future]
+                result, report, beside = future.result()
+                fresh[key] = result
+                if beside and _wall_clock_timeout(result, report):
+                    timed_out.append(key)
+                else:
+                    finish(key, result)
         except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)
+            for future in futures:
+                future.cancel()
+            wait(futures)
             raise
-    return results, sorted(timed_out)
+        order = {key: n for n, key in enumerate(jobs)}
+        return fresh, sorted(timed_out, key=order.__getitem__)
+
+    def _attempt(self, job: ExecJob) -> tuple[ExecResult, dict, bool]:
+        with self._gate.beside() as beside:
+            result, report = self.run_once(job)
+        return result, report, beside[0]
+
+    def _fork_server(self) -> ForkServer:
+        """The running fork server; a new one when there is none or it died."""
+        with self._lock:
+            if self._closed:
+                raise SandboxError("the sandbox pool is closed")
+            if self._server is None or not self._server.alive():
+                if self._server is not None:
+                    self._server.close()
+                command = [interpreter(), *_interpreter_flags()]
+                try:
+                    self._server = ForkServer(command, CHILD_PATH, PROCESS_TAG, _child_env(tempfile.gettempdir()))
+                except ServerGone as exc:
+                    self._server = None
+                    raise SandboxError(f"{exc}; set sandbox.start_method=spawn to run without it") from None
+            return self._server
+
+    def _drop_server(self, server: ForkServer | None) -> None:
+        """Forget ``server``, which stopped answering (it is killed and reaped), unless another thread
+        already replaced it; the next job starts a new one."""
+        with self._lock:
+            if self._server is server:
+                server.close(wait_s=0)
+                self._server = None
+
+    def _connection(self) -> forkserver.Connection | None:
+        """This thread's connection to the fork server (None with start_method 'spawn')."""
+        if self.cfg.start_method != "forkserver":
+            return None
+        server = self._fork_server()
+        local = self._local
+        if getattr(local, "server", None) is not server:
+            try:
+                connection = server.connect()
+            except ServerGone:  # it died since the last job: start another
+                self._drop_server(server)
+                server = self._fork_server()
+                connection = server.connect()
+            with self._lock:
+                self._connections.append(connection)
+            local.server, local.connection = server, connection
+        return local.connection
+
+
+class _Gate:
+    """Jobs of one pool run beside each other; a re-run runs alone (no other job of the pool beside it)."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._active = 0  # jobs running beside each other
+        self._starts = 0  # jobs started so far
+        self._waiting = 0  # re-runs waiting to run alone
+        self._alone = False  # a re-run is running
+
+    @contextmanager
+    def beside(self) -> Iterator[list[bool]]:
+        """Run one job; the yielded list's item becomes True if another job ran at any time beside it."""
+        with self._cond:
+            while self._alone or self._waiting:
+                self._cond.wait()
+            self._active += 1
+            self._starts += 1
+            started, beside = self._starts, [self._active > 1]
+        try:
+            yield beside
+        finally:
+            with self._cond:
+                self._active -= 1
+                beside[0] = beside[0] or self._starts != started
+                self._cond.notify_all()
+
+    @contextmanager
+    def alone(self) -> Iterator[None]:
+        with self._cond:
+            self._waiting += 1
+            while self._active or self._alone:
+                self._cond.wait()
+            self._waiting -= 1
+            self._alone = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._alone = False
+                self._cond.notify_all()
+
+
+def cacheable(result: ExecResult) -> bool:
+    """Whether a label is final enough to be reused: not a timeout (load can cause one), not a failure of
+    the sandbox itself, not a SIGKILL (the kernel's OOM killer, which depends on the machine's state)."""
+    if result.status == "timeout" or result.error_type == "sandbox":
+        return False
+    return not (result.error_type == "signal" and result.detail == "SIGKILL")
 
 
 def probe(cfg: SandboxConfig) -> dict[str, bool | str]:
     """Which protections are active on this machine: run a trivial job and read the supervisor's report.
 
     Keys: ``drops_privileges`` (programs run unprivileged), ``private_tmp`` (mount namespace with a
-    private tmpfs and a read-only root), ``no_network`` (network namespace), ``private_ipc`` (IPC
-    namespace), ``pid_namespace`` (each job in its own pid namespace), ``per_job_uid`` (each running
-    job has its own uid from the pool), ``imports`` (what a program may import: ``"stdlib"``) and
-    ``interpreter`` (the Python that runs the programs).
+    private tmpfs and a read-only root), ``no_network`` (network namespace), ``network_namespace``
+    (``"per worker slot"`` with the fork server, ``"per job"`` with spawn, ``"none"`` without one; see
+    "Network namespaces"), ``private_ipc`` (IPC namespace), ``pid_namespace`` (each job in its own pid namespace), ``per_job_uid`` (each running
+    job has its own uid from the pool), ``imports`` (what a program may import: ``"stdlib"``),
+    ``interpreter`` (the Python that runs the programs), ``start_method`` (``cfg.start_method``, the
+    one the probe job used) and ``code_version`` (digest of the sandbox's code, see :func:`code_version`).
     """
-    user = _start(cfg)
-    result, report = _execute(ExecJob("probe", "", ()), cfg, user)
+    with Sandbox(cfg, workers=1) as sandbox:
+        result, report = sandbox.run_once(ExecJob("probe", "", ()))
     if not result.passed:
         raise SandboxError(f"the sandbox probe did not pass: {result.status} {result.error_type} {result.detail}")
     found: dict[str, bool | str] = {
         name: bool(report.get(name))
         for name in ("drops_privileges", "private_tmp", "no_network", "private_ipc", "pid_namespace")
     }
+    found["network_namespace"] = str(report.get("network_namespace", "none"))
     found["per_job_uid"] = bool(report.get("drops_privileges")) and cfg.uid_pool_size > 0
     found["imports"] = IMPORT_POLICY
     found["interpreter"] = interpreter()
+    found["start_method"] = cfg.start_method
+    found["code_version"] = code_version()
     return found
+
+
+@functools.cache
+def code_version() -> str:
+    """sha256 of the code that decides a label (this module, child.py, forkserver.py): part of a label's cache key."""
+    digest = hashlib.sha256()
+    for path in (os.path.abspath(__file__), CHILD_PATH, FORKSERVER_PATH):
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()
 
 
 def check_sandbox_config(cfg: SandboxConfig) -> None:
@@ -395,6 +704,8 @@ def _check_limits(cfg: SandboxConfig) -> None:
                               f"set it to a positive value (default: sandbox.{name}={default})")
     if cfg.max_open_files < 16:
         raise ConfigError(f"sandbox.max_open_files must be >= 16 (the interpreter needs some), got {cfg.max_open_files}")
+    if cfg.start_method not in START_METHODS:
+        raise ConfigError(f"sandbox.start_method must be one of {', '.join(START_METHODS)}, got {cfg.start_method!r}")
     if cfg.workers < 0:
         raise ConfigError(f"sandbox.workers must be >= 0 (0 = one per CPU core), got {cfg.workers}")
     if cfg.uid_pool_size < 0 or (cfg.uid_pool_size and not 0 < cfg.uid_pool_start <= MAX_UID - cfg.uid_pool_size):
@@ -461,8 +772,11 @@ def _claim_uid(cfg: SandboxConfig) -> tuple[int, int]:
 def _uid_lock_folder() -> str:
     parent = next((p for p in UID_LOCK_PARENTS if os.path.isdir(p)), UID_LOCK_PARENTS[-1])
     folder = os.path.join(parent, UID_LOCK_FOLDER)
-    os.makedirs(folder, mode=0o700, exist_ok=True)
-    info = os.lstat(folder)
+    try:
+        info = os.lstat(folder)
+    except FileNotFoundError:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        info = os.lstat(folder)
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != 0 or info.st_mode & 0o022:
         raise SandboxError(f"{folder} must be a directory owned by root and writable only by root; remove it")
     return folder
@@ -552,13 +866,20 @@ def _child_env(workdir: str) -> dict[str, str]:
     }
 
 
+def _interpreter_flags() -> list[str]:
+    return ["-S", "-s", "-P"] if sys.version_info >= (3, 11) else ["-S", "-s"]
+
+
 def _child_command(payload_fd: int, report_fd: int) -> list[str]:
-    flags = ["-S", "-s", "-P"] if sys.version_info >= (3, 11) else ["-S", "-s"]
-    return [interpreter(), *flags, CHILD_PATH, str(payload_fd), str(report_fd), PROCESS_TAG]
+    return [interpreter(), *_interpreter_flags(), CHILD_PATH, str(payload_fd), str(report_fd), PROCESS_TAG]
 
 
-def _execute(job: ExecJob, cfg: SandboxConfig, user: tuple[int, int] | None) -> tuple[ExecResult, dict]:
-    """Run one job; return its result and the supervisor's report (empty when there was none)."""
+def _execute(job: ExecJob, cfg: SandboxConfig, user: tuple[int, int] | None,
+             connection: forkserver.Connection | None = None) -> tuple[ExecResult, dict]:
+    """Run one job; return its result and the supervisor's report (empty when there was none).
+
+    With ``connection`` the fork server forks the supervisor, otherwise a new interpreter starts.
+    """
     started = time.monotonic()
     with _job_identity(cfg, user) as (identity, lock_fd):
         workdir = tempfile.mkdtemp(prefix=_workdir_prefix(os.getpid()))
@@ -570,7 +891,7 @@ def _execute(job: ExecJob, cfg: SandboxConfig, user: tuple[int, int] | None) -> 
                 payload.flush()
                 payload.seek(0)
                 inherited = (payload.fileno(),) + ((lock_fd,) if lock_fd is not None else ())
-                report, supervisor_stuck, exit_code = _run_supervisor(inherited, out, err, workdir, cfg)
+                report, supervisor_stuck, exit_code = _run_supervisor(inherited, out, err, workdir, cfg, connection)
                 stderr_tail = _tail(err, min(STDERR_TAIL_BYTES, cfg.output_limit_kb * 1024))
                 stdout_tail = _tail(out, cfg.output_limit_kb * 1024)
         finally:
@@ -583,14 +904,17 @@ def _execute(job: ExecJob, cfg: SandboxConfig, user: tuple[int, int] | None) -> 
     return result, report
 
 
-def _run_supervisor(inherited: tuple[int, ...], out, err, workdir: str, cfg: SandboxConfig) -> tuple[dict, bool, int]:
+def _run_supervisor(inherited: tuple[int, ...], out, err, workdir: str, cfg: SandboxConfig,
+                    connection: forkserver.Connection | None = None) -> tuple[dict, bool, int | None]:
     """Start the supervisor, wait for it, kill its process group, reap it; (report, stuck, exit code).
 
     ``inherited[0]`` is the payload; the supervisor also keeps the uid lock's descriptor, if any, open
-    until it exits.
+    until it exits. The exit code is None when the fork server was lost before it could tell.
     """
     report_r, report_w = os.pipe()
     try:
+        if connection is not None:
+            return _run_forked_supervisor(connection, inherited, out, err, workdir, cfg, report_r, report_w)
         try:
             proc = subprocess.Popen(
                 _child_command(inherited[0], report_w), stdin=subprocess.DEVNULL, stdout=out, stderr=err,
@@ -606,6 +930,43 @@ def _run_supervisor(inherited: tuple[int, ...], out, err, workdir: str, cfg: San
         return _read_report(report_r), stuck, exit_code
     finally:
         os.close(report_r)
+
+
+def _run_forked_supervisor(connection: forkserver.Connection, inherited: tuple[int, ...], out, err, workdir: str,
+                           cfg: SandboxConfig, report_r: int, report_w: int) -> tuple[dict, bool, int | None]:
+    """The same through the fork server, which forks the supervisor, kills its group and reaps it."""
+    fds = (inherited[0], out.fileno(), err.fileno(), report_w, *inherited[1:])
+    argv = [CHILD_PATH, str(inherited[0]), str(report_w), PROCESS_TAG]
+    try:
+        exit_code, stuck = connection.run(workdir, _child_env(workdir), argv, fds, cfg.timeout_s + SUPERVISOR_GRACE_S,
+                                          cfg.timeout_s + 2 * SUPERVISOR_GRACE_S)
+    except ServerGone:
+        # The supervisor, if it started, still reports through its pipe and exits by its own deadline;
+        # without a report the job is started again on a new server (see Sandbox.run_once).
+        os.close(report_w)
+        report_w = -1
+        stuck = not _wait_closed(report_r, cfg.timeout_s + SUPERVISOR_GRACE_S)
+        report = _read_report(report_r)
+        if not report:
+            raise
+        return report, stuck, None
+    finally:
+        if report_w >= 0:
+            os.close(report_w)
+    return _read_report(report_r), stuck, exit_code
+
+
+def _wait_closed(fd: int, timeout: float) -> bool:
+    """Wait until every writer of pipe ``fd`` has closed it (without reading); False on timeout."""
+    deadline = time.monotonic() + timeout
+    poller = select.poll()
+    poller.register(fd, select.POLLHUP)
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        if any(events & select.POLLHUP for _fd, events in poller.poll(remaining * 1000)):
+            return True
 
 
 def _wait_exited(pid: int, timeout: float) -> bool:
@@ -642,7 +1003,8 @@ def _kill_group(pgid: int) -> None:
 
 
 def _read_report(fd: int) -> dict:
-    """The supervisor's report (a Python literal), or {} when it wrote none or garbage."""
+    """The supervisor's report (a marshal dump of a dict; only trusted code writes the pipe), or {} when
+    it wrote none or garbage."""
     os.set_blocking(fd, False)
     data = bytearray()
     while len(data) < REPORT_LIMIT_BYTES:
@@ -654,8 +1016,8 @@ def _read_report(fd: int) -> dict:
             break
         data += chunk
     try:
-        report = ast.literal_eval(data.decode("utf-8"))
-    except (ValueError, SyntaxError, UnicodeDecodeError, MemoryError, RecursionError):
+        report = marshal.loads(bytes(data))
+    except (ValueError, EOFError, TypeError, MemoryError):
         return {}
     return report if isinstance(report, dict) else {}
 
@@ -682,7 +1044,7 @@ def _remove_tree(path: str) -> None:
 
 # --------------------------------------------------------------------------- outcomes
 
-def _classify(report: dict, supervisor_stuck: bool, exit_code: int, cfg: SandboxConfig) -> tuple[str, str | None, str]:
+def _classify(report: dict, supervisor_stuck: bool, exit_code: int | None, cfg: SandboxConfig) -> tuple[str, str | None, str]:
     """(status, error_type, detail) from the supervisor's report."""
     if not report:
         if supervisor_stuck:
@@ -708,7 +1070,9 @@ def _wall_clock_timeout(result: ExecResult, report: dict) -> bool:
     return result.status == "timeout" and (not report or bool(report.get("timed_out")))
 
 
-def _describe_exit(code: int) -> str:
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "the fork server was lost, so its exit status is unknown"
     return f"was killed by {_signal_name(-code)}" if code < 0 else f"exited with code {code}"
 
 
