@@ -35,7 +35,7 @@ def main() -> None:
 
     with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(3):
-            dec._decode_step(st, None, True)
+            dec._decode_step(st, None, (0.0, 1.0, False))   # greedy
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60))
     events = prof.key_averages()

@@ -129,3 +129,269 @@ def test_decode_function_slots(tiny_loaded):
     slots._decode_fns = (fg._qkv, fg._attend_mlp, fg._head)
     a = plain.generate(ids["input_ids"], ids["attention_mask"], 12)
     assert torch.equal(a, slots.generate(ids["input_ids"], ids["attention_mask"], 12))
+
+
+# --------------------------------------------------------------------------- refusing what it cannot run
+
+
+def altered(model, **config):
+    import copy
+
+    m = copy.deepcopy(model)
+    for k, v in config.items():
+        object.__setattr__(m.config, k, v)        # past the config's own validation, as a foreign model would be
+    return m
+
+
+@pytest.mark.parametrize("change,named", [
+    ({"hidden_activation": "gelu"}, "hidden_activation"),
+    ({"final_logit_softcapping": -1.0}, "final_logit_softcapping"),
+    ({"attn_logit_softcapping": 0.0}, "attn_logit_softcapping"),
+    ({"layer_types": ["full_attention"]}, "layer_types"),
+    ({"query_pre_attn_scalar": 0}, "query_pre_attn_scalar"),
+    ({"rope_parameters": {"rope_type": "linear", "factor": 2.0}}, "default RoPE"),
+    ({"use_bidirectional_attention": True}, "causal"),
+])
+def test_construction_refuses_a_config_it_would_compute_differently(tiny_loaded, change, named):
+    with pytest.raises(FastGenError, match=named) as err:
+        StaticDecoder(altered(tiny_loaded.model, **change), [1], 0)
+    assert "generation.backend='hf'" in str(err.value)
+
+
+def test_construction_refuses_other_embedding_scales_and_norms(tiny_loaded):
+    from torch import nn
+
+    model = altered(tiny_loaded.model)
+    embed = model.model.embed_tokens
+    if not hasattr(embed, "embed_scale"):       # transformers < 5.x scales in the model's forward instead
+        embed.embed_scale = torch.tensor(1.0)
+    else:
+        embed.embed_scale.fill_(1.0)
+    with pytest.raises(FastGenError, match="embedding scale"):
+        StaticDecoder(model, [1], 0)
+    model = altered(tiny_loaded.model)
+    model.model.layers[0].input_layernorm = nn.LayerNorm(tiny_loaded.d_model)
+    with pytest.raises(FastGenError, match="RMSNorm"):
+        StaticDecoder(model, [1], 0)
+    model = altered(tiny_loaded.model)
+    model.model.layers[1].mlp.up_proj.bias = nn.Parameter(torch.ones(model.model.layers[1].mlp.up_proj.out_features))
+    with pytest.raises(FastGenError, match="bias"):
+        StaticDecoder(model, [1], 0)
+
+
+def test_build_time_parity_check_refuses_a_model_whose_forward_differs(tiny_loaded):
+    """A change the config does not show (here a forward hook on a layer's MLP branch) is caught by the
+    one-prefill check."""
+    assert StaticDecoder(tiny_loaded.model, [1], 0).verify() < 1e-5
+    model = altered(tiny_loaded.model)
+    model.model.layers[0].post_feedforward_layernorm.register_forward_hook(lambda module, args, out: out * 1.5)
+    with pytest.raises(FastGenError, match="differ from the model's own forward.*backend='hf'"):
+        StaticDecoder(model, [1], 0)
+
+
+def windowed(tiny_loaded, window):
+    """The tiny model's weights with a sliding window of ``window`` tokens on its sliding layers."""
+    import copy
+
+    from transformers import Gemma2ForCausalLM
+
+    config = copy.deepcopy(tiny_loaded.model.config)
+    config.sliding_window = window
+    model = Gemma2ForCausalLM._from_config(config, attn_implementation="eager").eval()
+    model.load_state_dict(tiny_loaded.model.state_dict())
+    assert "sliding_attention" in config.layer_types
+    return model
+
+
+def test_greedy_equals_generate_with_a_binding_sliding_window(tiny_loaded):
+    """Window 5, prompts of up to ~20 tokens plus 24 new ones: every late query sees only part of the context."""
+    from transformers import GenerationConfig as HFConfig
+
+    model = windowed(tiny_loaded, 5)
+    enc = tiny_loaded.tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    new = 24
+    assert enc["input_ids"].shape[1] + new > 5 * 4
+    hf = HFConfig(max_new_tokens=new, do_sample=False, eos_token_id=1, pad_token_id=tiny_loaded.tokenizer.pad_token_id)
+    with torch.inference_mode():
+        expected = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                                  generation_config=hf)
+        unwindowed = tiny_loaded.model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                                                generation_config=hf)
+    fast = StaticDecoder(model, [1], tiny_loaded.tokenizer.pad_token_id)
+    got = fast.generate(enc["input_ids"], enc["attention_mask"], new)
+    assert got.shape == expected.shape and torch.equal(got, expected)
+    assert not torch.equal(expected, unwindowed)                 # the window changes the text: it binds
+    queue = fast.generate_queue(prompt_ids(tiny_loaded, PROMPTS), new, slots=2)
+    assert [toks for toks, _ in queue] == rows_of(got, enc, [1], tiny_loaded.tokenizer.pad_token_id)
+
+
+# --------------------------------------------------------------------------- continuous batching
+
+
+def prompt_ids(loaded, texts):
+    return [loaded.tokenizer(t)["input_ids"] for t in texts]
+
+
+def rows_of(out, enc, eos, pad):
+    """Each row's new tokens from ``generate``'s layout, up to and including its EOS."""
+    p = enc["input_ids"].shape[1]
+    rows = []
+    for row in out[:, p:].tolist():
+        end = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+        rows.append(row[:end])
+    return rows
+
+
+QUEUE = PROMPTS + ["def fib(n):\n    if n < 2:", "# reverse a string\ndef rev(s):", "y = {}\nfor k in", "while"]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_continuous_batching_equals_per_row_generation(tiny_loaded, temperature):
+    """Any slot count gives each prompt what it gets alone (greedy and keyed sampling, float32); EOS rows free
+    their slot early (EOS ids chosen so rows end at different steps)."""
+    tok = tiny_loaded.tokenizer
+    ids = prompt_ids(tiny_loaded, QUEUE)
+    keys = [1000 + i for i in range(len(QUEUE))]
+    pad = tok.pad_token_id
+    alone_runs = []
+    probe = StaticDecoder(tiny_loaded.model, [1], pad)
+    first = probe.generate_queue(ids, 30, slots=len(ids), temperature=temperature, keys=keys)
+    eos = sorted({toks[len(toks) // 2] for toks, _ in first[::2]})[:3]      # tokens some rows produce mid-way
+    dec = StaticDecoder(tiny_loaded.model, eos, pad, check_every=4)
+    for i, p in enumerate(ids):
+        enc = tok([QUEUE[i]], return_tensors="pt")
+        out = dec.generate(enc["input_ids"], enc["attention_mask"], 30, temperature=temperature, row_keys=[keys[i]])
+        alone_runs.append(rows_of(out, enc, eos, pad)[0])
+    for slots in (1, 3, 5):
+        got = dec.generate_queue(ids, 30, slots=slots, temperature=temperature, keys=keys)
+        assert [toks for toks, _ in got] == alone_runs, slots
+    reasons = [r for _, r in got]
+    assert "eos" in reasons and "length" in reasons
+    enc = tok(QUEUE, return_tensors="pt", padding=True)
+    batch = dec.generate(enc["input_ids"], enc["attention_mask"], 30, temperature=temperature, row_keys=keys)
+    assert rows_of(batch, enc, eos, pad) == alone_runs                        # static batch, left padded
+    if temperature:
+        other = dec.generate_queue(ids, 30, slots=3, temperature=temperature, keys=[k + 1 for k in keys])
+        assert [t for t, _ in other] != alone_runs
+
+
+def test_continuous_batching_stop_strings_and_steering(tiny_loaded):
+    """A row ended by the stop check frees its slot; steering at generated positions applies to refilled slots."""
+    pad = tiny_loaded.tokenizer.pad_token_id
+    ids = prompt_ids(tiny_loaded, QUEUE)
+    d = torch.randn(tiny_loaded.d_model, generator=torch.Generator().manual_seed(0))
+    steering = Steering(1, d / d.norm(), 40.0, site="resid_post", positions="generated")
+    dec = StaticDecoder(tiny_loaded.model, [1], pad, check_every=3)
+    plain = dec.generate_queue(ids, 20, slots=len(ids))
+    stop_at = {i: 4 + i % 5 for i in range(len(ids))}
+
+    def stop_check(requests):
+        return [stop_at[item] if stop_at[item] < len(new) else None for item, new, _ in requests]
+
+    stopped = dec.generate_queue(ids, 20, slots=2, stop_check=stop_check)
+    assert [(t, r) for t, r in stopped] == [(t[:stop_at[i] + 1], "stop") for i, (t, _) in enumerate(plain)]
+    steered_alone = []
+    for i, p in enumerate(QUEUE):
+        enc = tiny_loaded.tokenizer([p], return_tensors="pt")
+        out = dec.generate(enc["input_ids"], enc["attention_mask"], 20, steering=steering)
+        steered_alone.append(rows_of(out, enc, [1], pad)[0])
+    steered = dec.generate_queue(ids, 20, slots=3, steering=steering)
+    assert [t for t, _ in steered] == steered_alone
+    assert steered_alone != [t for t, _ in plain]
+
+
+def test_generator_queue_matches_generate_batch_greedy(tiny_loaded):
+    """The Generator's continuous-batching entry point gives generate_batch's samples (greedy, stop strings)."""
+    batch = mbpp_batch(6)
+    cfg = GenerationConfig(backend="fast", max_new_tokens=48)
+    g = Generator(tiny_loaded, cfg)
+    by_batch = [(s.task_id, s.completion, s.n_new_tokens, s.finish_reason) for s in g.generate_batch(batch, 0)]
+    queued = g.generate_queue(batch, 0, slots=2)
+    assert [(s.task_id, s.completion, s.n_new_tokens, s.finish_reason) for s in queued] == by_batch
+    with pytest.raises(FastGenError, match="continuous batching runs on the fast decoder"):
+        Generator(tiny_loaded, GenerationConfig(backend="hf", max_new_tokens=4)).generate_queue(batch, 0)
+
+
+@pytest.mark.gpu
+def test_gpu_continuous_batching_equals_per_row_in_float32():
+    """CUDA graphs, float32: the queue gives each prompt its per-row result, greedy and keyed sampling, steered."""
+    from pva_sae.model.registry import load_model
+
+    loaded = load_model(ModelConfig(name="pva-tiny", device="cuda", dtype="float32"))
+    batch = mbpp_batch(48, start=50)
+    d = torch.randn(loaded.d_model, generator=torch.Generator().manual_seed(1))
+    for gen, steering in (({}, None), ({"temperature": 0.8, "top_p": 0.95}, None),
+                          ({}, Steering(3, d / d.norm(), 4.0))):
+        g = Generator(loaded, GenerationConfig(backend="fast", max_new_tokens=160, **gen))
+        alone = [g.generate_queue([item], 0, slots=1, steering=steering)[0] for item in batch]
+        queued = g.generate_queue(batch, 0, slots=16, steering=steering)
+        key = lambda s: (s.task_id, s.completion, s.n_new_tokens, s.finish_reason)  # noqa: E731
+        assert [key(s) for s in queued] == [key(s) for s in alone]
+        assert g.fast.use_graph
+
+
+def test_continuous_batching_length_buckets_keep_results(tiny_loaded, monkeypatch):
+    """Prompts split into several length buckets (each its own cache length) get the same tokens."""
+    import pva_sae.model.fastgen as fg
+
+    ids = prompt_ids(tiny_loaded, QUEUE)
+    dec = StaticDecoder(tiny_loaded.model, [1], tiny_loaded.tokenizer.pad_token_id)
+    one_bucket = dec.generate_queue(ids, 10, slots=3)
+    monkeypatch.setattr(fg, "QUEUE_MIN_WIDTH", 1)
+    widths = {1 << (len(p) + 10 - 1).bit_length() for p in ids}
+    assert len(widths) > 1
+    assert dec.generate_queue(ids, 10, slots=3) == one_bucket
+
+
+def test_bench_gpu_script_runs_at_toy_size_on_cpu(tmp_path):
+    """scripts/bench_gpu.py --toy: every part runs, each generation figure carries its roofline fraction, and
+    static and continuous batching produce the workload's tokens."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "bench_gpu.py"
+    spec = importlib.util.spec_from_file_location("bench_gpu", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    bench.main(["--toy", "--skip", "thesis", "--out", str(out)])
+    results = json.loads(out.read_text())
+    assert results["device_measured"]["copy_bandwidth_bytes_per_s"] > 0
+    generation = [r for r in results["rows"] if "tokens_per_s" in r]
+    assert generation and all(r["roofline"] > 0 for r in generation)
+    work = [r for r in results["rows"] if r["approach"].startswith("workload")]
+    assert len(work) == 2 and work[0]["useful_tokens"] == work[1]["useful_tokens"] > 0
+    checks = [r for r in results["rows"] if r["approach"].startswith("check")]
+    assert checks and all(r["identical_rows"] == r["rows"] for r in checks)
+
+
+def test_attention_over_the_filled_cache_only_keeps_results(tiny_loaded, monkeypatch):
+    """Steps attending over the filled part of the cache (4-position buckets, so the length changes every few
+    steps) give the tokens of steps attending over the whole static cache, static and continuous."""
+    import pva_sae.model.fastgen as fg
+
+    pad = tiny_loaded.tokenizer.pad_token_id
+    enc = tiny_loaded.tokenizer(QUEUE, return_tensors="pt", padding=True)
+    ids = prompt_ids(tiny_loaded, QUEUE)
+    monkeypatch.setattr(fg, "KV_BUCKET", 10 ** 6)                 # every step over the whole cache
+    dec = StaticDecoder(tiny_loaded.model, [1], pad, check_every=3)
+    whole = dec.generate(enc["input_ids"], enc["attention_mask"], 16, temperature=1.0, row_keys=list(range(8)))
+    whole_queue = dec.generate_queue(ids, 16, slots=3)
+    monkeypatch.setattr(fg, "KV_BUCKET", 4)
+    assert torch.equal(dec.generate(enc["input_ids"], enc["attention_mask"], 16, temperature=1.0,
+                                    row_keys=list(range(8))), whole)
+    assert dec.generate_queue(ids, 16, slots=3) == whole_queue
+
+
+def test_construction_accepts_a_width_whose_embedding_scale_bfloat16_rounds():
+    """sqrt(d_model) is not exact in bfloat16 for most widths (gemma-2-9b: sqrt(3584) = 59.87 -> 59.75); transformers
+    multiplies by the rounded value and so does the decoder, so the check compares the rounded scales."""
+    from transformers import Gemma2ForCausalLM
+
+    from pva_sae.default.tiny import tiny_gemma2_config
+
+    cfg = tiny_gemma2_config(vocab_size=64, n_layers=1, d_model=72, n_heads=2)
+    assert float(torch.tensor(72 ** 0.5, dtype=torch.bfloat16)) != 72 ** 0.5
+    model = Gemma2ForCausalLM(cfg).to(torch.bfloat16).eval()
+    StaticDecoder(model, [1], 0)

@@ -6,7 +6,9 @@ H100). This module runs the same network with the model's own weights (no copy) 
 forward:
 
 - the KV cache is preallocated, (batch, kv_heads, max_len, head_dim) per layer; a step writes its
-  keys and values at a position held in a device tensor, so every step has the same shapes;
+  keys and values at a position held in a device tensor, and attends over the filled part of the
+  cache rounded up to ``KV_BUCKET`` positions (one captured graph per such length), not the whole
+  static length;
 - on CUDA one whole decode step - embedding, every layer, final norm, unembedding, soft-capping,
   greedy argmax, EOS bookkeeping, and the steering addition - is captured once as a CUDA graph and
   replayed, so a step costs one launch;
@@ -21,7 +23,22 @@ The forward reproduces transformers' eager Gemma-2 op for op (RMSNorm in float32
 RoPE in float32 then cast, query scaling by query_pre_attn_scalar^-0.5, attention soft-capping,
 float32 softmax, sliding-window layers, final logit soft-capping), so greedy outputs equal
 ``generate``'s; tests check this on CPU and GPU. Sampling (temperature / top-p) runs outside the
-graph on the graph's logits with a seeded generator.
+graph on the graph's logits with a seeded generator, or, with per-row keys, inside it (below).
+
+What the forward assumes is checked when a decoder is built (:func:`model_mismatches`: architecture,
+embedding scale, activation, soft-caps, layer types and sliding window, query scaling, norms, RoPE,
+biases), and one short prefill is compared with the model's own forward (:meth:`StaticDecoder.
+verify`): a model the decoder would run differently is refused with :class:`FastGenError` instead
+of silently generating other text. The embedding scale sqrt(d_model) is applied here (transformers
+4.x multiplies in ``Gemma2Model.forward``, 5.x inside the embedding module), so both layouts run.
+
+Continuous batching (:meth:`StaticDecoder.generate_queue`): a fixed number of slots decode at
+once; when a row ends (EOS, a stop string, or its token limit) its slot takes the next prompt of the
+queue, prefilled into that slot's cache rows, with per-row positions, write indices and masks, so
+decode steps are not spent on finished rows (at most ``check_every - 1`` steps between checks).
+Sampling there is keyed: a row's token at step t is drawn by inverting its categorical CDF at a
+uniform number hashed from (row key, t), inside the captured step, so each sample depends on its
+key only, never on its slot, its neighbours or the queue order.
 """
 
 from __future__ import annotations
@@ -52,6 +69,98 @@ class Steering:
 
 def supports(model: Any) -> bool:
     return getattr(getattr(model, "config", None), "model_type", None) == "gemma2"
+
+
+ACTIVATION = "gelu_pytorch_tanh"
+LAYER_TYPES = ("sliding_attention", "full_attention")
+_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
+_PROJECTIONS = (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")), ("mlp", ("gate_proj", "up_proj", "down_proj")))
+
+
+def model_mismatches(model: Any) -> list[str]:
+    """What in ``model`` differs from the Gemma-2 network the decoder computes (empty: nothing found)."""
+
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "model_type", None) != "gemma2":
+        return [f"model_type is {getattr(cfg, 'model_type', None)!r}, the decoder implements Gemma-2 only"]
+    problems = []
+    for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+                 "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping", "sliding_window"):
+        if not hasattr(cfg, name):
+            problems.append(f"config has no {name}")
+    if problems:
+        return problems
+    activation = getattr(cfg, "hidden_activation", None)
+    if activation != ACTIVATION:
+        problems.append(f"hidden_activation is {activation!r}, the decoder computes {ACTIVATION!r}")
+    for name in ("attn_logit_softcapping", "final_logit_softcapping"):
+        cap = getattr(cfg, name)
+        if cap is not None and not (isinstance(cap, (int, float)) and cap > 0):
+            problems.append(f"{name} is {cap!r}, expected a positive number or None")
+    scalar = cfg.query_pre_attn_scalar
+    if not (isinstance(scalar, (int, float)) and scalar > 0):
+        problems.append(f"query_pre_attn_scalar is {scalar!r}, expected a positive number")
+    if cfg.num_attention_heads % cfg.num_key_value_heads:
+        problems.append("num_attention_heads is not a multiple of num_key_value_heads")
+    types = getattr(cfg, "layer_types", None)
+    if types is None or len(types) != cfg.num_hidden_layers or any(t not in LAYER_TYPES for t in types):
+        problems.append(f"layer_types is {types!r}, expected one of {LAYER_TYPES} per layer "
+                        f"({cfg.num_hidden_layers} layers)")
+    elif "sliding_attention" in types and not (isinstance(cfg.sliding_window, int) and cfg.sliding_window > 0):
+        problems.append(f"sliding_window is {cfg.sliding_window!r} with sliding layers, expected a positive int")
+    for name in ("rope_parameters", "rope_scaling"):
+        rope = getattr(cfg, name, None) or {}
+        kind = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "?"
+        if kind != "default":
+            problems.append(f"{name} has rope_type {kind!r}, the decoder implements default RoPE only")
+    if getattr(cfg, "use_bidirectional_attention", None):
+        problems.append("use_bidirectional_attention is set, the decoder is causal")
+    inner = getattr(model, "model", None)
+    embed = getattr(inner, "embed_tokens", None)
+    if embed is None or not hasattr(embed, "weight"):
+        return problems + ["model.model.embed_tokens is missing"]
+    scale = getattr(embed, "embed_scale", None)
+    if scale is not None:
+        # Both sides multiply in the weight dtype (bfloat16 rounds sqrt(3584) = 59.87 to 59.75), so compare the
+        # scales after that rounding.
+        dtype = embed.weight.dtype
+        theirs = float(torch.as_tensor(scale).to(dtype))
+        ours = float(torch.tensor(cfg.hidden_size ** 0.5, dtype=dtype))
+        if theirs != ours:
+            problems.append(f"the embedding scale is {theirs}, the decoder multiplies by sqrt(hidden_size) = "
+                            f"{ours} (in {dtype})")
+    if not hasattr(getattr(inner, "rotary_emb", None), "inv_freq"):
+        problems.append("model.model.rotary_emb.inv_freq is missing")
+    norms = [getattr(inner, "norm", None)] + [getattr(layer, n, None) for layer in inner.layers for n in _NORMS]
+    if any(n is None or not hasattr(n, "weight") or not hasattr(n, "eps") for n in norms):
+        problems.append("a decoder layer lacks one of the four Gemma-2 RMSNorms (or their weight/eps)")
+    elif len({float(n.eps) for n in norms}) != 1:
+        problems.append("the RMSNorms use different eps values")
+    elif any(not type(n).__name__.endswith("RMSNorm") for n in norms):
+        problems.append("a norm is not an RMSNorm")
+    if len(inner.layers) != cfg.num_hidden_layers:
+        problems.append(f"the model has {len(inner.layers)} layers, its config says {cfg.num_hidden_layers}")
+    for layer in inner.layers:
+        for block, names in _PROJECTIONS:
+            for name in names:
+                lin = getattr(getattr(layer, block, None), name, None)
+                if lin is None or not hasattr(lin, "weight"):
+                    problems.append(f"{block}.{name} is missing")
+                elif getattr(lin, "bias", None) is not None:
+                    problems.append(f"{block}.{name} has a bias, the decoder has none")
+        if problems:
+            break
+    if not hasattr(getattr(model, "lm_head", None), "weight"):
+        problems.append("lm_head is missing")
+    return problems
+
+
+# Largest |fast - model| / max|model logit| accepted by the build-time parity check, per weight dtype. Rounding
+# alone stays far below (float32 CPU ~1e-6, with TF32 matmuls ~1e-3; bfloat16 ~1e-2); what the check is for - a
+# dropped embedding scale, a changed layer - gives errors of order 1. Small differences such as another GELU
+# approximation are the structural checks' job.
+PARITY_TOLERANCE = {torch.float32: 1e-2, torch.float64: 1e-6, torch.bfloat16: 1e-1, torch.float16: 5e-2}
+PARITY_TOKENS = 6
 
 
 PREFILL_SCRATCH_BYTES = 2 << 30  # attention scratch per prefill chunk: rows are prefilled in chunks within it
@@ -132,22 +241,103 @@ def _head(h, gain, eps: float, w_out, cap):
     return logits.float()
 
 
+QUEUE_MIN_WIDTH = 256  # smallest cache length of a continuous-batching length bucket
+# A decode step attends over the filled part of the cache rounded up to this many positions (one CUDA graph per
+# length); with torch.compile'd layer math, coarser buckets keep the number of compiled shapes small.
+KV_BUCKET = 128
+KV_BUCKET_COMPILED = 512
+
+
+def _renumbered(stop_check, members: Sequence[int]):
+    """``stop_check`` for a bucket: its requests name prompts by their index in the whole queue."""
+    if stop_check is None:
+        return None
+    return lambda requests: stop_check([(members[item], new, first) for item, new, first in requests])
+
+
+def _write(cache, write_at, x):
+    """Write x (B, KV, T, hd) into cache (B, KV, L, hd) at indices ``write_at``: (T,) for every row, or (B, 1)
+    one index per row (T = 1)."""
+
+    if write_at.dim() == 1:
+        cache.index_copy_(2, write_at, x)
+    else:
+        b, kv, _, hd = x.shape
+        cache.scatter_(2, write_at.view(b, 1, 1, 1).expand(b, kv, 1, hd), x)
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(x):
+    """A 32-bit integer finaliser (xor-shift-multiply) on int64 tensors holding values below 2^32."""
+
+    x = x ^ (x >> 16)
+    x = (x * 0x45D9F3B) & _MASK32
+    x = x ^ (x >> 16)
+    x = (x * 0x45D9F3B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def keyed_uniform(keys, step):
+    """One uniform number in (0, 1) per row, a pure function of the row's key (B, 2) int64 halves below 2^32
+    and its step (B,) or scalar tensor: 24 random bits, float32."""
+
+    x = _mix32(keys[:, 0] ^ _mix32((step + 0x9E3779B9) & _MASK32))
+    x = _mix32(x ^ keys[:, 1])
+    return ((x >> 8).float() + 0.5) / float(1 << 24)
+
+
+def split_key(key: int) -> tuple[int, int]:
+    """A row key (any int) as the two 32-bit halves ``keyed_uniform`` takes."""
+
+    key &= (1 << 64) - 1
+    return key & _MASK32, key >> 32
+
+
+def keyed_pick(logits, temperature: float, top_p: float, keys, step):
+    """Sample one token per row from softmax(logits / temperature) restricted to the top-p nucleus, by
+    inverting the row's CDF at ``keyed_uniform(keys, step)``: no generator state, graph-capturable, and a
+    row's draw does not depend on the other rows. Greedy argmax when temperature is 0."""
+
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    scores = logits / temperature
+    if top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=False)
+        cum = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+        remove = cum <= (1 - top_p)
+        remove[..., -1:] = False
+        scores = scores.masked_fill(remove.scatter(1, order, remove), float("-inf"))
+    cdf = torch.softmax(scores, dim=-1).cumsum(dim=-1)
+    u = keyed_uniform(keys, step)[:, None] * cdf[:, -1:]
+    # The first token whose CDF exceeds u; a token of probability 0 is never chosen (its CDF equals its left
+    # neighbour's), and rounding at the top end is clamped to the last token of positive probability.
+    pick = (cdf <= u).sum(dim=-1)
+    last_positive = (scores > float("-inf")).long().cumsum(-1).argmax(dim=-1)
+    return torch.minimum(pick, last_positive)
+
+
 class StaticDecoder:
     """Greedy or sampled decoding of a loaded ``Gemma2ForCausalLM`` (see the module docstring)."""
 
     def __init__(self, model: Any, eos_ids: Sequence[int], pad_id: int, check_every: int = 16,
-                 use_cuda_graph: bool | None = None, compile: bool = False):
+                 use_cuda_graph: bool | None = None, compile: bool = False, verify: bool = True):
 
         if not supports(model):
             raise FastGenError(f"the fast decoder implements Gemma-2 only, not {model.config.model_type!r}; "
                                "use generation.backend='hf'")
+        problems = model_mismatches(model)
+        if problems:
+            raise FastGenError("the fast decoder cannot run this model exactly: " + "; ".join(problems)
+                               + ". Use generation.backend='hf'")
         cfg = model.config
-        if getattr(cfg, "rope_parameters", {}).get("rope_type", "default") != "default":
-            raise FastGenError("the fast decoder supports default RoPE only; use generation.backend='hf'")
         self.model, self.cfg = model, cfg
         self.inner = model.model
         self.device = next(model.parameters()).device
         self.dtype = self.inner.embed_tokens.weight.dtype
+        # sqrt(d_model) cast to the weight dtype, as transformers does (bfloat16 rounds sqrt(2304) to 48.0).
+        self._embed_scale = torch.tensor(cfg.hidden_size ** 0.5, dtype=self.dtype, device=self.device)
         self.eos = torch.tensor(sorted(set(int(e) for e in eos_ids)), device=self.device)
         self.pad_id = int(pad_id)
         self.check_every = check_every
@@ -172,6 +362,43 @@ class StaticDecoder:
         if compile:
 
             self._decode_fns = tuple(torch.compile(f, dynamic=False) for f in (_qkv, _attend_mlp, _head))
+        if verify:
+            self.verify()
+
+    def verify(self, n_tokens: int = PARITY_TOKENS) -> float:
+        """Compare one short prefill's last-position logits with the model's own forward; refuse on mismatch.
+
+        Returns the relative error max|fast - model| / max|model|. Milliseconds: ``n_tokens`` tokens, one row.
+        """
+
+        vocab = self.cfg.vocab_size
+        ids = (torch.arange(n_tokens, device=self.device) * 7919 + 3) % vocab
+        ids = ids[None]
+        with torch.inference_mode():
+            expected = self.model(input_ids=ids, use_cache=False).logits[:, -1].float()
+            got = self._prefill_logits(ids)
+        scale = float(expected.abs().max()) or 1.0
+        error = float((got - expected).abs().max()) / scale
+        tolerance = PARITY_TOLERANCE.get(self.dtype, 5e-2)
+        if not error <= tolerance:            # also refuses NaN
+            raise FastGenError(
+                f"the fast decoder's logits differ from the model's own forward by {error:.3g} (relative; "
+                f"tolerance {tolerance:g} for {self.dtype}) on a {n_tokens}-token prompt: this model or this "
+                "transformers version computes Gemma-2 differently from the fast decoder. Use generation.backend='hf'")
+        return error
+
+    def _prefill_logits(self, ids):
+        """Last-position logits of unpadded prompts ``ids`` (B, T) through the decoder's prefill path."""
+
+        b, t = ids.shape
+        shape = (b, self.n_kv, t, self.head_dim)
+        n = self.cfg.num_hidden_layers
+        caches = ([torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(n)],
+                  [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(n)])
+        arange = torch.arange(t, device=self.device)
+        masks = self._masks(torch.ones(b, t, dtype=torch.bool, device=self.device), arange, t)
+        zero = torch.zeros(self.cfg.hidden_size, dtype=self.dtype, device=self.device)
+        return self._forward(ids, arange[None].expand(b, t), arange, masks, caches, zero, None, None, kv_len=t)
 
     # ------------------------------------------------------------------ the network
 
@@ -196,17 +423,18 @@ class StaticDecoder:
         qkv, rest = (fns or (_qkv, _attend_mlp))[:2]
         w = self._weights[i]
         q, k, v = qkv(h, w, cos, sin, self.eps, self.n_heads, self.n_kv, self.head_dim)
-        keys.index_copy_(2, write_at, k)       # cache writes stay outside compiled code (no copy-back)
-        values.index_copy_(2, write_at, v)
+        _write(keys, write_at, k)              # cache writes stay outside compiled code (no copy-back)
+        _write(values, write_at, v)
         if kv_len is not None:
             keys, values = keys[:, :, :kv_len], values[:, :, :kv_len]
         return rest(h, q, keys, values, mask[i], w, self.eps, self.scaling, self.cfg.attn_logit_softcapping,
                     self.n_heads, self.n_kv, self.head_dim)
 
     def _forward(self, tokens, positions, write_at, mask, caches, delta, steer_layer, steer_site,
-                 kv_len: int | None = None, fns=None):
-        """Logits of the last position (B, vocab) float32; tokens/positions (B, T)."""
-        h = self.inner.embed_tokens(tokens)                    # the module multiplies by sqrt(d_model)
+                 kv_len: int | None = None, fns=None, last=None):
+        """Logits (B, vocab) float32 of the last position, or of position ``last`` (B,) of each row;
+        tokens/positions (B, T); ``write_at`` (T,) cache indices shared by the rows, or (B, 1) per row."""
+        h = F.embedding(tokens, self.inner.embed_tokens.weight) * self._embed_scale
         cos, sin = self._rope(positions)
         for i in range(self.cfg.num_hidden_layers):
             if i == steer_layer and steer_site == "resid_pre":
@@ -215,19 +443,26 @@ class StaticDecoder:
             if i == steer_layer and steer_site == "resid_post":
                 h = h + delta
         head = fns[2] if fns else _head
-        return head(h[:, -1], self._gain[id(self.inner.norm)], self.eps, self.model.lm_head.weight,
+        h = h[:, -1] if last is None else h[torch.arange(h.shape[0], device=h.device), last]
+        return head(h, self._gain[id(self.inner.norm)], self.eps, self.model.lm_head.weight,
                     self.cfg.final_logit_softcapping)
 
     def _masks(self, valid, query_pos, max_len: int):
-        """Per layer (B, 1, T, L) bool: key is a real token, not in the future, and inside the sliding window."""
+        """Per layer (B, 1, T, L) bool: key is a real token, not in the future, and inside the sliding window.
+
+        ``query_pos`` holds the queries' cache indices: (T,) shared by the rows, or (B, T) per row."""
 
         kpos = torch.arange(max_len, device=self.device)
-        causal = kpos[None, :] <= query_pos[:, None]                                   # (T, L)
-        base = valid[:, None, None, :] & causal[None, None]
+        q = query_pos[..., :, None]
+        causal = kpos <= q                                                              # (T, L) or (B, T, L)
+        if causal.dim() == 2:
+            causal = causal[None]
+        base = valid[:, None, None, :] & causal[:, None]
         window = self.cfg.sliding_window
-        if window is None:
+        if window is None or not any(self.sliding):
             return [base] * len(self.sliding)
-        slide = base & (kpos[None, :] > query_pos[:, None] - window)[None, None]
+        near = kpos > q - window
+        slide = base & (near[None] if near.dim() == 2 else near)[:, None]
         return [slide if s else base for s in self.sliding]
 
     # ------------------------------------------------------------------ decoding
@@ -244,6 +479,7 @@ class StaticDecoder:
         done: Any
         delta: Any
         logits: Any
+        keys: Any = None
 
     def _allocate(self, b: int, max_len: int, max_new: int) -> "_State":
         shape = (b, self.n_kv, max_len, self.head_dim)
@@ -254,17 +490,22 @@ class StaticDecoder:
         return self._State(caches, z(b, max_len, dt=torch.bool), z(b, 1), z(b, 1), z(1), z(1),
                            torch.full((b, max_new), self.pad_id, dtype=torch.long, device=self.device),
                            z(b, dt=torch.bool), torch.zeros(self.cfg.hidden_size, dtype=self.dtype, device=self.device),
-                           torch.zeros((b, self.cfg.vocab_size), dtype=torch.float32, device=self.device))
+                           torch.zeros((b, self.cfg.vocab_size), dtype=torch.float32, device=self.device),
+                           z(b, 2))
 
-    def _decode_step(self, st: "_State", steering: Steering | None, greedy: bool) -> None:
-        """One decode step on the state's buffers (graph-capturable: no host sync, fixed shapes)."""
+    def _decode_step(self, st: "_State", steering: Steering | None, sampling: tuple, kv_len: int | None = None) -> None:
+        """One decode step on the state's buffers (graph-capturable: no host sync, fixed shapes).
+
+        ``sampling`` = (temperature, top_p, keyed): greedy and keyed sampling pick inside the step; other
+        sampling leaves the logits in ``st.logits`` for a generator outside it."""
         max_len = st.valid.shape[1]
         masks = self._masks(st.valid, st.idx, max_len)
         layer, site = (steering.layer, steering.site) if steering else (None, None)
         logits = self._forward(st.tok, st.pos, st.idx, masks, st.caches, st.delta, layer, site,
-                               fns=self._decode_fns)
-        if greedy:
-            self._advance(st, logits.argmax(dim=-1))
+                               fns=self._decode_fns, kv_len=kv_len)
+        temperature, top_p, keyed = sampling
+        if temperature == 0 or keyed:
+            self._advance(st, keyed_pick(logits, temperature, top_p, st.keys, st.step))
         else:
             st.logits.copy_(logits)                   # sampled outside the graph
 
@@ -277,38 +518,71 @@ class StaticDecoder:
         st.idx.add_(1)
         st.step.add_(1)
 
-    def _graph(self, st: "_State", steering: Steering | None, greedy: bool):
-        key = (id(st), steering.layer if steering else None, steering.site if steering else None, greedy)
+    def _graph(self, st: Any, steering: Steering | None, sampling: tuple, step, mutable: Sequence[Any]):
+        """The CUDA graph of ``step()`` on the buffers of ``st`` (captured once per state, steering layer/site
+        and sampling); ``mutable`` are the buffers a step changes besides the KV cache, restored after capture."""
+        key = (id(st), steering.layer if steering else None, steering.site if steering else None, sampling)
         if key in self._graphs:
             return self._graphs[key]
-        saved = [t.clone() for t in (st.tok, st.pos, st.idx, st.step, st.out, st.done)]
+        saved = [t.clone() for t in mutable]
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(2):                        # warm-up (allocator, cuBLAS workspaces)
-                self._decode_step(st, steering, greedy)
+                step()
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._decode_step(st, steering, greedy)
-        for t, s in zip((st.tok, st.pos, st.idx, st.step, st.out, st.done), saved):
+        if getattr(self, "_pool_state", None) != id(st):
+            # One memory pool for the graphs of a state (one per attention length): they replay one at a time on
+            # one stream and keep nothing between replays outside the state's own buffers.
+            self._pool, self._pool_state = torch.cuda.graph_pool_handle(), id(st)
+        with torch.cuda.graph(graph, pool=self._pool):
+            step()
+        for t, s in zip(mutable, saved):
             t.copy_(s)                                # undo the warm-up and capture steps
+        # Cache writes of those steps land at positions every later step rewrites before it reads them.
         self._graphs = {k: v for k, v in self._graphs.items() if k[0] == id(st)}
         self._graphs[key] = graph
         return graph
 
+    def _kv_bucket(self, needed: int, max_len: int) -> int:
+        """Cache positions a step attends over: ``needed`` rounded up to the attention bucket, at most max_len."""
+        bucket = KV_BUCKET_COMPILED if self._decode_fns is not None else KV_BUCKET
+        return min(max_len, -(-needed // bucket) * bucket)
+
+    def _runner(self, st: Any, steering: Steering | None, sampling: tuple, step_at, mutable: Sequence[Any]):
+        """``run(kv_len)``: one step attending to the first kv_len cache positions, through that length's CUDA
+        graph (captured on first use) when graphs are on."""
+
+        def run(kv_len: int) -> None:
+            if self.use_graph:
+                self._graph(st, steering, (sampling, kv_len), lambda: step_at(kv_len), mutable).replay()
+            else:
+                step_at(kv_len)
+
+        return run
+
     def generate(self, input_ids, attention_mask, max_new_tokens: int, *, steering: Steering | None = None,
-                 temperature: float = 0.0, top_p: float = 1.0, generator=None, stop_check=None) -> "torch.Tensor":
+                 temperature: float = 0.0, top_p: float = 1.0, generator=None, stop_check=None,
+                 row_keys: Sequence[int] | None = None) -> "torch.Tensor":
         """(B, P + T) token ids laid out like ``generate``'s: prompt, new tokens, padding after each row's end.
 
         ``stop_check(out, prompt_len, done) -> done`` (on CPU tensors) marks rows whose text hit a stop
-        string; it is called every ``check_every`` steps. ``input_ids`` must be LEFT padded.
+        string; it is called every ``check_every`` steps. ``input_ids`` must be LEFT padded. With
+        ``row_keys`` (one int per row) sampling is keyed (see :func:`keyed_pick`; ``generator`` unused) and
+        gives each row what :meth:`generate_queue` gives it.
         """
 
         b, p = input_ids.shape
         max_len = p + max_new_tokens
         st = self._state_for(b, max_len, max_new_tokens)
-        greedy = temperature == 0
+        keyed = row_keys is not None and temperature > 0
+        sampling = (float(temperature), float(top_p) if temperature > 0 else 1.0, keyed)
+        external = temperature > 0 and not keyed
+        if keyed:
+            if len(row_keys) != b:
+                raise ValueError(f"row_keys has {len(row_keys)} keys for {b} rows")
+            st.keys.copy_(torch.tensor([split_key(int(k)) for k in row_keys], device=self.device))
         mask = attention_mask.to(self.device).bool()
         st.valid.zero_()
         st.valid[:, :p] = mask
@@ -326,21 +600,22 @@ class StaticDecoder:
             logits = self._prefill(input_ids.to(self.device), positions, st, steering)
             st.delta.copy_(delta if steering is not None and steering.positions in ("all", "generated")
                            else torch.zeros_like(st.delta))
-            st.tok.copy_(self._pick(logits, temperature, top_p, generator)[:, None])
+            first = (keyed_pick(logits, temperature, top_p, st.keys, torch.zeros(1, dtype=torch.long,
+                                                                               device=self.device))
+                     if keyed else self._pick(logits, temperature, top_p, generator))
+            st.tok.copy_(first[:, None])
             st.out[:, 0] = torch.where(st.done, self.pad_id, st.tok[:, 0])
             st.done |= torch.isin(st.tok[:, 0], self.eos)
             st.pos.copy_(positions[:, -1:] + 1)
             st.idx.fill_(p)
             st.step.fill_(1)
-            graph = self._graph(st, steering, greedy) if self.use_graph and max_new_tokens > 1 else None
+            run = self._runner(st, steering, sampling, lambda kv: self._decode_step(st, steering, sampling, kv),
+                               (st.tok, st.pos, st.idx, st.step, st.out, st.done))
             steps = 1
             while steps < max_new_tokens:
                 for _ in range(min(self.check_every, max_new_tokens - steps)):
-                    if graph is not None:
-                        graph.replay()
-                    else:
-                        self._decode_step(st, steering, greedy)
-                    if not greedy:
+                    run(self._kv_bucket(p + steps, max_len))     # this step writes and reads up to index p+steps-1
+                    if external:
                         self._advance(st, self._pick(st.logits, temperature, top_p, generator))
                     steps += 1
                 done = st.done.cpu()
@@ -367,6 +642,207 @@ class StaticDecoder:
             out.append(self._forward(input_ids[r], positions[r], arange, [m[r] for m in masks], caches, st.delta,
                                      layer, site, kv_len=p))
         return torch.cat(out)
+
+    # ------------------------------------------------------------------ continuous batching
+
+    @dataclass
+    class _Queue:
+        caches: tuple
+        valid: Any      # (S, L) all True: which keys a row may see is decided by its write index alone
+        tok: Any        # (S, 1) the token each slot feeds next
+        idx: Any        # (S, 1) its cache index, which is also its position (prompts start at index 0)
+        nstep: Any      # (S,) tokens the slot's current prompt has generated
+        out: Any        # (S, max_new + 1) generated tokens; the last column takes writes of finished rows
+        done: Any       # (S,) the row ended on the device (EOS or token limit), or the slot is idle
+        keys: Any       # (S, 2) sampling key of the slot's current prompt
+        delta: Any      # (d_model,) steering added at generated positions
+
+    def generate_queue(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, slots: int, *,
+                       steering: Steering | None = None, temperature: float = 0.0, top_p: float = 1.0,
+                       keys: Sequence[int] | None = None, stop_check=None) -> list[tuple[list[int], str]]:
+        """Generate every prompt of the queue with ``slots`` rows decoding at once (continuous batching).
+
+        ``prompts`` are unpadded token id lists; ``keys`` one int per prompt (sampling, see
+        :func:`keyed_pick`; required when temperature > 0). Returns, in prompt order, each prompt's new
+        tokens up to and including the one that ended it, and why it ended: 'eos', 'stop' or 'length'.
+        ``stop_check(requests) -> list[int | None]`` gets, every ``check_every`` steps, one
+        ``(prompt_index, new_tokens, first_unchecked)`` per running row and returns for each the first step
+        >= first_unchecked at which the row's text ends with a stop string (None: none yet).
+        A row's output equals what :meth:`generate` (with ``row_keys``) gives it in any batch.
+        """
+
+        n = len(prompts)
+        if n == 0:
+            return []
+        if slots < 1 or max_new_tokens < 1:
+            raise ValueError(f"slots and max_new_tokens must be >= 1, got {slots} and {max_new_tokens}")
+        if temperature > 0 and (keys is None or len(keys) != n):
+            raise ValueError("sampling with generate_queue needs one key per prompt")
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("generate_queue got an empty prompt")
+        # Length buckets: a cache as long as the queue's longest prompt would make every step attend over
+        # its length (MBPP has one prompt of ~2,600 tokens among hundreds of ~150); prompts whose
+        # prompt + max_new_tokens round up to the same power of two share one queue.
+        buckets: dict[int, list[int]] = {}
+        for i, p in enumerate(prompts):
+            buckets.setdefault(max(QUEUE_MIN_WIDTH, 1 << (len(p) + max_new_tokens - 1).bit_length()), []).append(i)
+        results: list = [None] * n
+        for width in sorted(buckets):
+            members = buckets[width]
+            part = self._run_queue([prompts[i] for i in members], max_new_tokens, slots, steering, temperature,
+                                   top_p, None if keys is None else [keys[i] for i in members],
+                                   _renumbered(stop_check, members))
+            for i, r in zip(members, part):
+                results[i] = r
+        return results
+
+    def _run_queue(self, prompts, max_new_tokens: int, slots: int, steering, temperature: float, top_p: float,
+                   keys, stop_check) -> list[tuple[list[int], str]]:
+        n = len(prompts)
+        slots = min(slots, n)
+        max_len = max(len(p) for p in prompts) + max_new_tokens
+        st = self._queue_for(slots, max_len, max_new_tokens)
+        sampling = (float(temperature), float(top_p) if temperature > 0 else 1.0, temperature > 0)
+        delta = self._delta(steering)
+        prompt_delta = delta if steering is not None and steering.positions in ("all", "prompt") else delta * 0
+        st.delta.copy_(delta if steering is not None and steering.positions in ("all", "generated") else delta * 0)
+        eos = {int(e) for e in self.eos.tolist()}
+        results: list[tuple[list[int], str] | None] = [None] * n
+        slot_item = [-1] * slots
+        checked = [0] * slots
+        pending = iter(range(n))
+
+        def fill(free: list[int]) -> None:
+            chosen = []
+            for slot in free:
+                item = next(pending, None)
+                if item is None:
+                    break
+                chosen.append((slot, item))
+            for slot in free[len(chosen):]:
+                slot_item[slot] = -1
+                st.done[slot] = True
+            if chosen:
+                for slot, item in chosen:
+                    slot_item[slot], checked[slot] = item, 0
+                self._queue_prefill(st, chosen, prompts, keys, steering, prompt_delta, sampling, max_new_tokens)
+
+        with torch.inference_mode():
+            st.done.fill_(True)
+            fill(list(range(slots)))
+            run = self._runner(st, steering, sampling, lambda kv: self._queue_step(st, steering, sampling, kv),
+                               (st.tok, st.idx, st.nstep, st.out, st.done))
+            while any(item >= 0 for item in slot_item):
+                idx, done = st.idx[:, 0].cpu(), st.done.cpu()
+                live = [int(idx[slot]) for slot in range(slots) if slot_item[slot] >= 0 and not done[slot]]
+                if live:
+                    top = max(live)                 # rows that are done stop advancing, so this bounds every step
+                    for j in range(self.check_every):
+                        run(self._kv_bucket(top + j + 1, max_len))
+                nstep, out = st.nstep.cpu(), st.out.cpu()
+                running = [slot for slot in range(slots) if slot_item[slot] >= 0]
+                rows = []
+                for slot in running:
+                    new = out[slot, :min(int(nstep[slot]), max_new_tokens)].tolist()
+                    eos_at = next((i for i, t in enumerate(new) if t in eos), None)
+                    rows.append((new[:eos_at + 1] if eos_at is not None else new, eos_at))
+                stops = (stop_check([(slot_item[slot], new, checked[slot]) for slot, (new, _) in zip(running, rows)])
+                         if stop_check is not None else [None] * len(running))
+                free = []
+                for slot, (new, eos_at), stop in zip(running, rows, stops):
+                    if stop is not None and stop < len(new):
+                        ended = (new[:stop + 1], "eos" if new[stop] in eos else "stop")
+                    elif eos_at is not None:
+                        ended = (new, "eos")
+                    elif len(new) >= max_new_tokens:
+                        ended = (new, "length")
+                    else:
+                        checked[slot] = len(new)
+                        continue
+                    results[slot_item[slot]] = ended
+                    free.append(slot)
+                if free:
+                    fill(free)
+        return results  # type: ignore[return-value]
+
+    def _queue_prefill(self, st: "_Queue", chosen: list[tuple[int, int]], prompts, keys, steering, delta,
+                       sampling: tuple, max_new: int) -> None:
+        """Prefill the prompts of ``chosen`` (slot, prompt index) into their slots' cache rows (right padded,
+        in row chunks within the scratch budget) and set each slot's first token and counters."""
+
+        lens = [len(prompts[item]) for _, item in chosen]
+        t = max(lens)
+        ids = torch.full((len(chosen), t), self.pad_id, dtype=torch.long)
+        for row, (_, item) in enumerate(chosen):
+            ids[row, :lens[row]] = torch.as_tensor(list(prompts[item]), dtype=torch.long)
+        ids = ids.to(self.device)
+        length = torch.tensor(lens, device=self.device)
+        slot_ids = torch.tensor([slot for slot, _ in chosen], device=self.device)
+        arange = torch.arange(t, device=self.device)
+        valid = arange[None] < length[:, None]
+        masks = self._masks(valid, arange, t)
+        layer, site = (steering.layer, steering.site) if steering else (None, None)
+        rows = max(1, int(PREFILL_SCRATCH_BYTES // (self.n_heads * t * t * 16)))
+        shape = (min(rows, len(chosen)), self.n_kv, t, self.head_dim)
+        scratch = ([torch.empty(shape, dtype=self.dtype, device=self.device) for _ in st.caches[0]],
+                   [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in st.caches[1]])
+        logits = []
+        for r0 in range(0, len(chosen), rows):
+            r = slice(r0, r0 + rows)
+            m = ids[r].shape[0]
+            caches = ([c[:m] for c in scratch[0]], [c[:m] for c in scratch[1]])
+            logits.append(self._forward(ids[r], arange[None].expand(m, t), arange, [mk[r] for mk in masks], caches,
+                                        delta, layer, site, kv_len=t, last=length[r] - 1))
+            for cache, part in zip((*st.caches[0], *st.caches[1]), (*caches[0], *caches[1])):
+                cache[slot_ids[r], :, :t] = part
+        if keys is not None:
+            st.keys[slot_ids] = torch.tensor([split_key(int(keys[item])) for _, item in chosen], device=self.device)
+        temperature, top_p, _ = sampling
+        first = keyed_pick(torch.cat(logits), temperature, top_p, st.keys[slot_ids],
+                           torch.zeros(1, dtype=torch.long, device=self.device))
+        st.tok[slot_ids] = first[:, None]
+        st.idx[slot_ids] = length[:, None]
+        st.nstep[slot_ids] = 1
+        st.out[slot_ids] = self.pad_id
+        st.out[slot_ids, 0] = first
+        st.done[slot_ids] = torch.isin(first, self.eos) | (max_new <= 1)
+
+    def _queue_step(self, st: "_Queue", steering: Steering | None, sampling: tuple, kv_len: int | None = None) -> None:
+        """One decode step of every slot, each at its own index, attending to the first ``kv_len`` cache
+        positions (graph-capturable). Finished rows keep their index (they write where nothing is read)."""
+
+        max_len = st.valid.shape[1]
+        max_new = st.out.shape[1] - 1
+        masks = self._masks(st.valid, st.idx, max_len)
+        layer, site = (steering.layer, steering.site) if steering else (None, None)
+        logits = self._forward(st.tok, st.idx, st.idx, masks, st.caches, st.delta, layer, site, fns=self._decode_fns,
+                               kv_len=kv_len)
+        temperature, top_p, _ = sampling
+        nxt = keyed_pick(logits, temperature, top_p, st.keys, st.nstep)
+        nxt = torch.where(st.done, torch.full_like(nxt, self.pad_id), nxt)
+        column = torch.where(st.done, torch.full_like(st.nstep, max_new), st.nstep.clamp(max=max_new))
+        st.out.scatter_(1, column[:, None], nxt[:, None])
+        st.nstep.add_(1)
+        finished = st.done.clone()
+        st.done |= torch.isin(nxt, self.eos) | (st.nstep >= max_new)
+        st.tok.copy_(nxt[:, None])
+        st.idx.copy_(torch.where(finished[:, None], st.idx, (st.idx + 1).clamp(max=max_len - 1)))
+
+    def _queue_for(self, slots: int, max_len: int, max_new: int) -> "_Queue":
+        key = ("queue", slots, max_len, max_new)
+        if getattr(self, "_state_key", None) != key:
+            self.release()                            # free the previous cache before allocating this one
+            shape = (slots, self.n_kv, max_len, self.head_dim)
+            n = self.cfg.num_hidden_layers
+            caches = ([torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(n)],
+                      [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(n)])
+            z = lambda *s, dt=torch.long: torch.zeros(s, dtype=dt, device=self.device)  # noqa: E731
+            self._state = self._Queue(caches, torch.ones((slots, max_len), dtype=torch.bool, device=self.device),
+                                      z(slots, 1), z(slots, 1), z(slots), z(slots, max_new + 1),
+                                      torch.ones(slots, dtype=torch.bool, device=self.device), z(slots, 2),
+                                      torch.zeros(self.cfg.hidden_size, dtype=self.dtype, device=self.device))
+            self._state_key, self._graphs = key, {}
+        return self._state
 
     def _delta(self, steering: Steering | None):
         if steering is None:

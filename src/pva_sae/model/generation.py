@@ -110,6 +110,16 @@ def batch_seed(seed: int, batch_index: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def sample_key(seed: int, task_id: int, sample_index: int) -> int:
+    """A 64-bit sampling key for one sample, from the run seed and the sample's (task_id, sample_index).
+
+    Continuous batching draws each sample's tokens from its key alone (``fastgen.keyed_pick``), so a
+    sample does not depend on which slot, batch or neighbours it was generated with.
+    """
+    digest = hashlib.sha256(f"pva-sae:sample:{seed}:{task_id}:{sample_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
 @contextmanager
 def seeded_rng(seed: int, device: "torch.device") -> Iterator[None]:
     """Seed torch's global RNGs (CPU and ``device``) inside a fork, restoring them afterwards.
@@ -193,7 +203,8 @@ class Generator:
             out = self._generate_fast(enc, seed, steering)
         else:
             with torch.inference_mode(), seeded_rng(seed, self.loaded.device), _steering_hook(self.model, steering):
-                out = self.model.generate(**enc, generation_config=self.hf_config, tokenizer=self.tokenizer)
+                out = self.model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                                          generation_config=self.hf_config, tokenizer=self.tokenizer)
         elapsed = time.perf_counter() - started
         out = out.cpu()                                       # (B, P + T)
         prompt_len = enc["input_ids"].shape[1]
@@ -205,6 +216,71 @@ class Generator:
                          per_sample, batch_index)
             for row, item in enumerate(batch)
         ]
+
+    def generate_queue(self, items: Sequence[PlanItem], queue_index: int = 0, steering: "Steering | None" = None,
+                       slots: int | None = None) -> list[Sample]:
+        """Generate every item with continuous batching (fast backend): ``slots`` rows decode at once and a
+        row that ends (EOS, stop string, token limit) hands its slot to the next item, so no step is spent
+        on finished rows. Samples come back in ``items`` order, with ``batch_index = queue_index``.
+
+        Greedy samples equal :meth:`generate_batch`'s; sampled tokens are drawn from each sample's
+        :func:`sample_key` (seed, task_id, sample_index), so they do not depend on the order of ``items``,
+        on ``slots`` or on the device's batch size. ``slots`` defaults to ``generation.batch_size``, or
+        for 0 to the largest batch the free GPU memory holds.
+        """
+
+        if self.fast is None:
+            raise FastGenError(f"continuous batching runs on the fast decoder; generation.backend resolved to "
+                               f"{self.backend!r}: use generate_batch, or backend='fast' with a Gemma-2 model")
+        if not items:
+            return []
+        prompt_ids = [self.tokenizer(prompt)["input_ids"] for _, _, prompt in items]
+        if slots is None:
+            slots = self.cfg.batch_size if self.cfg.batch_size > 0 else free_memory_batch_size(
+                self.model, max(len(p) for p in prompt_ids) + self.cfg.max_new_tokens)
+        keys = [sample_key(self.cfg.seed, task_id, sample_index) for task_id, sample_index, _ in items]
+        started = time.perf_counter()
+        rows = self.fast.generate_queue(prompt_ids, self.cfg.max_new_tokens, slots, steering=steering,
+                                        temperature=self.cfg.temperature, top_p=self.cfg.top_p, keys=keys,
+                                        stop_check=self._queue_stop_checker(prompt_ids))
+        per_sample = (time.perf_counter() - started) / len(items)
+        samples = []
+        for item, prompt, (new, reason) in zip(items, prompt_ids, rows):
+            row = torch.tensor(list(prompt) + list(new), dtype=torch.long)
+            samples.append(self._sample(item, row, torch.ones(len(prompt), dtype=torch.long), len(prompt), len(new),
+                                        reason, per_sample, queue_index))
+        return samples
+
+    def _queue_stop_checker(self, prompt_ids: Sequence[Sequence[int]]):
+        """For continuous batching: the first step (since the row's last check) at which a row's text ends
+        with a stop string, from one call of the criterion ``generate`` applies after every step."""
+        if self._stop_criterion is None:
+            return None
+        width = getattr(self._stop_criterion, "maximum_token_len", None)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
+
+        def check(requests):
+            windows, owners = [], []
+            for r, (item, new, first) in enumerate(requests):
+                text = list(prompt_ids[item]) + list(new)
+                for t in range(first, len(new)):
+                    end = len(prompt_ids[item]) + t + 1
+                    windows.append(text[max(0, end - width):end] if width else text[:end])
+                    owners.append((r, t))
+            found: list[int | None] = [None] * len(requests)
+            if not windows:
+                return found
+            longest = max(len(w) for w in windows)
+            ids = torch.full((len(windows), longest), pad, dtype=torch.long)
+            for i, w in enumerate(windows):
+                ids[i, longest - len(w):] = torch.tensor(w, dtype=torch.long)
+            hits = self._stop_criterion(ids, None).cpu().tolist()
+            for (r, t), hit in zip(owners, hits):
+                if hit and found[r] is None:
+                    found[r] = t
+            return found
+
+        return check
 
     def _generate_fast(self, enc, seed: int, steering) -> "torch.Tensor":
         generator = None
