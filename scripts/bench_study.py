@@ -6,8 +6,14 @@
 ``--size default`` is the model's registered config defaults (for the embedded default: the CPU-sized
 study of `pva-sae run`); ``--size full`` lifts them to the study sizes the config defaults give a real
 model (all validation tasks x 3 samples at every temperature, the 6-point alpha grid, 60 controls per
-direction, every task steered). Prints and writes each stage's wall time, samples generated,
-samples/s and the device, with versions and the date.
+direction, every task steered). The stages share one loaded model, as in `pva-sae run`.
+
+Per stage it reports: wall time; samples generated and samples/s; the time inside generation calls
+(each ends by copying its tokens to the host, so it is device time plus the host's share) as a fraction
+of the wall time; the GPU's own busy fraction (mean of ``nvidia-smi`` utilization sampled every 100 ms,
+the share of time a kernel was running); the time inside sandbox labelling and the programs labelled
+per second of it (with overlap, labelling runs beside generation, so the two fractions can add up to
+more than 1). Written as JSON with the device, versions and date.
 """
 
 from __future__ import annotations
@@ -15,7 +21,10 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -23,6 +32,88 @@ FULL = ["validation.robustness_max_tasks=0", "validation.samples_per_temperature
         "steering.tuning_max_tasks=0", "steering.n_controls=60", "steering.tuning_controls=4",
         "steering.alpha_grid=[0.05, 0.1, 0.2, 0.5, 1.0, 2.0]", "steering.n_permutations=10000",
         "steering.bootstrap_resamples=2000"]
+
+
+class Meter:
+    """Wall time and call counts of the functions it wraps, read per stage as differences."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.items: dict[str, int] = {}
+        self.lock = threading.Lock()
+
+    def wrap(self, name: str, fn, count):
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            with self.lock:
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+                self.items[name] = self.items.get(name, 0) + count(args, out)
+            return out
+        return timed
+
+    def snapshot(self) -> tuple[dict[str, float], dict[str, int]]:
+        with self.lock:
+            return dict(self.seconds), dict(self.items)
+
+
+class GpuSampler:
+    """``nvidia-smi`` utilization (percent of time a kernel ran, GPU 0) every ``interval_ms``, timestamped."""
+
+    def __init__(self, interval_ms: int = 100):
+        self.samples: list[tuple[float, float]] = []
+        self.proc = None
+        if shutil.which("nvidia-smi"):
+            self.proc = subprocess.Popen(["nvidia-smi", "--id=0", "--query-gpu=utilization.gpu",
+                                          "--format=csv,noheader,nounits", f"-lms={interval_ms}"],
+                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            try:
+                self.samples.append((time.perf_counter(), float(line.strip()) / 100))
+            except ValueError:
+                continue
+
+    def busy(self, t0: float, t1: float) -> float | None:
+        window = [u for t, u in self.samples if t0 <= t <= t1]
+        return round(sum(window) / len(window), 3) if window else None
+
+    def close(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait()
+
+
+def instrument(meter: Meter) -> None:
+    """Time every model load, generation call and sandbox labelling call of the stages."""
+    import pva_sae.execution.dataset as dataset
+    import pva_sae.model.registry as registry
+    from pva_sae.model.generation import Generator
+
+    registry.load_model = meter.wrap("load", registry.load_model, lambda args, out: 1)
+    Generator.generate_batch = meter.wrap("generate", Generator.generate_batch, lambda args, out: len(out))
+    dataset.label_samples = meter.wrap("label", dataset.label_samples, lambda args, out: len(out))
+
+
+def stage_row(name: str, result, seconds: float, before, after, gpu_busy, cfg) -> dict:
+    (s0, n0), (s1, n1) = before, after
+    spent = {k: s1.get(k, 0.0) - s0.get(k, 0.0) for k in ("load", "generate", "label")}
+    count = {k: n1.get(k, 0) - n0.get(k, 0) for k in ("generate", "label")}
+    row = {"seconds": round(seconds, 2), "samples": count["generate"],
+           "samples_per_s": round(count["generate"] / seconds, 1) if seconds > 0 else None,
+           "model_load_s": round(spent["load"], 2),
+           "generate_s": round(spent["generate"], 2),
+           "generate_fraction": round(spent["generate"] / seconds, 3) if seconds > 0 else None,
+           "gpu_busy_fraction": gpu_busy,
+           "label_s": round(spent["label"], 2), "programs": count["label"],
+           "programs_per_s": round(count["label"] / spent["label"], 1) if spent["label"] > 0 else None,
+           "label_fraction": round(spent["label"] / seconds, 3) if seconds > 0 else None}
+    if name == "steer":
+        row["controls_per_direction"] = cfg.steering.n_controls
+        row["steered_generations"] = result["tasks"]["generated"]
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,11 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--json", help="write the timings here")
     p.add_argument("--stages", default="build,analyze,validate,steer,report")
+    p.add_argument("--progress", action="store_true", help="show the stages' progress bars")
     args = p.parse_args(argv)
 
     import torch
 
-    from pva_sae.model.registry import resolve_for_model
+    from pva_sae.model.registry import load_once, resolve_for_model
     from pva_sae.rundir.atomic import read_json
     from pva_sae.rundir.paths import RunDir
     from pva_sae.stages.analyze import analyze
@@ -46,44 +138,53 @@ def main(argv: list[str] | None = None) -> int:
     from pva_sae.stages.steer import steer
     from pva_sae.stages.validate import validate
 
+    meter = Meter()
+    instrument(meter)
     items = [f"model.name={args.model}", f"output.run_dir={args.run_dir}", "checkpoint.resume=auto"]
     items += (FULL if args.size == "full" else []) + args.overrides
     cfg = resolve_for_model(None, items)
     run = RunDir.at(args.run_dir)
-    stages = {"build": lambda: build_dataset(cfg, interactive=False, progress=False),
-              "analyze": lambda: analyze(cfg, progress=False), "validate": lambda: validate(cfg, progress=False),
-              "steer": lambda: steer(cfg, progress=False), "report": lambda: write_report(run.root)}
+    model = load_once(cfg.model)
+    show = args.progress
+    stages = {"build": lambda: build_dataset(cfg, interactive=False, progress=show, loaded=model),
+              "analyze": lambda: analyze(cfg, progress=show, loaded=model),
+              "validate": lambda: validate(cfg, progress=show, loaded=model),
+              "steer": lambda: steer(cfg, progress=show, loaded=model), "report": lambda: write_report(run.root)}
+    cuda = torch.cuda.is_available()
     out = {"date": time.strftime("%Y-%m-%d"), "model": args.model, "size": args.size, "overrides": items,
-           "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
-           "versions": {"torch": torch.__version__, "python": sys.version.split()[0]}, "stages": {}}
+           "device": torch.cuda.get_device_name(0) if cuda else platform.processor() or "cpu",
+           "versions": {"torch": torch.__version__, "python": sys.version.split()[0],
+                        "cuda": torch.version.cuda if cuda else None},
+           "settings": {"batch_size": cfg.generation.batch_size, "backend": cfg.generation.backend,
+                        "overlap": cfg.generation.overlap, "sandbox_workers": cfg.sandbox.workers,
+                        "compile": cfg.generation.compile},
+           "stages": {}}
+    gpu = GpuSampler()
     started = time.perf_counter()
-    for name in args.stages.split(","):
-        t0 = time.perf_counter()
-        result = stages[name]()
-        seconds = time.perf_counter() - t0
-        row = {"seconds": round(seconds, 1)}
-        if name == "build":
-            row["samples"] = len(result)
-        elif name == "validate":
-            row["samples"] = sum(t["n_samples"] for t in result["temperature"].values()
-                                 if not t["source"].startswith("build"))
-        elif name == "steer":
-            row["samples"] = result["tasks"]["generated"]
-            row["controls_per_direction"] = cfg.steering.n_controls
-        if row.get("samples"):
-            row["samples_per_s"] = round(row["samples"] / seconds, 1)
-        out["stages"][name] = row
-        print(f"{name:9s} {seconds:8.1f} s  {row.get('samples', '')}", flush=True)
-        if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
-    out["total_seconds"] = round(time.perf_counter() - started, 1)
+    try:
+        for name in args.stages.split(","):
+            before, t0 = meter.snapshot(), time.perf_counter()
+            result = stages[name]()
+            t1 = time.perf_counter()
+            row = stage_row(name, result, t1 - t0, before, meter.snapshot(), gpu.busy(t0, t1), cfg)
+            out["stages"][name] = row
+            print(f"{name:9s} {row['seconds']:8.1f} s  {row['samples']:7d} samples ({row['samples_per_s']}/s)  "
+                  f"generate {row['generate_fraction']}  gpu busy {row['gpu_busy_fraction']}  "
+                  f"sandbox {row['programs']} programs ({row['programs_per_s']}/s)", flush=True)
+            if args.json:
+                Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+        total = time.perf_counter() - started
+        out["total_seconds"] = round(total, 1)
+        out["gpu_busy_fraction"] = gpu.busy(started, started + total)
+    finally:
+        gpu.close()
     if "steer" in out["stages"]:
         res = read_json(run.root / "steering" / "results.json")
         out["steering_summary"] = {n: {"rate": e["rate"], "rank_p": e["rank_p"]["p"],
                                        "permutation_p": e["permutation_p"]["p"], "holm_p": e["holm_p"]}
                                    for n, e in res["experiments"].items()}
-    print(f"total     {out['total_seconds']:8.1f} s")
+    print(f"total     {out['total_seconds']:8.1f} s  gpu busy {out['gpu_busy_fraction']}")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     return 0

@@ -88,10 +88,12 @@ def wait_for(predicate, timeout_s=120.0):
     return False
 
 
-def test_sigkill_then_resume_gives_identical_records(reference_run, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("overlap", ["off", "on"])
+def test_sigkill_then_resume_gives_identical_records(reference_run, tiny_model_dir, tmp_path, overlap):
     _, expected = reference_run
     run_dir = tmp_path / "run"
-    args = ["build", "--quiet", *sum((["--set", o] for o in overrides(tiny_model_dir, run_dir)), [])]
+    args = ["build", "--quiet", *sum((["--set", o] for o in overrides(
+        tiny_model_dir, run_dir, **{"generation.overlap": overlap})), [])]
     proc = cli(*args)
     run = RunDir.at(run_dir)
     assert wait_for(lambda: any(run.checkpoints.glob("checkpoint_*.json")) if run.checkpoints.is_dir() else False)
@@ -212,3 +214,99 @@ def test_bad_sandbox_settings_fail_fast_and_write_nothing(tmp_path, setting, fie
                       interactive=False, progress=False)
     assert time.perf_counter() - started < 2.0       # before the model loads (0.02 s measured idle)
     assert not (tmp_path / "r").exists()
+
+
+def test_overlapped_labelling_gives_identical_records_in_plan_order(reference_run, tiny_model_dir, tmp_path,
+                                                                    monkeypatch):
+    """Batch k is labelled on the background thread while batch k+1 generates; a slow labelling of one batch
+    must not let a later batch into the records or the checkpoint journal ahead of it."""
+    import pva_sae.execution.dataset as dataset
+    from pva_sae.rundir.checkpoint import read_state
+
+    _, expected = reference_run
+    real = dataset.label_samples
+    threads = set()
+
+    def slow_first_batch(samples, *args, **kwargs):
+        import threading
+
+        threads.add(threading.current_thread().name)
+        if samples[0].batch_index == 0:
+            time.sleep(0.5)
+        return real(samples, *args, **kwargs)
+
+    monkeypatch.setattr(dataset, "label_samples", slow_first_batch)
+    run_dir = tmp_path / "run"
+    cfg = resolve_config(overrides=overrides(tiny_model_dir, run_dir, **{"generation.overlap": "on"}))
+    records = build_dataset(cfg, interactive=False, progress=False)
+    assert comparable(records) == comparable(expected)
+    assert all(name.startswith("label") for name in threads)           # labelled off the generating thread
+    plan = json.loads(RunDir.at(run_dir).batch_plan.read_text())
+    assert plan["overlap"] is True and plan["sandbox_workers"] >= 1
+    latest = max(RunDir.at(run_dir).checkpoints.glob("checkpoint_*.json"), key=lambda p: p.stat().st_mtime_ns)
+    journaled = [r["batch_index"] for r in read_state(latest)[0].records]
+    assert journaled == sorted(journaled) and len(journaled) == 12       # appended in plan order
+
+
+def test_progress_names_the_step_and_quiet_silences_it(tiny_model_dir, tmp_path, capsys):
+    cfg = resolve_config(overrides=overrides(tiny_model_dir, tmp_path / "loud", n_tasks=4))
+    build_dataset(cfg, interactive=False, progress=True)
+    err = capsys.readouterr().err
+    assert "[build] 4 samples (4 tasks x 1)" in err and "2 batches of up to 2" in err
+    assert "sample/s" in err and "pass_rate=" in err
+    build_dataset(cfg, interactive=False, progress=True)                 # already complete: says so
+    assert "[build] already complete: 4 records" in capsys.readouterr().err
+    quiet = resolve_config(overrides=overrides(tiny_model_dir, tmp_path / "quiet", n_tasks=4))
+    build_dataset(quiet, interactive=False, progress=False)
+    err = capsys.readouterr().err
+    assert "[build]" not in err and "sample/s" not in err
+
+
+def test_device_sized_defaults():
+    """On CUDA the batch size comes from free memory and labelling overlaps generation; a CPU run keeps a batch
+    of 16 and takes turns; the sandbox uses the cores this process may run on."""
+    import torch
+
+    from pva_sae.config import Config
+    from pva_sae.execution.dataset import overlap_labelling, usable_cores, with_sandbox_workers
+
+    cfg = Config()
+    assert cfg.generation.batch_size == 0 and cfg.generation.overlap == "auto"
+    assert overlap_labelling("auto", torch.device("cuda", 0)) and not overlap_labelling("auto", torch.device("cpu"))
+    assert overlap_labelling("on", torch.device("cpu")) and not overlap_labelling("off", torch.device("cuda"))
+    assert with_sandbox_workers(cfg).sandbox.workers == usable_cores() == len(os.sched_getaffinity(0))
+    cfg.sandbox.workers = 3
+    assert with_sandbox_workers(cfg).sandbox.workers == 3
+
+
+def test_cpu_run_keeps_batches_of_16(tiny_loaded):
+    from pva_sae.config import GenerationConfig
+    from pva_sae.model.generation import Generator, resolve_batch_size
+
+    assert resolve_batch_size(Generator(tiny_loaded, GenerationConfig()), ["def f():"]) == 16
+
+
+@pytest.mark.gpu
+def test_cuda_defaults_size_the_batch_keep_it_on_resume_and_overlap_exactly(tiny_model_dir, tmp_path, monkeypatch):
+    import pva_sae.execution.dataset as dataset
+
+    run_dir = tmp_path / "run"
+    cfg = resolve_config(overrides=overrides(tiny_model_dir, run_dir, n_tasks=40, **{
+        "generation.batch_size": 0, "model.device": "cuda", "generation.backend": "fast"}))
+    build_dataset(cfg, interactive=False, progress=False)
+    plan = json.loads(RunDir.at(run_dir).batch_plan.read_text())
+    assert plan["configured_batch_size"] == 0 and plan["batch_size"] > 16 and plan["overlap"] is True
+    assert len(plan["batches"]) == 1                                     # 40 rows fit at once on a GPU
+    RunDir.at(run_dir).clear_done("build")
+    monkeypatch.setattr(dataset, "resolve_batch_size", lambda gen, prompts: 3)
+    build_dataset(cfg, interactive=False, progress=False)
+    assert json.loads(RunDir.at(run_dir).batch_plan.read_text())["batch_size"] == plan["batch_size"]
+    monkeypatch.undo()
+    built = {}
+    for overlap in ("on", "off"):                                        # 5 batches of 8: overlap has work to do
+        built[overlap] = build_dataset(resolve_config(overrides=overrides(
+            tiny_model_dir, tmp_path / overlap, n_tasks=40, **{"generation.batch_size": 8, "model.device": "cuda",
+                                                               "generation.backend": "fast",
+                                                               "generation.overlap": overlap})),
+            interactive=False, progress=False)
+    assert comparable(built["on"]) == comparable(built["off"])

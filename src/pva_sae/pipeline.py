@@ -3,7 +3,8 @@
 Stages: build (labelled dataset) -> analyze (SAE latents) -> validate (held-out metrics, robustness) ->
 steer (causal tests), then the report. A stage whose ``.done`` marker is present
 is not redone when its inputs are unchanged, so rerunning an interrupted pipeline continues where it
-stopped.
+stopped. The model is loaded once, by the first stage that generates or reads residuals, and handed to
+every later stage and to the validation stage's temperature sub-builds.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import time
 
 from pva_sae.config import DIRECTIONS, Config
+from pva_sae.execution.dataset import announce
+from pva_sae.model.registry import load_once
 from pva_sae.rundir.paths import AnalysisPaths, RunDir
 from pva_sae.stages.analyze import analyze
 from pva_sae.stages.build import build_dataset
@@ -19,18 +22,20 @@ from pva_sae.stages.steer import steer
 from pva_sae.stages.validate import validate
 
 
-def run_pipeline(cfg: Config, progress: bool = True) -> list[str]:
-    """Run the stages; return human-readable summary lines (where the results are)."""
+def run_pipeline(cfg: Config, progress: bool = True, *, loaded=None) -> list[str]:
+    """Run the stages; return human-readable summary lines (where the results are). ``loaded`` (a LoadedModel,
+    or a callable returning one) is the model every stage uses; by default it is loaded once, when first needed."""
 
     run = RunDir.at(cfg.output.run_dir)
+    model = load_once(cfg.model) if loaded is None else loaded
     lines = []
     started = time.perf_counter()
-    records = build_dataset(cfg, progress=progress)
+    records = build_dataset(cfg, progress=progress, loaded=model)
     n_pass = sum(r["passed"] for r in records)
     lines.append(f"build:   {len(records)} samples, {n_pass} passed ({n_pass / max(len(records), 1):.1%}) "
                  f"-> {run.datasets}")
     t0 = time.perf_counter()
-    summary = analyze(cfg, progress=progress)
+    summary = analyze(cfg, progress=progress, loaded=model)
     paths = AnalysisPaths.of(run)
     lines.append(f"analyze: {summary['n_tasks']} SAE-split tasks ({summary['n_correct']} correct), "
                  f"{len(summary['layers'])} layers, release {summary['release']} ({time.perf_counter() - t0:.0f} s)")
@@ -42,15 +47,16 @@ def run_pipeline(cfg: Config, progress: bool = True) -> list[str]:
                          f"(separation {r['sep_' + direction]:.3f}, t {r['t_' + direction]:.2f})")
     lines.append(f"         ranked latents: {paths.ranked_parquet}; plots: {paths.plots}")
     t0 = time.perf_counter()
-    results = validate(cfg, progress=progress)
+    results = validate(cfg, progress=progress, loaded=model)
     lines += ["validate: " + line for line in validation_summary(results)]
     lines.append(f"         temperatures {', '.join(results['temperature'])}; {time.perf_counter() - t0:.0f} s")
     t0 = time.perf_counter()
-    steering = steer(cfg, progress=progress)
+    steering = steer(cfg, progress=progress, loaded=model)
     lines += [("steer:   " if line.startswith(tuple(steering["experiments"])) else "         ") + line
               for line in steering_summary(steering)]
     lines.append(f"         noise floor {steering['noise_floor']['flips']}/{steering['noise_floor']['n']} flips; "
                  f"{time.perf_counter() - t0:.0f} s")
+    announce("report", f"writing {run.report_html}", progress)
     html_path, _ = write_report(run.root)
     lines.append(f"report:  {html_path}")
     lines.append(f"finished in {time.perf_counter() - started:.0f} s; results in {run.root}")

@@ -3,27 +3,37 @@
 The build stage and the validation stage's temperature sub-builds both call
 :func:`build_labelled_dataset`. Writes into the run directory (paths in :mod:`pva_sae.rundir.paths`):
 config and manifest first, then splits, checkpoints/autosaves while working, and finally the dataset
-(JSON and/or Parquet), its metadata and the stage marker. Interrupting with Ctrl+C or SIGTERM writes an emergency save; rerunning
-resumes from the latest save and produces exactly the records of an uninterrupted run.
+(JSON and/or Parquet), its metadata and the stage marker. Interrupting with Ctrl+C or SIGTERM writes an
+emergency save; rerunning resumes from the latest save and produces exactly the records of an uninterrupted run.
+
+With ``generation.overlap`` the sandbox labels batch k on one background thread (:class:`BackgroundLabeller`,
+alive for the whole build) while the model generates batch k+1. Batches are still committed to the records
+and the checkpoint journal one at a time, whole, in plan order, so a save never holds half a batch or a
+batch ahead of an unfinished one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import signal
 import statistics
+import sys
 import time
 from collections import Counter
-from contextlib import contextmanager
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 from typing import Any, Iterator
 
 from tqdm.auto import tqdm
 
 from pva_sae.config import BUILD_SECTIONS, Config, record_fields_differing
+from pva_sae.data import benchmarks, prompts
 from pva_sae.data import mbpp as data
-from pva_sae.data import prompts
 from pva_sae.errors import PvaSaeError
-from pva_sae.execution.label import label_samples
+from pva_sae.execution import distributed
+from pva_sae.execution.label import label_samples, labelling_pool
 from pva_sae.execution.sandbox import BatchStats, check_sandbox_config, probe
 from pva_sae.model.generation import (
     Generator,
@@ -31,7 +41,7 @@ from pva_sae.model.generation import (
     plan_batches,
     resolve_batch_size,
 )
-from pva_sae.model.registry import load_model
+from pva_sae.model.registry import use_model
 from pva_sae.rundir.artifacts import (
     BUILD_STAGE,
     read_saved_records,
@@ -103,17 +113,18 @@ def prepare_run(cfg: Config, stage: str = STAGE) -> RunDir:
 
 
 def build_labelled_dataset(cfg: Config, *, interactive: bool | None = None, progress: bool = True,
-                           loaded=None) -> list[dict[str, Any]]:
+                           loaded=None, label: str = STAGE) -> list[dict[str, Any]]:
     """Generate and label every (task, sample) of ``cfg`` in ``cfg.output.run_dir``; return the records
     (sorted by task id, then sample index). The run directory gets the ``build`` marker when done.
 
     Everything that can refuse (the config against the run's, the sandbox settings, the data, the resume
     decision) is checked before anything is written or the model is loaded, so a refused command leaves
-    the run directory as it was. ``loaded`` reuses a model already in memory.
+    the run directory as it was. ``loaded`` reuses a model already in memory (a LoadedModel, or a callable
+    returning one). ``label`` names this build on the console (``build``, ``build t=0.8``).
     """
     run = check_run_config(cfg)
     check_sandbox_config(cfg.sandbox)
-    tasks_all = data.load_tasks(cfg.data.source)
+    tasks_all = benchmarks.load_tasks(cfg.data.dataset, cfg.data.source)
     tasks = data.select_range(tasks_all, cfg.data.start_idx, cfg.data.end_idx)
     if cfg.data.task_ids is not None:
         tasks = data.select_ids(tasks, cfg.data.task_ids)
@@ -121,11 +132,21 @@ def build_labelled_dataset(cfg: Config, *, interactive: bool | None = None, prog
     split_of = {tid: name for name, ids in splits.items() for tid in ids}
     if run.is_done(STAGE) and cfg.checkpoint.resume != "never" and not cfg.checkpoint.resume_from:
         log.warning("build already complete in %s; returning the saved dataset", run.root)
-        return read_saved_records(run)
-    checkpointer = Checkpointer(run, cfg.checkpoint, cfg.to_dict(), cfg.data.start_idx,
+        records = read_saved_records(run)
+        announce(label, f"already complete: {len(records)} records in {run.root}", progress)
+        return records
+    # --- shards (pva_sae.execution.distributed): this process's shard; a finished shard is never redone
+    shard = distributed.shard_of(cfg)
+    if shard is not None:
+        label, interactive = f"{label} {shard}", False     # shards never prompt: a shard with a checkpoint resumes
+        if distributed.part_done(run, shard):
+            announce(label, "shard already done", progress)
+            return distributed.finish_build_shard(run, shard, dataset_metadata)
+    # ---
+    checkpointer = Checkpointer(distributed.work_dir(run, shard), cfg.checkpoint, cfg.to_dict(), cfg.data.start_idx,
                                 cfg.data.end_idx if cfg.data.end_idx is not None else len(tasks_all) - 1)
     state = decide_resume(checkpointer, cfg.checkpoint, interactive)
-    saved_plan = read_plan(run) if state.n_records else None
+    saved_plan = read_plan(run) if state.n_records or shard is not None else None   # shards: the published plan
     if state.n_records and saved_plan is None:
         raise CheckpointError(f"{run.root} has a checkpoint but no saved batch plan ({run.batch_plan}): its batch "
                               "indices cannot be mapped to tasks; start over with --no-resume")
@@ -135,22 +156,26 @@ def build_labelled_dataset(cfg: Config, *, interactive: bool | None = None, prog
     log_path = setup_logging(run.log_file(STAGE))
     log.info("build stage starting; log at %s", log_path)
     write_splits(run, cfg.data.split_seed, cfg.data.split_fractions, splits, data.split_summary(tasks_all, splits))
-    loaded = loaded or load_model(cfg.model)
+    loaded = use_model(loaded, cfg.model)
     manifest = base_manifest(STAGE, {"split_seed": cfg.data.split_seed, "generation_seed": cfg.generation.seed})
     manifest.update({
         "model": {"name": cfg.model.name, "source": loaded.source, "path_or_id": loaded.path_or_id,
                   "revision": loaded.revision, "dtype": str(loaded.dtype), "family": loaded.family,
                   "n_layers": loaded.n_layers, "d_model": loaded.d_model, "torch_threads": loaded.torch_threads},
         "device": device_info(loaded.device),
-        "dataset": {"source": cfg.data.source, "sha256": data.dataset_sha256(cfg.data.source),
+        "dataset": {"name": cfg.data.dataset, "source": cfg.data.source,
+                    "sha256": benchmarks.dataset_sha256(cfg.data.dataset, cfg.data.source),
                     "n_tasks_total": len(tasks_all), "n_tasks_selected": len(tasks)},
         "sandbox": probe(cfg.sandbox),
     })
     atomic_write_json(run.manifest, manifest)
 
     by_id = {t.task_id: t for t in tasks}
-    prompt_list = [(t.task_id, prompts.build_prompt(t, cfg.prompt.template, cfg.prompt.initiator)) for t in tasks]
+    prompt_list = [(t.task_id, prompts.build_prompt(t, cfg.prompt.template, cfg.prompt.initiator,
+                                                       cfg.prompt.style)) for t in tasks]
     generator = Generator(loaded, cfg.generation)
+    work = with_sandbox_workers(cfg)
+    overlap = overlap_labelling(cfg.generation.overlap, loaded.device)
     if saved_plan is not None:
         plan = plan_from_saved(saved_plan, dict(prompt_list), cfg.generation.n_samples, run)
     else:
@@ -159,26 +184,45 @@ def build_labelled_dataset(cfg: Config, *, interactive: bool | None = None, prog
                             cfg.generation.sort_by_length,
                             batch_token_budget(cfg.generation.max_batch_tokens, loaded.device),
                             cfg.generation.max_new_tokens)
-        write_plan(run, plan, {"batch_size": size, "configured_batch_size": cfg.generation.batch_size,
+        info = {"batch_size": size, "configured_batch_size": cfg.generation.batch_size,
                                "backend": generator.backend, "dtype": str(loaded.dtype),
-                               "device": str(loaded.device)})
+                               "device": str(loaded.device), "sandbox_workers": work.sandbox.workers,
+                               "overlap": overlap}
+        if shard is None:
+            write_plan(run, plan, info)
+        else:   # --- shards: the first plan published is every shard's plan
+            plan = distributed.publish_plan(run, plan, info, dict(prompt_list))
     previous = records_digest(run)
     run.clear_done(STAGE)
+    n_items = distributed.skip_other_shards(plan, state, shard)   # shards: other shards' batches count as done
+    announce(label, f"{n_items} samples ({len(tasks)} tasks x {cfg.generation.n_samples}) with {cfg.model.name} on "
+                    f"{loaded.device}: {len(plan)} batches of up to {max(map(len, plan), default=0)}, "
+                    f"{work.sandbox.workers} sandbox workers, labelling {'overlapped' if overlap else 'in turn'}"
+                    + (f"; resuming with {state.n_records} done" if state.n_records else ""), progress)
 
     started = time.perf_counter()
     stats = BatchStats()
+    bar = tqdm(total=n_items, initial=state.n_records, desc=label, unit="sample", disable=not progress,
+               dynamic_ncols=True)
     try:
-        with _signals_raise():
-            _generate_and_label(plan, state, generator, by_id, split_of, cfg, checkpointer, progress, stats)
+        with _signals_raise(), BackgroundLabeller(by_id, split_of, work, stats, overlap) as labeller:
+            _generate_and_label(plan, state, generator, labeller, checkpointer, bar)
     except KeyboardInterrupt as exc:
+        bar.close()                                 # before the message, so the bar does not redraw under it
         signum = exc.args[0] if exc.args and isinstance(exc.args[0], int) else signal.SIGINT
         path = checkpointer.save(state, "emergency")
         log.error("interrupted (%s): emergency save with %d records at %s; rerun the same command to resume",
                   signal.Signals(signum).name, state.n_records, path)
         raise BuildInterrupted(signum, path) from None
+    finally:
+        bar.close()
     elapsed = time.perf_counter() - started
 
     checkpointer.save(state, "checkpoint")          # the records in arrival order: the journal only appends
+    if shard is not None:   # --- shards: this shard's part; the merge writes the dataset once every part is there
+        distributed.write_build_part(run, shard, plan, state.records, {
+            "elapsed_s": elapsed, "device": str(loaded.device), "sandbox": stats.as_dict()})
+        return distributed.finish_build_shard(run, shard, dataset_metadata)
     records = sorted(state.records, key=lambda r: (r["task_id"], r["sample_index"]))
     metadata = dataset_metadata(records, splits, tasks, elapsed, manifest, cfg)
     metadata["sandbox"] = {"protections": manifest["sandbox"], "this_session": stats.as_dict()}
@@ -226,27 +270,114 @@ def plan_from_saved(saved: dict[str, Any], prompt_of: dict[int, str], n_samples:
     return plan
 
 
-def _generate_and_label(plan, state: BuildState, generator, by_id, split_of, cfg: Config,
-                        checkpointer: Checkpointer, progress: bool, stats: BatchStats) -> None:
+# --------------------------------------------------------------------------- generate, then label
 
-    total = sum(len(b) for b in plan)
-    bar = tqdm(total=total, initial=state.n_records, desc="build", unit="sample", disable=not progress,
-               dynamic_ncols=True)
+def announce(label: str, text: str, progress: bool = True) -> None:
+    """One console line naming the step that starts (``[build] ...``); silent without progress."""
+    if progress:
+        tqdm.write(f"[{label}] {text}", file=sys.stderr)
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask), which is what a container or taskset grants."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def with_sandbox_workers(cfg: Config) -> Config:
+    """``cfg`` with ``sandbox.workers`` resolved (0 = one per usable core), so the count is recorded."""
+    if cfg.sandbox.workers > 0:
+        return cfg
+    return dataclasses.replace(cfg, sandbox=dataclasses.replace(cfg.sandbox, workers=usable_cores()))
+
+
+def overlap_labelling(setting: str, device) -> bool:
+    """generation.overlap resolved: 'auto' overlaps when the model is on an accelerator (the GPU generates
+    while the CPU cores run the sandbox); on CPU both would compete for the same cores."""
+    if setting == "auto":
+        return getattr(device, "type", str(device)) != "cpu"
+    return setting == "on"
+
+
+class BackgroundLabeller:
+    """Labels generated batches (extract, run the tests in the sandbox, make the records) one at a time, in
+    submission order, on one thread that lives as long as the stage, so the caller can generate the next
+    batch meanwhile. Without ``overlap`` each batch is labelled at once in the caller's thread.
+
+    ``submit`` returns a Future of the records; a labelling error is raised by its ``result()``.
+    """
+
+    def __init__(self, by_id, split_of, cfg: Config, stats: BatchStats | None, overlap: bool):
+        self.by_id, self.split_of, self.cfg, self.stats = by_id, split_of, cfg, stats
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="label") if overlap else None
+        self._pool: ExitStack | None = None     # one sandbox pool (fork server, label cache) for the stage
+        self._sandbox = None
+
+    def label(self, samples) -> list[dict[str, Any]]:
+        if self._sandbox is None:                # started on the first batch, so a refused stage starts none
+            self._pool = ExitStack()
+            self._sandbox = self._pool.enter_context(labelling_pool(self.cfg, self.stats))
+        return label_samples(samples, self.by_id, self.split_of, self.cfg, sandbox=self._sandbox)
+
+    def submit(self, samples) -> Future:
+        if self._thread is not None:
+            return self._thread.submit(self.label, samples)
+        done: Future = Future()
+        done.set_result(self.label(samples))
+        return done
+
+    def close(self) -> None:
+        """Wait for the batch being labelled (its sandboxed processes end with it) and stop the thread."""
+        if self._thread is not None:
+            self._thread.shutdown(wait=True, cancel_futures=True)
+        if self._pool is not None:
+            self._pool.close()
+            self._pool, self._sandbox = None, None
+
+    def __enter__(self) -> "BackgroundLabeller":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _generate_and_label(plan, state: BuildState, generator, labeller: BackgroundLabeller,
+                        checkpointer: Checkpointer, bar) -> None:
+    """Generate every batch not yet done, in plan order, each while the previous one is being labelled."""
     n_pass = sum(1 for r in state.records if r["passed"])
+    pending: tuple[int, Future] | None = None     # the batch being labelled while the next one generates
+
+    def commit(batch_index: int, new: list[dict[str, Any]]) -> None:
+        nonlocal n_pass
+        # The batch's records and its "done" mark change together, so a save never holds half a batch.
+        state.records.extend(new)
+        state.done_batches.add(batch_index)
+        n_pass += sum(r["passed"] for r in new)
+        bar.update(len(new))
+        bar.set_postfix(pass_rate=f"{n_pass / max(state.n_records, 1):.3f}", batch=f"{batch_index + 1}/{len(plan)}")
+
     try:
         for batch_index, batch in enumerate(plan):
             if batch_index in state.done_batches:
                 continue
-            new = label_samples(generator.generate_batch(batch, batch_index), by_id, split_of, cfg, stats)
-            # The batch's records and its "done" mark change together, so a save never holds half a batch.
-            state.records.extend(new)
-            state.done_batches.add(batch_index)
-            n_pass += sum(r["passed"] for r in new)
-            bar.update(len(new))
-            bar.set_postfix(pass_rate=f"{n_pass / max(state.n_records, 1):.3f}")
+            samples = generator.generate_batch(batch, batch_index)
+            if pending is not None:
+                commit(pending[0], pending[1].result())
+                checkpointer.maybe_save(state)
+            pending = (batch_index, labeller.submit(samples))
+            if pending[1].done():                  # labelled in this thread (no overlap): commit at once
+                commit(pending[0], pending[1].result())
+                pending = None
+                checkpointer.maybe_save(state)
+        if pending is not None:
+            index, future = pending
+            pending = None
+            commit(index, future.result())
             checkpointer.maybe_save(state)
-    finally:
-        bar.close()
+    except KeyboardInterrupt:
+        # A batch already labelled when the signal came goes into the emergency save (it is next in plan order).
+        if pending is not None and pending[1].done() and not pending[1].cancelled() and pending[1].exception() is None:
+            commit(pending[0], pending[1].result())
+        raise
 
 
 def _rate(records: list[dict[str, Any]]) -> float | None:

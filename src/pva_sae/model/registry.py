@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ from transformers.utils import cached_file
 
 from pva_sae.assets_index import PACKAGE_DIR, read_registry
 from pva_sae.config import ModelConfig, resolve_config
+from pva_sae.default.hub_fixture.cache import explain_missing
+from pva_sae.default.hub_fixture.override import apply_override
 from pva_sae.errors import PvaSaeError
 
 log = logging.getLogger(__name__)
@@ -66,7 +69,7 @@ class LoadedModel:
 # --------------------------------------------------------------------------- registry
 
 def _registry() -> tuple[dict[str, Any], ...]:
-    return read_registry(REGISTRY_FILE, "models")
+    return apply_override(read_registry(REGISTRY_FILE, "models"), "models")
 
 
 def list_models() -> list[dict[str, Any]]:
@@ -304,6 +307,28 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
                        family=family, n_layers=n_layers, d_model=d_model, torch_threads=threads)
 
 
+def use_model(loaded: LoadedModel | Callable[[], LoadedModel] | None, cfg: ModelConfig) -> LoadedModel:
+    """The model a stage works with: ``loaded`` when given (a LoadedModel, or a callable returning one, such as
+    the memoised loader of `pva-sae run` that loads the model once for every stage), else ``cfg``'s model loaded
+    now."""
+    if loaded is None:
+        return load_model(cfg)
+    return loaded() if callable(loaded) else loaded
+
+
+def load_once(cfg: ModelConfig) -> Callable[[], LoadedModel]:
+    """A loader that loads ``cfg``'s model at its first call and returns that same model at every later one
+    (nothing is loaded when it is never called)."""
+    memo: list[LoadedModel] = []
+
+    def load() -> LoadedModel:
+        if not memo:
+            memo.append(load_model(cfg))
+        return memo[0]
+
+    return load
+
+
 def set_torch_threads(setting: int, device: "torch.device") -> int:
     """Apply model.torch_threads (0 = automatic, see its doc) and return the thread count in use."""
     if setting == 0 and device.type == "cpu":
@@ -320,12 +345,16 @@ def _hub_kwargs(source: ModelSource, cfg: ModelConfig) -> dict[str, Any]:
 
 
 def _hub_error(source: ModelSource, exc: Exception) -> ModelLoadError:
+    missing = explain_missing(source.path_or_id, source.revision)
+    name = source.entry["key"] if source.entry else source.path_or_id
     return ModelLoadError(
         f"could not load {source.path_or_id!r} (revision {source.revision}) from the Hugging Face hub or its "
-        f"cache: {exc}\nIf this machine has no network access, download the model elsewhere "
-        f"(`hf download {source.path_or_id} --local-dir DIR`) and pass DIR as model.name, or fill the HF cache "
-        f"and set model.local_files_only=true. Gated models (Gemma, Llama) also need their license accepted on "
-        f"the hub and `hf auth login`.")
+        f"cache: {missing or exc}.\nGated models (Gemma, Llama) need their licence accepted on "
+        f"https://huggingface.co/{source.path_or_id} and a token: `huggingface-cli login` (or set HF_TOKEN). "
+        f"Then `pva-sae download --model {name}` fetches every file a run needs, and HF_HUB_OFFLINE=1 runs from "
+        f"the cache afterwards. On a machine without network access, download elsewhere "
+        f"(`hf download {source.path_or_id} --local-dir DIR`) and pass DIR as model.name, or copy a filled HF "
+        f"cache and set model.local_files_only=true (or HF_HUB_OFFLINE=1).")
 
 
 def _load_config(source: ModelSource, cfg: ModelConfig) -> Any:

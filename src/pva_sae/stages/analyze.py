@@ -19,10 +19,11 @@ import torch
 
 from pva_sae.config import DIRECTIONS, Config
 from pva_sae.errors import InputError
+from pva_sae.execution.dataset import announce
 from pva_sae.hashing import sha256_json
 from pva_sae.model.capture import capture_last_token
 from pva_sae.model.generation import batch_token_budget
-from pva_sae.model.registry import load_model, registry_entry
+from pva_sae.model.registry import registry_entry, use_model
 from pva_sae.plots import plot_analysis, plot_selection_landscape
 from pva_sae.rundir.artifacts import (
     load_activations,
@@ -33,6 +34,7 @@ from pva_sae.rundir.artifacts import (
     save_scores,
     task_labels,
     task_prompts,
+    write_neuronpedia_list,
 )
 from pva_sae.rundir.atomic import (
     atomic_write_json,
@@ -47,7 +49,8 @@ from pva_sae.rundir.fingerprints import (
 from pva_sae.rundir.logs import setup_logging
 from pva_sae.rundir.paths import AnalysisPaths, RunDir
 from pva_sae.sae.general_filter import general_frequencies, resolve_general_corpus
-from pva_sae.sae.registry import load_layer_sae, resolve_release
+from pva_sae.sae.neuronpedia import layer_sharing, link_fn, neuronpedia_list, neuronpedia_source, quick_list_url
+from pva_sae.sae.registry import LOCAL_RELEASE, load_layer_sae, release_entry, resolve_release
 from pva_sae.stats.latents import rank_latents, score_layers, select_latents
 
 log = logging.getLogger(__name__)
@@ -55,7 +58,6 @@ log = logging.getLogger(__name__)
 STAGE = "analyze"
 UPSTREAM_FIELDS = ("model.name", "model.revision", "model.dtype", "data.source", "data.split_fractions",
                    "data.split_seed", "prompt")  # what the labels and splits were made with: must match the build
-NEURONPEDIA = "https://www.neuronpedia.org/{model}/{layer}-gemmascope-res-{width}/{index}"
 
 
 def capture_all(cfg: Config, loaded, records, layers, paths: AnalysisPaths, progress: bool):
@@ -86,8 +88,9 @@ def token_budget(cfg: Config, loaded) -> int | None:
     return batch_token_budget(cfg.generation.max_batch_tokens, loaded.device)
 
 
-def analyze(cfg: Config, progress: bool = True) -> dict[str, Any]:
-    """Run the stage; returns the summary written to ``analysis/summary.json``."""
+def analyze(cfg: Config, progress: bool = True, *, loaded=None) -> dict[str, Any]:
+    """Run the stage; returns the summary written to ``analysis/summary.json``. ``loaded`` reuses a model
+    already in memory (a LoadedModel, or a callable returning one)."""
 
     run = RunDir.at(cfg.output.run_dir)
     records = load_records(str(run.root))
@@ -97,8 +100,10 @@ def analyze(cfg: Config, progress: bool = True) -> dict[str, Any]:
     paths.root.mkdir(parents=True, exist_ok=True)
     setup_logging(run.log_file(STAGE))
     atomic_write_json(paths.config, cfg.to_dict())
+    announce(STAGE, f"{len(task_prompts(records))} tasks: residuals at the last prompt token, SAE encoding, "
+                    f"general-text filter ({cfg.analysis.general_n_docs} documents), ranking", progress)
 
-    loaded = load_model(cfg.model)
+    loaded = use_model(loaded, cfg.model)
     layers = list(cfg.analysis.layers) if cfg.analysis.layers is not None else list(range(loaded.n_layers))
     bad = [layer for layer in layers if not 0 <= layer < loaded.n_layers]
     if bad:
@@ -106,6 +111,7 @@ def analyze(cfg: Config, progress: bool = True) -> dict[str, Any]:
     entry = registry_entry(cfg.model.name)
     release = resolve_release(cfg, entry["key"] if entry else cfg.model.name)
     saes = {layer: load_layer_sae(cfg, release, layer, loaded.d_model) for layer in layers}
+    sae_entry = None if release == LOCAL_RELEASE else release_entry(release)
 
     acts, task_ids = capture_all(cfg, loaded, records, layers, paths, progress)
     splits = read_splits(run)
@@ -126,7 +132,7 @@ def analyze(cfg: Config, progress: bool = True) -> dict[str, Any]:
         cache_dir=cfg.analysis.cache_dir, progress=progress, max_batch_tokens=token_budget(cfg, loaded))
     scores = score_layers(saes, acts[rows], y, layers)
     table = rank_latents(scores, general, cfg.analysis.general_max_frequency, cfg.analysis.top_k,
-                         link=_link_fn(release, saes))
+                         link=link_fn(sae_entry, {layer: saes[layer].meta for layer in layers}))
     # The general-text frequency of every latent is kept beside its scores: steering's control latents must
     # pass the same filter as the target.
     general = {layer: torch.as_tensor(general[layer]).float().cpu() for layer in layers}
@@ -145,6 +151,7 @@ def analyze(cfg: Config, progress: bool = True) -> dict[str, Any]:
         "excluded_general": {str(layer): int((general[layer] >= cfg.analysis.general_max_frequency).sum())
                              for layer in layers},
         "saes": {str(layer): saes[layer].meta for layer in layers},
+        "sharing": {str(layer): layer_sharing(sae_entry, saes[layer].meta) for layer in layers},
         "top": {d: [r for r in table if r["direction"] == d and r["scope"] == "overall"
                     and r["metric"] == "separation"][:5] for d in DIRECTIONS},
         "top_by_t": {d: [r for r in table if r["direction"] == d and r["scope"] == "overall"
@@ -153,6 +160,7 @@ def analyze(cfg: Config, progress: bool = True) -> dict[str, Any]:
         "n_latents_scored": int(sum(int(per["t_correct"].numel()) for per in scores.values())),
         "filter_sensitivity": filter_sensitivity(scores, general),
     }
+    summary["neuronpedia_list"] = export_neuronpedia(paths, cfg, release, sae_entry, saes, summary)
     atomic_write_json(paths.summary, summary)
     run.mark_done(STAGE, {"release": release, "n_tasks": len(sae_ids),
                           "inputs": {"records": records_digest(run), "model_revision": loaded.revision,
@@ -179,16 +187,18 @@ def filter_sensitivity(scores, general) -> dict[str, dict[str, dict[str, list[st
     return out
 
 
-def _link_fn(release: str, saes):
-    """Neuronpedia pages exist for canonical GemmaScope 2b/9b residual latents only."""
-    models = {"gemma-scope-2b-pt-res": "gemma-2-2b", "gemma-scope-9b-pt-res": "gemma-2-9b"}
-    if release not in models:
-        return None
-
-    def link(layer: int, index: int) -> str | None:
-        meta = saes[layer].meta
-        if not meta.get("canonical", True):
-            return None
-        return NEURONPEDIA.format(model=models[release], layer=layer, width=meta.get("width", "16k"), index=index)
-
-    return link
+def export_neuronpedia(paths: AnalysisPaths, cfg: Config, release: str, entry, saes, summary) -> dict[str, Any]:
+    """The chosen and top latents as a Neuronpedia list (``analysis/neuronpedia.json``); empty when the
+    release has no Neuronpedia pages (the embedded default, 'local' SAEs, non-canonical GemmaScope L0s)."""
+    rows = [{**row, "role": f"{role} ({direction})"} for role, per in summary["chosen"].items()
+            for direction, row in per.items()]
+    rows += [row for key in ("top", "top_by_t") for direction in DIRECTIONS for row in summary[key][direction]]
+    sources = {layer: neuronpedia_source(entry, sae.meta) for layer, sae in saes.items()}
+    body = neuronpedia_list(f"pva-sae {cfg.model.name} {release}",
+                            f"Latents separating correct from incorrect programs ({summary['n_tasks']} tasks, "
+                            f"site {cfg.analysis.site}): the chosen predictor and steering latents, then the top "
+                            f"{len(summary['top'][DIRECTIONS[0]])} per direction by separation and by Welch t.",
+                            rows, sources)
+    write_neuronpedia_list(paths, body)
+    return {"file": paths.neuronpedia.name, "n_features": len(body["features"]), "quick_list": quick_list_url(body),
+            "why_empty": None if body["features"] else f"release {release!r} has no Neuronpedia pages"}

@@ -18,6 +18,8 @@ from pva_sae.execution.dataset import build_labelled_dataset
 STAGE = "build"
 
 
-def build_dataset(cfg: Config, *, interactive: bool | None = None, progress: bool = True) -> list[dict[str, Any]]:
-    """Run the whole stage and return the records (sorted by task id, then sample index)."""
-    return build_labelled_dataset(cfg, interactive=interactive, progress=progress)
+def build_dataset(cfg: Config, *, interactive: bool | None = None, progress: bool = True,
+                  loaded=None) -> list[dict[str, Any]]:
+    """Run the whole stage and return the records (sorted by task id, then sample index). ``loaded`` reuses
+    a model already in memory (a LoadedModel, or a callable returning one)."""
+    return build_labelled_dataset(cfg, interactive=interactive, progress=progress, loaded=loaded)
