@@ -229,3 +229,27 @@ def test_later_stages_take_the_run_directory_as_the_source_of_truth(steered, cap
     assert "generation.max_new_tokens" in capsys.readouterr().err
     assert main(["report", "--run-dir", str(run.root / "no-such-run")]) == EXIT_USER_ERROR
     assert not (run.root / "no-such-run").exists()
+
+
+def test_steering_progress_counts_conditions(steered, capsys):
+    """The stage names itself, then counts conditions done / planned (cached ones included) with an ETA."""
+    cfg, run, res = steered
+    steer(cfg, progress=True)
+    err = capsys.readouterr().err
+    assert f"[steer] 2 directions x (target + 4 controls) on {res['tasks']['validation']} validation tasks" in err
+    n_alphas = len(res["directions"]["correct"]["tuning"]["table"])
+    done = 2 + 2 * (n_alphas * (1 + 2) + 1 + 4)        # baselines, tuning grid, target and controls
+    assert f"steer {done}/{done} conditions" in err
+    steer(cfg, progress=False)
+    assert "conditions" not in capsys.readouterr().err
+
+
+def test_overlapped_steering_gives_identical_results(steered, analysed, tmp_path_factory):
+    """Labelling on the background thread while the next condition generates changes no outcome."""
+    _, run, res = steered
+    _, other, again = _steer_copy(analysed, tmp_path_factory, "steer-overlap", ["generation.overlap=on"])
+    assert again["experiments"] == res["experiments"] and again["directions"] == res["directions"]
+    import pyarrow.parquet as pq
+
+    assert (pq.read_table(SteeringPaths.of(other).tasks).to_pylist()
+            == pq.read_table(SteeringPaths.of(run).tasks).to_pylist())

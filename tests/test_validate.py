@@ -175,3 +175,11 @@ def test_report_has_every_section_and_the_json_numbers(validated):
     md = md_path.read_text()
     assert f"{lat['estimate']:.3f} [{lat['low']:.3f}, {lat['high']:.3f}]" in md
     assert "](validation/plots/roc_pr.png)" in md and "http" not in html_path.read_text().split("<body>")[1][:200]
+
+
+def test_temperature_sub_builds_are_named_on_the_console(validated, capsys):
+    cfg, run, res = validated
+    validate(cfg, progress=True)
+    err = capsys.readouterr().err
+    assert "[validate] " in err and "temperatures 0, 1" in err
+    assert "[build t=1] already complete: " in err

@@ -21,6 +21,8 @@ from pva_sae.data.text import is_single_assert, unix_newlines
 from pva_sae.errors import PvaSaeError
 
 PLACEHOLDERS = ("text", "tests", "initiator")
+# 'tests': the template above (description, asserts, initiator); 'signature': HumanEval's own prompt.
+PROMPT_STYLES = ("tests", "signature")
 DEFAULT_TEMPLATE = "{text}\n\n{tests}\n\n{initiator}"
 _DOUBLED_ASSERT = re.compile(r"^assert\s*\(?\s*assert\b")
 
@@ -29,12 +31,12 @@ class PromptError(PvaSaeError, ValueError):
     """A prompt cannot be built as asked; the message says what is wrong and how to fix it."""
 
 
-def format_tests(test_list: Sequence[str]) -> str:
-    """The test asserts, stripped, one per line, in the given order."""
+def format_tests(test_list: Sequence[str], allow_empty: bool = False) -> str:
+    """The test asserts, stripped, one per line, in the given order ('' for none, if ``allow_empty``)."""
     if isinstance(test_list, str):
         raise PromptError("test_list must be a sequence of assert strings, not one string")
     tests = [test.strip() for test in test_list]
-    if not tests:
+    if not tests and not allow_empty:
         raise PromptError("a prompt needs at least one test assert; the task's test_list is empty")
     for test in tests:
         _check_test(test)
@@ -70,10 +72,24 @@ def check_template(template: str) -> None:
                           f"{', '.join('{' + m + '}' for m in missing)}")
 
 
-def build_prompt(task: Any, template: str = DEFAULT_TEMPLATE, initiator: str = "# Solution:") -> str:
-    """The prompt for ``task`` (anything with ``text`` and ``test_list``, such as ``data.Task``)."""
+def build_prompt(task: Any, template: str = DEFAULT_TEMPLATE, initiator: str = "# Solution:",
+                 style: str = "tests") -> str:
+    """The prompt for ``task`` (anything with ``text`` and ``test_list``, such as ``data.Task``).
+
+    ``style='signature'`` is HumanEval's own prompt (imports, helpers, the signature and docstring; the
+    model writes the body), used as it is: template and initiator do not apply. A HumanEval task whose
+    docstring and ``check`` hold no example (``example_source == 'none'``) gets an empty tests section.
+    """
+    if style not in PROMPT_STYLES:
+        raise PromptError(f"prompt style {style!r} is unknown; use one of {', '.join(PROMPT_STYLES)}")
+    if style == "signature":
+        if not isinstance(getattr(task, "prompt", None), str):
+            raise PromptError(f"task {getattr(task, 'task_id', '?')} has no signature prompt: prompt.style="
+                              "'signature' needs data.dataset='humaneval'")
+        return unix_newlines(task.prompt)
     check_template(template)
     text = unix_newlines(task.text).strip()
     if not text:
         raise PromptError(f"task {getattr(task, 'task_id', '?')} has an empty description (text)")
-    return template.format(text=text, tests=format_tests(task.test_list), initiator=initiator)
+    tests = format_tests(task.test_list, allow_empty=getattr(task, "example_source", None) == "none")
+    return template.format(text=text, tests=tests, initiator=initiator)

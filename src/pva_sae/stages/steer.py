@@ -39,10 +39,11 @@ import torch
 from tqdm.auto import tqdm
 
 from pva_sae.config import Config
-from pva_sae.data import mbpp, prompts
+from pva_sae.data import benchmarks, prompts
 from pva_sae.data.mbpp import seeded_subset
-from pva_sae.errors import InputError, MissingInputError
-from pva_sae.execution.label import label_samples
+from pva_sae.errors import InputError, MissingInputError, StaleInputError
+from pva_sae.execution import distributed
+from pva_sae.execution.dataset import BackgroundLabeller, announce, overlap_labelling, with_sandbox_workers
 from pva_sae.hashing import sha256_bytes, sha256_json
 from pva_sae.model.fastgen import Steering
 from pva_sae.model.generation import (
@@ -51,7 +52,7 @@ from pva_sae.model.generation import (
     plan_batches,
     resolve_batch_size,
 )
-from pva_sae.model.registry import load_model
+from pva_sae.model.registry import use_model
 from pva_sae.plots import plot_steering
 from pva_sae.rundir.artifacts import (
     load_activations,
@@ -78,6 +79,7 @@ from pva_sae.rundir.fingerprints import (
 )
 from pva_sae.rundir.logs import setup_logging
 from pva_sae.rundir.paths import AnalysisPaths, RunDir, SteeringPaths, ValidationPaths
+from pva_sae.rundir.transfer import transfer_base
 from pva_sae.sae.registry import load_layer_sae
 from pva_sae.stats.causal import (
     clopper_pearson,
@@ -88,13 +90,15 @@ from pva_sae.stats.causal import (
     net_effect_difference,
 )
 from pva_sae.stats.latents import select_latents
+from pva_sae.stats.transfer import compare_experiments
 
 log = logging.getLogger(__name__)
 
 STAGE = "steer"
-UPSTREAM_FIELDS = ("model.name", "model.revision", "model.dtype", "data.source", "data.split_fractions",
-                   "data.split_seed", "prompt", "generation.max_new_tokens", "generation.stop_strings",
-                   "generation.top_p", "generation.seed")  # what labels and splits were made with: as the build
+UPSTREAM_FIELDS = ("model.name", "model.revision", "model.dtype", "data.dataset", "data.source",
+                   "data.split_fractions", "data.split_seed", "prompt", "generation.max_new_tokens",
+                   "generation.stop_strings", "generation.top_p",
+                   "generation.seed")  # what labels and splits were made with: as the build
 EXPERIMENTS = {  # name: (direction steered, baseline outcome of the relevant tasks); a flip changes that outcome
     "correction": ("correct", False),
     "preservation_failure": ("correct", True),
@@ -119,26 +123,61 @@ class Arm:
 
 
 BASELINE = Arm("baseline", None, None, None, "alpha=0")
+PLAN_KEY = "generation_plan"  # steering/conditions/generation_plan.json: the batch size every condition used
 
 
 # --------------------------------------------------------------------------- generation
 
 class Steerer:
-    """Runs arms on one loaded model: batched steered generation, sandboxed labels, cached conditions."""
+    """Runs arms on one loaded model: batched steered generation, sandboxed labels, cached conditions.
 
-    def __init__(self, cfg: Config, run: RunDir, progress: bool):
+    The conditions of one :meth:`run_many` call are pipelined: with ``generation.overlap`` the sandbox labels
+    a batch on a background thread while the next batch, of the same condition or the next, generates.
+    """
+
+    def __init__(self, cfg: Config, run: RunDir, progress: bool, *, loaded=None):
         self.cfg, self.paths, self.progress = cfg, SteeringPaths.of(run), progress
-        self.loaded = load_model(cfg.model)
-        tasks = mbpp.load_tasks(cfg.data.source)
+        self.loaded = use_model(loaded, cfg.model)
+        tasks = benchmarks.load_tasks(cfg.data.dataset, cfg.data.source)
         self.by_id = {t.task_id: t for t in tasks}
-        self.prompts = {t.task_id: prompts.build_prompt(t, cfg.prompt.template, cfg.prompt.initiator) for t in tasks}
+        self.prompts = {t.task_id: prompts.build_prompt(t, cfg.prompt.template, cfg.prompt.initiator, cfg.prompt.style)
+                        for t in tasks}
         self.split_of = split_of(run)
         self.generator = Generator(self.loaded, cfg.generation)
-        self.batch_size = resolve_batch_size(self.generator, list(self.prompts.values()))
+        self.shard = distributed.shard_of(cfg)      # under torchrun: conditions are spread over the ranks by key
+        self.batch_size = distributed.from_rank0(self._batch_size(), self.shard)
         self.budget = batch_token_budget(cfg.generation.max_batch_tokens, self.loaded.device)
         self.site = cfg.steering.site or cfg.analysis.site
         self.n_generated = 0
+        self.labeller = BackgroundLabeller(self.by_id, self.split_of, with_sandbox_workers(cfg), None,
+                                           overlap_labelling(cfg.generation.overlap, self.loaded.device))
+        self.n_conditions = self.n_done = 0      # conditions planned (see expect) and finished, cached ones included
         self.bar = tqdm(total=0, desc="steer", unit="sample", disable=not progress, dynamic_ncols=True)
+
+    def _batch_size(self) -> int:
+        """The batch size of every condition of this stage: the one an earlier run of the stage saved (same
+        configured size and backend), so that a resumed stage keeps its cached conditions and their plans
+        whatever the free memory now; else resolved now (generation.batch_size, 0 = automatic) and saved."""
+        g = self.cfg.generation
+        saved = read_condition(self.paths, PLAN_KEY)
+        same = saved and (saved.get("configured_batch_size"), saved.get("backend")) == (g.batch_size,
+                                                                                          self.generator.backend)
+        if same:
+            return int(saved["batch_size"])
+        size = resolve_batch_size(self.generator, list(self.prompts.values()))
+        write_condition(self.paths, PLAN_KEY, {"batch_size": size, "configured_batch_size": g.batch_size,
+                                               "backend": self.generator.backend, "device": str(self.loaded.device)})
+        return size
+
+    def expect(self, n_conditions: int, n_samples: int) -> None:
+        """What the progress bar counts down: conditions (cached ones included) and samples to generate."""
+        self.n_conditions, self.bar.total = n_conditions, n_samples
+        self._describe()
+
+    def _describe(self) -> None:
+        self.bar.set_description_str(f"steer {self.n_done}/{max(self.n_conditions, self.n_done)} conditions",
+                                     refresh=False)
+        self.bar.refresh()
 
     def condition_key(self, arm: Arm, vector: torch.Tensor | None, alpha: float, task_ids: tuple[int, ...]) -> str:
         """Everything a condition's outcomes depend on: the direction itself, the model, prompts, generation."""
@@ -146,35 +185,87 @@ class Steerer:
         parts = {"arm": arm.as_dict(), "alpha": alpha, "positions": self.cfg.steering.positions, "site": self.site,
                  "vector": sha256_bytes(vector.numpy().tobytes()) if vector is not None else None,
                  "task_ids": list(task_ids), "model": c["model"], "revision": self.loaded.revision,
-                 "prompt": c["prompt"], "data": c["data"]["source"], "generation": c["generation"],
+                 "prompt": c["prompt"], "data": c["data"]["source"],
+                 "generation": {k: v for k, v in c["generation"].items() if k != "overlap"},
                  "sandbox": {k: v for k, v in c["sandbox"].items() if k != "workers"},
                  "backend": self.generator.backend, "batch_size": self.batch_size}
         return f"{arm.kind}_{arm.label.replace(':', '-').replace('#', '')}_{sha256_json(parts)[:16]}"
 
     def run(self, arm: Arm, vector: torch.Tensor | None, alpha: float, task_ids: list[int]) -> dict[int, dict]:
         """{task id: outcome} of ``arm`` at absolute coefficient ``alpha`` (cached per condition)."""
-        ids = tuple(sorted(task_ids))
-        key = self.condition_key(arm, vector, alpha, ids)
-        saved = read_condition(self.paths, key)
-        if saved is not None:
-            return {o["task_id"]: o for o in saved["tasks"]}
-        plan = plan_batches([(t, self.prompts[t]) for t in ids], self.loaded.tokenizer, self.batch_size, 1, True,
-                            self.budget, self.cfg.generation.max_new_tokens)
-        steering = (Steering(arm.layer, vector, alpha, site=self.site, positions=self.cfg.steering.positions)
-                    if vector is not None and alpha != 0 else None)
-        self.bar.total += len(ids)
-        self.bar.set_postfix_str(f"{arm.label} alpha={alpha:.3g}")
-        records = []
-        for index, batch in enumerate(plan):
-            samples = self.generator.generate_batch(batch, index, steering=steering)
-            records += label_samples(samples, self.by_id, self.split_of, self.cfg)
-            self.n_generated += len(batch)
-            self.bar.update(len(batch))
-        out = [_outcome(r) for r in sorted(records, key=lambda r: r["task_id"])]
-        write_condition(self.paths, key, {"arm": arm.as_dict(), "alpha": alpha, "task_ids": list(ids), "tasks": out})
-        return {o["task_id"]: o for o in out}
+        return self.run_many([(arm, vector, alpha, task_ids)])[0]
+
+    def run_many(self, conditions: list[tuple[Arm, torch.Tensor | None, float, list[int]]]) -> list[dict[int, dict]]:
+        """{task id: outcome} of each (arm, vector, absolute alpha, task ids), in order; each condition is cached
+        when its last batch is labelled, so an interrupted stage resumes at the next one."""
+        out: list[dict[int, dict] | None] = [None] * len(conditions)
+        todo = []
+        for i, (arm, vector, alpha, task_ids) in enumerate(conditions):
+            ids = tuple(sorted(task_ids))
+            key = self.condition_key(arm, vector, alpha, ids)
+            saved = read_condition(self.paths, key)
+            if saved is None:
+                todo.append((i, key, arm, alpha, ids, vector))
+                continue
+            out[i] = {o["task_id"]: o for o in saved["tasks"]}
+            self.n_done += 1
+            self.bar.total = max(self.bar.n, (self.bar.total or 0) - len(ids))    # nothing to generate for it
+            self._describe()
+        # --- shards (torchrun): this rank generates its share of the conditions, by condition key
+        todo, theirs = distributed.split_by_key(todo, lambda item: item[1], [
+            self.condition_key(a, v, alpha, tuple(sorted(ids))) for a, v, alpha, ids in conditions], self.shard)
+        # ---
+        records: dict[int, list[dict[str, Any]]] = {}
+        pending = None                  # (condition, labelling future, whether it is its last batch)
+        for item in todo:
+            i, _, arm, alpha, ids, vector = item
+            plan = plan_batches([(t, self.prompts[t]) for t in ids], self.loaded.tokenizer, self.batch_size, 1, True,
+                                self.budget, self.cfg.generation.max_new_tokens)
+            steering = (Steering(arm.layer, vector, alpha, site=self.site, positions=self.cfg.steering.positions)
+                        if vector is not None and alpha != 0 else None)
+            records[i] = []
+            for index, batch in enumerate(plan):
+                self.bar.set_postfix_str(f"{arm.label} alpha={alpha:.3g}")
+                samples = self.generator.generate_batch(batch, index, steering=steering)
+                if pending is not None:
+                    self._finish(*pending, records, out)
+                pending = (item, self.labeller.submit(samples), index == len(plan) - 1)
+                if pending[1].done():           # labelled in this thread (no overlap)
+                    self._finish(*pending, records, out)
+                    pending = None
+        if pending is not None:
+            self._finish(*pending, records, out)
+        distributed.barrier(self.shard)   # --- shards: every rank's conditions are written; read the others'
+        for i, key, *_ in theirs:
+            out[i] = {o["task_id"]: o for o in read_condition(self.paths, key)["tasks"]}
+            self.n_done += 1
+        return out  # type: ignore[return-value]
+
+    def _finish(self, item, future, last: bool, records, out) -> None:
+        """Add one labelled batch to its condition; after its last batch write the condition."""
+        i, key, arm, alpha, ids, _ = item
+        new = future.result()
+        records[i] += new
+        self.n_generated += len(new)
+        if self.bar.n + len(new) > (self.bar.total or 0):
+            self.bar.total = self.bar.n + len(new)
+        self.bar.update(len(new))
+        if not last:
+            return
+        outcomes = [_outcome(r) for r in sorted(records.pop(i), key=lambda r: r["task_id"])]
+        write_condition(self.paths, key, {"arm": arm.as_dict(), "alpha": alpha, "task_ids": list(ids),
+                                          "tasks": outcomes})
+        out[i] = {o["task_id"]: o for o in outcomes}
+        self.n_done += 1
+        self._describe()
 
     def close(self) -> None:
+        """Stop the labelling thread (after the batch it labels) and close the bar, trimmed to what ran."""
+        self.labeller.close()
+        if self.bar.total and self.bar.n < self.bar.total:
+            self.bar.total = self.bar.n                # refinement can need fewer alphas than planned
+        self.n_conditions = self.n_done
+        self._describe()
         self.bar.close()
 
 
@@ -291,25 +382,25 @@ def tune(steerer: Steerer, target: Arm, vector: torch.Tensor, controls: list[tup
     key = objective(target.direction)
     rows: dict[float, dict[str, Any]] = {}
 
-    def evaluate(a: float) -> None:
-        if a in rows:
-            return
-        t = rates(baseline, steerer.run(target, vector, a * unit, tuning_ids), tuning_ids)
-        each = [{"label": arm.label, "kind": arm.kind,
-                 **rates(baseline, steerer.run(arm, v, a * unit, tuning_ids), tuning_ids)} for arm, v in controls]
-        mean = {k: _mean([c[k] for c in each]) for k in ("correction", "corruption")}
-        rows[a] = {"alpha": a, "alpha_abs": a * unit, "target": t, "controls_mean": mean, "controls": each,
-                   "specificity": (t[key] or 0.0) - (mean[key] or 0.0)}
+    def evaluate(alphas: list[float]) -> None:
+        """The target and every control at each new alpha, generated in one pipelined call."""
+        new = [a for a in dict.fromkeys(alphas) if a not in rows]
+        outs = iter(steerer.run_many([(arm, v, a * unit, tuning_ids) for a in new
+                                      for arm, v in [(target, vector), *controls]]))
+        for a in new:
+            t = rates(baseline, next(outs), tuning_ids)
+            each = [{"label": arm.label, "kind": arm.kind, **rates(baseline, next(outs), tuning_ids)}
+                    for arm, _ in controls]
+            mean = {k: _mean([c[k] for c in each]) for k in ("correction", "corruption")}
+            rows[a] = {"alpha": a, "alpha_abs": a * unit, "target": t, "controls_mean": mean, "controls": each,
+                       "specificity": (t[key] or 0.0) - (mean[key] or 0.0)}
 
-    for a in s.alpha_grid:
-        evaluate(float(a))
+    evaluate([float(a) for a in s.alpha_grid])
     for _ in range(s.refine_steps):
         grid = sorted(rows)
         best, _ = choose_alpha(list(rows.values()), target.direction, s.max_corruption)
         i = grid.index(best["alpha"])
-        for j in (i - 1, i + 1):
-            if 0 <= j < len(grid):
-                evaluate(float(np.sqrt(grid[i] * grid[j])))
+        evaluate([float(np.sqrt(grid[i] * grid[j])) for j in (i - 1, i + 1) if 0 <= j < len(grid)])
     table = [rows[a] for a in sorted(rows)]
     best, met = choose_alpha(table, target.direction, s.max_corruption)
     text = f"maximise {key} of the target minus the controls' mean {key}"
@@ -317,6 +408,23 @@ def tune(steerer: Steerer, target: Arm, vector: torch.Tensor, controls: list[tup
         text += f", subject to target corruption <= {s.max_corruption:.0%}"
     return {"table": table, "chosen": best, "constraint_met": met, "objective": text, "n_tasks": len(tuning_ids),
             "n_controls": len(controls)}
+
+
+def transferred_alpha(inputs: dict[str, Any], direction: str, row: dict[str, Any], unit: float,
+                      cfg: Config) -> dict[str, Any]:
+    """The base run's chosen coefficient (``validation.transfer_from``) in place of tuning: the same absolute
+    coefficient on the same vector, expressed in this run's alpha units."""
+    base = inputs["transfer"]
+    if inputs["choices"].get("transfer", {}).get("base_run") != str(base.run.root):
+        raise StaleInputError(f"this run's validation stage did not transfer from {base.run.root}; rerun `pva-sae "
+                              f"validate` with --transfer-from {base.run.root} first")
+    taken = base.alpha(direction)
+    if (taken["layer"], taken["latent"]) != (int(row["layer"]), int(row["latent"])) or \
+            taken["normalize"] != cfg.steering.normalize:
+        raise InputError(f"cannot reuse the {direction} alpha of {base.run.root}: it steered L{taken['layer']}:"
+                         f"{taken['latent']} with steering.normalize={taken['normalize']}; use its steering settings")
+    return {"chosen": {"alpha": taken["alpha_abs"] / unit}, "table": [], "constraint_met": None, "transfer": taken,
+            "objective": f"transferred from {base.run.root} (same absolute coefficient)"}
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -411,7 +519,10 @@ def load_inputs(run: RunDir, cfg: Config) -> dict[str, Any]:
                                     f"{run.root}` first")
     apaths = AnalysisPaths.of(run)
     summary = read_analysis_summary(apaths)
-    targets = select_latents(load_ranked(apaths), cfg.steering.selection_metric)
+    base = (transfer_base(cfg.validation.transfer_from, run, cfg.to_dict(), need_steering=True)
+            if cfg.validation.transfer_from else None)  # transfer: the base run's latents and alphas, no tuning
+    targets = (base.choices["steering_selection"] if base else
+               select_latents(load_ranked(apaths), cfg.steering.selection_metric))
     acts, task_ids, layers, _, _ = load_activations(apaths.activations)
     saes = {int(t["layer"]): load_layer_sae(cfg, summary["release"], int(t["layer"]), acts.shape[-1])
             for t in targets.values()}
@@ -422,7 +533,7 @@ def load_inputs(run: RunDir, cfg: Config) -> dict[str, Any]:
     return {"records": {r["task_id"]: r for r in load_records(run.root) if r["sample_index"] == 0},
             "summary": summary, "targets": targets, "saes": saes, "norms": norms, "choices": read_choices(vpaths),
             "validation": read_validation_results(vpaths), "predictions": read_validation_scores(vpaths),
-            "scores": load_scores(apaths)}
+            "scores": load_scores(apaths), "transfer": base}
 
 
 def flagged_tasks(inputs: dict[str, Any], ids: list[int]) -> tuple[set[int], dict[str, Any]]:
@@ -450,8 +561,20 @@ def target_arm(cfg: Config, steerer: Steerer, direction: str, latent_row: dict[s
             unembedding_direction(steerer.loaded, token, norm))
 
 
-def steer(cfg: Config, progress: bool = True) -> dict[str, Any]:
-    """Run the stage; returns the results written to ``steering/results.json``."""
+def planned_work(cfg: Config, n_directions: int, n_tuning: int, n_validation: int) -> tuple[int, int]:
+    """Conditions and generations the stage runs at most (refinement may need fewer alphas): the two baselines,
+    then per direction the tuning grid (target + tuning controls at every alpha) and the validation arms."""
+    s = cfg.steering
+    n_alphas = 0 if s.alphas is not None else len(s.alpha_grid) + 2 * s.refine_steps
+    tuning_arms = n_alphas * (1 + min(s.tuning_controls, s.n_controls))
+    conditions = 2 + n_directions * (tuning_arms + 1 + s.n_controls)
+    samples = n_tuning + n_validation + n_directions * (tuning_arms * n_tuning + (1 + s.n_controls) * n_validation)
+    return conditions, samples
+
+
+def steer(cfg: Config, progress: bool = True, *, loaded=None) -> dict[str, Any]:
+    """Run the stage; returns the results written to ``steering/results.json``. ``loaded`` reuses a model
+    already in memory (a LoadedModel, or a callable returning one)."""
     started = time.perf_counter()
     run = RunDir.at(cfg.output.run_dir)
     paths = SteeringPaths.of(run)
@@ -466,10 +589,14 @@ def steer(cfg: Config, progress: bool = True) -> dict[str, Any]:
     splits = read_splits(run)
     tuning_ids = seeded_subset([t for t in splits["tuning"] if t in records], s.tuning_max_tasks, s.seed)
     val_ids = seeded_subset([t for t in splits["validation"] if t in records], s.max_tasks, s.seed)
-    steerer = Steerer(cfg, run, progress)
+    steerer = Steerer(cfg, run, progress, loaded=loaded)
+    n_conditions, n_samples = planned_work(cfg, len(inputs["targets"]), len(tuning_ids), len(val_ids))
+    announce(STAGE, f"{len(inputs['targets'])} directions x (target + {s.n_controls} controls) on {len(val_ids)} "
+                    f"validation tasks, alpha tuned on {len(tuning_ids)} tuning tasks: up to {n_conditions} "
+                    f"conditions, {n_samples} generations (batches of up to {steerer.batch_size})", progress)
+    steerer.expect(n_conditions, n_samples)
     try:
-        base_tuning = steerer.run(BASELINE, None, 0.0, tuning_ids)
-        base_val = steerer.run(BASELINE, None, 0.0, val_ids)
+        base_tuning, base_val = steerer.run_many([(BASELINE, None, 0.0, tuning_ids), (BASELINE, None, 0.0, val_ids)])
         results: dict[str, Any] = {"design": _design(cfg), "directions": {}, "experiments": {}}
         outcomes: dict[str, tuple[dict, list]] = {}
         for direction, row in inputs["targets"].items():
@@ -488,13 +615,15 @@ def steer(cfg: Config, progress: bool = True) -> dict[str, Any]:
             controls = control_arms(direction, layer, latents, s.n_controls - len(latents), sae, s.normalize,
                                     float(vector.norm()), s.seed)
             unit = inputs["norms"][layer] if s.alpha_units == "residual_norm" else 1.0
-            tuned = (tune(steerer, arm, vector, interleave_kinds(controls, s.tuning_controls), unit, tuning_ids,
+            tuned = (transferred_alpha(inputs, direction, row, unit, cfg) if inputs["transfer"] else
+                     tune(steerer, arm, vector, interleave_kinds(controls, s.tuning_controls), unit, tuning_ids,
                           base_tuning) if s.alphas is None else
                      {"chosen": {"alpha": s.alphas[0 if direction == "correct" else 1]}, "table": [],
                       "objective": "fixed by steering.alphas", "constraint_met": None})
             alpha = tuned["chosen"]["alpha"] * unit
-            target_out = steerer.run(arm, vector, alpha, val_ids)
-            control_out = [(a, steerer.run(a, v, alpha, val_ids)) for a, v in controls]
+            target_out, *outs = steerer.run_many([(arm, vector, alpha, val_ids)] +
+                                                 [(a, v, alpha, val_ids) for a, v in controls])
+            control_out = [(a, out) for (a, _), out in zip(controls, outs)]
             outcomes[direction] = (target_out, control_out)
             results["directions"][direction] = {
                 "target": {**arm.as_dict(), "latent_row": row, "alpha": tuned["chosen"]["alpha"], "alpha_abs": alpha,
@@ -516,6 +645,11 @@ def steer(cfg: Config, progress: bool = True) -> dict[str, Any]:
                                             **experiment(base_val, target_out, control_out, val_ids, baseline_passed,
                                                          cfg)}
         add_holm(results["experiments"])
+        if inputs["transfer"]:  # the steering rates against controls beside the base run's
+            results["transfer"] = {**inputs["transfer"].describe(),
+                                   "alphas": {d: r["tuning"]["transfer"] for d, r in results["directions"].items()},
+                                   "experiments": compare_experiments(inputs["transfer"].steering["experiments"],
+                                                                      results["experiments"])}
         flips_nf = sum(records[t]["passed"] != base_val[t]["passed"] for t in val_ids)
         results["noise_floor"] = {"n": len(val_ids), "flips": flips_nf, "rate": flips_nf / len(val_ids) if val_ids else None,
                                   "identical_programs": sum(records[t]["program"] == base_val[t]["program"]

@@ -24,10 +24,11 @@ from typing import Any
 import numpy as np
 
 from pva_sae.config import BUILD_SECTIONS, DIRECTIONS, Config, config_from_dict
-from pva_sae.data import mbpp
+from pva_sae.data import benchmarks
 from pva_sae.data.mbpp import seeded_subset
 from pva_sae.errors import InputError, MissingInputError
-from pva_sae.execution.dataset import build_labelled_dataset
+from pva_sae.execution.dataset import announce, build_labelled_dataset
+from pva_sae.model.registry import load_once
 from pva_sae.plots import plot_validation
 from pva_sae.rundir.artifacts import (
     load_activations,
@@ -36,6 +37,7 @@ from pva_sae.rundir.artifacts import (
     read_splits,
     task_labels,
     write_choices,
+    write_predictor_weights,
     write_validation_scores,
 )
 from pva_sae.rundir.atomic import atomic_write_json, read_json
@@ -48,17 +50,20 @@ from pva_sae.rundir.fingerprints import (
 )
 from pva_sae.rundir.logs import setup_logging
 from pva_sae.rundir.paths import AnalysisPaths, RunDir, ValidationPaths
+from pva_sae.rundir.transfer import transfer_base
 from pva_sae.sae.registry import load_layer_sae
 from pva_sae.stats.classify import bootstrap_metrics, paired_differences
 from pva_sae.stats.latents import select_latents
 from pva_sae.stats.predictors import Features, SealedLabels, fit_predictors, positive
+from pva_sae.stats.transfer import compare_metrics, frozen_predictors, pass_rates, weights_table
 
 log = logging.getLogger(__name__)
 
 STAGE = "validate"
-UPSTREAM_FIELDS = ("model.name", "model.revision", "model.dtype", "data.source", "data.split_fractions",
-                   "data.split_seed", "prompt", "generation.max_new_tokens", "generation.stop_strings",
-                   "generation.top_p", "generation.seed")  # what labels and splits were made with: as the build
+UPSTREAM_FIELDS = ("model.name", "model.revision", "model.dtype", "data.dataset", "data.source",
+                   "data.split_fractions", "data.split_seed", "prompt", "generation.max_new_tokens",
+                   "generation.stop_strings", "generation.top_p",
+                   "generation.seed")  # what labels and splits were made with: as the build
 ROBUST_PREDICTORS = ("latent", "probe", "majority")
 
 
@@ -119,14 +124,14 @@ def difficulty_results(predictors, feats, val_ids, y_val, difficulty: dict[int, 
 
 
 def temperature_results(cfg: Config, run: RunDir, paths: ValidationPaths, predictors, feats, val_ids,
-                        main_records, progress: bool) -> dict[str, Any]:
+                        main_records, progress: bool, *, loaded=None) -> dict[str, Any]:
 
     v = cfg.validation
 
     ids = seeded_subset(val_ids, v.robustness_max_tasks, v.robustness_seed)
     out = {}
     for temperature in v.temperatures:
-        records, source = temperature_records(cfg, paths, temperature, ids, main_records, progress)
+        records, source = temperature_records(cfg, paths, temperature, ids, main_records, progress, loaded=loaded)
         tasks = [r["task_id"] for r in records]
         correct = np.array([bool(r["passed"]) for r in records])
         rate = bootstrap_metrics(np.ones(len(correct)), correct, 0.5, clusters=tasks,  # precision = pass rate
@@ -144,7 +149,7 @@ def temperature_results(cfg: Config, run: RunDir, paths: ValidationPaths, predic
 
 
 def temperature_records(cfg: Config, paths: ValidationPaths, temperature: float, ids: list[int], main_records,
-                        progress: bool) -> tuple[list[dict[str, Any]], str]:
+                        progress: bool, *, loaded=None) -> tuple[list[dict[str, Any]], str]:
     """Labelled samples of ``ids`` at ``temperature``: the main build's own when it already is that greedy
     run, else a sub-run of the build stage under ``validation/temperature/t<T>`` (resumable)."""
 
@@ -164,7 +169,8 @@ def temperature_records(cfg: Config, paths: ValidationPaths, temperature: float,
     if sub["checkpoint"]["resume"] == "ask":
         sub["checkpoint"] = {**sub["checkpoint"], "resume": "auto"}
     log.info("temperature %g: generating %d tasks x %d samples", temperature, len(ids), n)
-    records = build_labelled_dataset(config_from_dict(sub), interactive=False, progress=progress)
+    records = build_labelled_dataset(config_from_dict(sub), interactive=False, progress=progress, loaded=loaded,
+                                     label=f"build t={temperature:g}")
     return records, f"regenerated ({n} sample(s) per task)"
 
 
@@ -172,7 +178,7 @@ def confounds(cfg: Config, records: list[dict[str, Any]]) -> dict[str, dict[int,
     """Single-feature baselines a latent could be a proxy for: prompt length in tokens, description length
     in characters, cyclomatic complexity of the reference solution."""
     first = [r for r in records if r["sample_index"] == 0]
-    text = {t.task_id: t.text for t in mbpp.load_tasks(cfg.data.source)}
+    text = {t.task_id: t.text for t in benchmarks.load_tasks(cfg.data.dataset, cfg.data.source)}
     return {"prompt tokens": {r["task_id"]: float(r["n_prompt_tokens"]) for r in first},
             "description length": {r["task_id"]: float(len(text[r["task_id"]])) for r in first},
             "cyclomatic complexity": {r["task_id"]: float(r["complexity"]) for r in first}}
@@ -212,8 +218,10 @@ def verdict(d) -> str:
 
 # --------------------------------------------------------------------------- stage
 
-def validate(cfg: Config, progress: bool = True) -> dict[str, Any]:
-    """Run the stage; returns the results written to ``validation/results.json``."""
+def validate(cfg: Config, progress: bool = True, *, loaded=None) -> dict[str, Any]:
+    """Run the stage; returns the results written to ``validation/results.json``. ``loaded`` (a LoadedModel, or
+    a callable returning one) serves the temperature sub-builds; without it the first one that generates loads
+    the model for all of them."""
 
     started = time.perf_counter()
     run = RunDir.at(cfg.output.run_dir)
@@ -225,28 +233,42 @@ def validate(cfg: Config, progress: bool = True) -> dict[str, Any]:
     paths.root.mkdir(parents=True, exist_ok=True)
     setup_logging(run.log_file(STAGE))
     atomic_write_json(paths.config, cfg.to_dict())
+    announce(STAGE, "predictors frozen on the SAE and tuning splits, scored on the validation split; robustness "
+                    f"at temperatures {', '.join(f'{t:g}' for t in cfg.validation.temperatures)}", progress)
+    loaded = load_once(cfg.model) if loaded is None else loaded
 
     labels = task_labels(records)
     ids = _split_ids(run, labels)
     split_of = {t: name for name, group in ids.items() for t in group}
     sealed = SealedLabels(labels, split_of, sealed=("validation",))
-    table = load_ranked(AnalysisPaths.of(run))
-    selection = select_latents(table, cfg.validation.selection_metric)
-    steering_selection = select_latents(table, cfg.steering.selection_metric)  # validated too: one latent identity
+    base = (transfer_base(cfg.validation.transfer_from, run, cfg.to_dict()) if cfg.validation.transfer_from
+            else None)  # transfer: another run's frozen choices, nothing is selected or fitted here
+    if base is None:
+        table = load_ranked(AnalysisPaths.of(run))
+        selection = select_latents(table, cfg.validation.selection_metric)
+        steering_selection = select_latents(table, cfg.steering.selection_metric)  # validated too: one latent identity
+    else:
+        selection, steering_selection = base.choices["selection"], base.choices["steering_selection"]
     chosen = list(selection.values()) + list(steering_selection.values())
     feats, saes, analysis = load_features(run, cfg, sorted({int(r["layer"]) for r in chosen}))
     for row in chosen:
         feats.add_latent(saes[int(row["layer"])], int(row["layer"]), int(row["latent"]))
     feats.scalars.update(confounds(cfg, records))
 
-    predictors = fit_predictors(selection, feats, sealed, ids["sae"], ids["tuning"], folds=cfg.validation.probe_folds,
-                                n_cs=cfg.validation.probe_cs, seed=cfg.validation.bootstrap_seed,
-                                steering_selection=steering_selection)
+    if base is None:
+        predictors = fit_predictors(selection, feats, sealed, ids["sae"], ids["tuning"],
+                                    folds=cfg.validation.probe_folds, n_cs=cfg.validation.probe_cs,
+                                    seed=cfg.validation.bootstrap_seed, steering_selection=steering_selection)
+    else:
+        predictors = frozen_predictors(base.choices["predictors"], base.weights, cfg.validation.bootstrap_seed,
+                                       feats.acts.shape[-1])
     write_choices(paths, {"selection_metric": cfg.validation.selection_metric, "selection": selection,
                           "steering_selection_metric": cfg.steering.selection_metric,
                           "steering_selection": steering_selection,
                           "predictors": [p.as_dict() for p in predictors],
-                          "label_reads": sorted(set(sealed.reads))})
+                          "label_reads": sorted(set(sealed.reads)),
+                          **({"transfer": base.describe()} if base else {})})
+    write_predictor_weights(paths, weights_table(predictors))
     sealed.unseal("validation")  # choices are frozen on disk: the validation labels may now be read
 
     val_ids = ids["validation"]
@@ -262,11 +284,19 @@ def validate(cfg: Config, progress: bool = True) -> dict[str, Any]:
                    for name, group in ids.items()},
         "validation": _by_direction(rows),
         "difficulty": difficulty_results(predictors, feats, val_ids, y_val, difficulty, cfg),
-        "temperature": temperature_results(cfg, run, paths, predictors, feats, val_ids, records, progress),
+        "temperature": temperature_results(cfg, run, paths, predictors, feats, val_ids, records, progress,
+                                           loaded=loaded),
         "bootstrap": {"resamples": cfg.validation.bootstrap_resamples, "seed": cfg.validation.bootstrap_seed,
                       "level": cfg.validation.ci_level, "unit": "task"},
         "analysis_release": analysis["release"],
     }
+    if base is not None:  # the frozen predictors and pass@1 beside the run they were chosen on
+        v = cfg.validation
+        base_labels = task_labels(load_records(str(base.run.root)))
+        results["transfer"] = {**base.describe(),
+                               "pass_rate": pass_rates(base_labels, labels, read_splits(run), v.ci_level,
+                                                       v.bootstrap_resamples, v.bootstrap_seed),
+                               "predictors": compare_metrics(base.validation["validation"], results["validation"])}
     _save_scores(paths, predictors, feats, val_ids, y_val, difficulty)
     if cfg.validation.plots:
 
