@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -310,6 +311,163 @@ class SteeringHook(_LayerHooks):
             return None
         self.applications += 1
         return hidden + self.delta(hidden.dtype, hidden.device)  # (batch, seq, d_model); out of place
+
+
+@dataclass(frozen=True)
+class ResidualWriters:
+    """Where one architecture's decoder layer reads and writes the residual (attribute paths in the layer)."""
+
+    attn_out: str            # linear layer whose output (through attn_norm, if any) is added to the residual
+    mlp_out: str
+    attn_norm: str | None    # RMSNorm between attn_out and the addition (Gemma-2), None when there is none
+    mlp_norm: str | None
+    gain_offset: float       # that RMSNorm's gain is gain_offset + weight (Gemma: 1 + w)
+    mlp_input: str           # the module whose input is the residual between the attention and MLP branches
+
+
+WRITERS = {  # config.model_type -> ResidualWriters
+    # Gemma-2's post_attention_layernorm normalises the attention OUTPUT; its MLP branch reads pre_feedforward_layernorm
+    "gemma2": ResidualWriters("self_attn.o_proj", "mlp.down_proj", "post_attention_layernorm",
+                              "post_feedforward_layernorm", 1.0, "pre_feedforward_layernorm"),
+    "llama": ResidualWriters("self_attn.o_proj", "mlp.down_proj", None, None, 0.0, "post_attention_layernorm"),
+    "mistral": ResidualWriters("self_attn.o_proj", "mlp.down_proj", None, None, 0.0, "post_attention_layernorm"),
+    "qwen2": ResidualWriters("self_attn.o_proj", "mlp.down_proj", None, None, 0.0, "post_attention_layernorm"),
+}
+ABLATION_MODES = ("residual", "writes")
+
+
+def residual_writers(model: Any) -> ResidualWriters:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in WRITERS:
+        raise ValueError(f"the residual writers of {sorted(WRITERS)} are known, not of {model_type!r}: add an entry "
+                         f"to pva_sae.model.hooks.WRITERS")
+    return WRITERS[model_type]
+
+
+def submodule(module: Any, path: str) -> Any:
+    for name in path.split("."):
+        module = getattr(module, name)
+    return module
+
+
+def unit_vector(direction: Any) -> "torch.Tensor":
+    """(d_model,) float32 of unit norm; ValueError for a zero or non-finite vector."""
+    d = torch.as_tensor(direction).detach().float().flatten()
+    if not torch.isfinite(d).all() or d.norm() == 0:
+        raise ValueError("the ablated direction must be a finite non-zero vector (d_model,)")
+    return d / d.norm()
+
+
+def write_directions(model: Any, direction: Any) -> list[tuple["torch.Tensor", "torch.Tensor"]]:
+    """Per layer, the unit vectors (attention, MLP) that must be projected out of the branch outputs BEFORE
+    their post-norm so that the normed output has no component along ``direction``.
+
+    RMSNorm(x) = g * x / rms(x) has d . RMSNorm(x) = (g * d) . x / rms(x): zero exactly when x is
+    orthogonal to u = g * d. Without a post-norm u = d.
+    """
+    arch, d = residual_writers(model), unit_vector(direction)
+    out = []
+    for layer in decoder_layers(model):
+        pair = []
+        for norm in (arch.attn_norm, arch.mlp_norm):
+            if norm is None:
+                pair.append(d)
+            else:
+                gain = arch.gain_offset + submodule(layer, norm).weight.detach().float().cpu()    # (d_model,)
+                pair.append(unit_vector(gain * d))
+        out.append((pair[0], pair[1]))
+    return out
+
+
+def project_out(hidden: "torch.Tensor", unit: "torch.Tensor") -> "torch.Tensor":
+    """``hidden`` (..., d_model) minus its component along the unit vector ``unit``, computed in float32."""
+    h = hidden.float()
+    u = unit.to(device=hidden.device, dtype=torch.float32)
+    return (h - (h @ u).unsqueeze(-1) * u).to(hidden.dtype)            # (..., d_model)
+
+
+class AblationHook(_LayerHooks):
+    """Directional ablation: the residual stream has no component along ``direction`` anywhere.
+
+    Two modes, equal for models whose blocks add their outputs directly (Llama), different for
+    Gemma-2, whose branch outputs pass through an RMSNorm before they are added:
+
+    - ``'residual'``: project d out of the residual at the input of layer 0 (the embeddings), at the
+      input of every MLP branch (the residual after attention) and at the output of every layer
+      (directional ablation as defined on the residual stream);
+    - ``'writes'``: project d out of the embeddings and, in every layer, u = g * d out of the attention
+      and MLP outputs before their post-norm (:func:`write_directions`). This is what weight
+      orthogonalization (:mod:`pva_sae.model.orthogonalize`) does to the weights, so it gives the same
+      forward pass. With a post-norm the two modes differ: removing u before the norm changes rms(x),
+      which rescales the rest of the normed output, while 'residual' removes d after it.
+
+    Every position of every forward call is ablated. ``calls[layer]`` counts the hooks on the layer's
+    output ('residual') or its MLP write ('writes'), so :func:`assert_fired_once` applies; ``input_calls``
+    counts the embedding hook.
+    """
+
+    def __init__(self, model: Any, direction: Any, mode: str = "residual"):
+        if mode not in ABLATION_MODES:
+            raise ValueError(f"unknown ablation mode {mode!r}: use one of {ABLATION_MODES}")
+        super().__init__(model, list(range(len(decoder_layers(model)))), "resid_post")
+        self.mode = mode
+        self.arch = residual_writers(model)
+        self.unit = unit_vector(direction)
+        self.writes = write_directions(model, self.unit) if mode == "writes" else None
+        self.input_calls = 0
+
+    def __enter__(self):
+        if self._handles:
+            raise RuntimeError("this AblationHook is already active; create a new one to nest hooks")
+        modules = decoder_layers(self.model)
+        try:
+            self._handles.append(modules[0].register_forward_pre_hook(self._input_hook, with_kwargs=True))
+            for layer in self.layers:
+                if self.mode == "residual":
+                    self._handles.append(self._register(modules[layer], layer))
+                    self._pre(submodule(modules[layer], self.arch.mlp_input), self.unit, None)
+                else:
+                    u_attn, u_mlp = self.writes[layer]
+                    self._write(modules[layer], self.arch.attn_norm, self.arch.attn_out, u_attn, None)
+                    self._write(modules[layer], self.arch.mlp_norm, self.arch.mlp_out, u_mlp, layer)
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def _input_hook(self, mod, args, kwargs):
+        self.input_calls += 1
+        return _replace_input_residual(args, kwargs, self._project(_input_residual(args, kwargs), self.unit))
+
+    def _pre(self, module: Any, unit: "torch.Tensor", layer: int | None) -> None:
+        def hook(mod, args, kwargs):
+            if layer is not None:
+                self.calls[layer] += 1
+            return _replace_input_residual(args, kwargs, self._project(_input_residual(args, kwargs), unit))
+
+        self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+
+    def _write(self, layer_module: Any, norm: str | None, linear: str, unit: "torch.Tensor", layer: int | None) -> None:
+        """Project ``unit`` out of the input of the post-norm, or out of the linear's output without one."""
+        if norm is not None:
+            self._pre(submodule(layer_module, norm), unit, layer)
+            return
+
+        def hook(mod, args, output):
+            if layer is not None:
+                self.calls[layer] += 1
+            return self._project(output, unit)
+
+        self._handles.append(submodule(layer_module, linear).register_forward_hook(hook))
+
+    def _project(self, hidden: "torch.Tensor", unit: "torch.Tensor") -> "torch.Tensor":
+        if hidden.shape[-1] != unit.shape[0]:
+            raise ValueError(f"direction has {unit.shape[0]} dimensions but the residual has {hidden.shape[-1]}")
+        return project_out(hidden, unit)
+
+    def _on_residual(self, layer: int, hidden: "torch.Tensor") -> "torch.Tensor":
+        self.calls[layer] += 1
+        return self._project(hidden, self.unit)
 
 
 def assert_fired_once(hook: _LayerHooks, n_forward: int) -> None:
