@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from pva_sae.config import Config
 from pva_sae.default.corpus import load_general_corpus
+from pva_sae.errors import InputError, MissingInputError
 from pva_sae.model.capture import capture_last_token
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,8 @@ def load_corpus(source: str, n_docs: int) -> tuple[list[str], str]:
         docs = load_general_corpus(source)
     docs = [d for d in docs if _WORD.search(d)][:n_docs]
     if not docs:
-        raise ValueError(f"general corpus {source!r} has no non-empty documents")
+        raise InputError(f"general corpus {source!r} has no non-empty documents; pass a corpus with text in it "
+                         f"as analysis.general_corpus")
     digest = hashlib.sha256("\x00".join(docs).encode("utf-8")).hexdigest()
     return docs, digest
 
@@ -49,13 +51,13 @@ def _load_pile(n_docs: int) -> list[str]:
     try:
         import datasets
     except ImportError:
-        raise ValueError(f"analysis.general_corpus='pile-10k' needs the `datasets` package (pip install datasets) "
+        raise MissingInputError(f"analysis.general_corpus='pile-10k' needs the `datasets` package (pip install datasets) "
                          f"and network access to {PILE_10K}; or pass a local file as analysis.general_corpus") from None
     try:
         ds = datasets.load_dataset(PILE_10K, split="train")
     except Exception as exc:  # the hub client raises many types for "offline"
-        raise ValueError(f"could not load {PILE_10K} ({type(exc).__name__}: {exc}); download it once with network "
-                         f"access, or pass a local .jsonl/.parquet/.txt file as analysis.general_corpus") from None
+        raise MissingInputError(f"could not load {PILE_10K} ({type(exc).__name__}: {exc}); download it once with "
+                                f"network access (`pva-sae download --model M` fetches it), or pass a local .jsonl/.parquet/.txt file as analysis.general_corpus") from None
     return [row["text"] for row in ds.select(range(min(n_docs, len(ds))))]
 
 
