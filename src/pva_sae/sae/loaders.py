@@ -33,6 +33,10 @@ LLAMASCOPE_KEYS = ("encoder.weight", "encoder.bias", "decoder.weight", "decoder.
 # Optional tensors that OpenMOSS lm-saes checkpoints may carry besides the four Linear weights.
 LLAMASCOPE_OPTIONAL = ("log_jumprelu_threshold",)
 LLAMASCOPE_NORM_PREFIX = "dataset_average_activation_norm."
+# How a scalar hyperparams ``jump_relu_threshold`` is read: "lm-saes" compares it with the training-space
+# pre-activation (times decoder norms when configured); "saelens" with pre / s_in, decoder norms ignored,
+# as SAELens converts the released LlamaScope files (see ``_llamascope_tensors``).
+THRESHOLD_CONVENTIONS = ("lm-saes", "saelens")
 
 # Decoder rows further than this from unit norm are reported with a warning at load time.
 DECODER_NORM_TOLERANCE = 0.05
@@ -96,7 +100,8 @@ def _check_keys(path: Path, got: set[str], required: tuple[str, ...], optional: 
 
 
 def _llamascope_tensors(state: dict[str, Any], hp: dict[str, Any] | None, k: int | None,
-                        path: Path) -> tuple[type[SAE], dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+                        path: Path, threshold_convention: str = "lm-saes",
+                        ) -> tuple[type[SAE], dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
     """Convert an OpenMOSS lm-saes / LlamaScope checkpoint to our convention, folding its preprocessing.
 
     Source of every rule: OpenMOSS/Language-Model-SAEs ``src/lm_saes/sae.py`` (``encode``,
@@ -112,8 +117,15 @@ def _llamascope_tensors(state: dict[str, Any], hp: dict[str, Any] | None, k: int
     Folded: ``W_enc = s_in * E.T``, ``b_enc = b - b_dec @ E.T`` (when subtracted),
     ``W_dec = D.T / s_out``, ``b_dec = c / s_out``; a JumpReLU threshold ``theta`` on ``pre * n_i``
     becomes ``theta / n_i`` on ``pre`` (``n_i`` = decoder norm before folding).
+    With ``threshold_convention == "saelens"`` a scalar ``jump_relu_threshold`` is in inference units
+    (inputs not rescaled) and decoder norms play no part: fire when ``pre > theta * s_in``. This is
+    SAELens' ``llama_scope`` conversion, whose threshold scaling the LlamaScope authors contributed
+    (SAELens PR #483, "Fix abnormally large llamascope L0"); the registered LlamaScope release uses it.
     Returns (SAE class, tensors dict, extra kwargs, preprocessing record).
     """
+    if threshold_convention not in THRESHOLD_CONVENTIONS:
+        raise SAEError(f"threshold_convention {threshold_convention!r} is not one of "
+                       f"{', '.join(THRESHOLD_CONVENTIONS)}")
     hp = dict(hp or {})
     enc_w, enc_b = as_float32(state["encoder.weight"]), as_float32(state["encoder.bias"])   # (d_sae, d_model), (d_sae,)
     dec_w, dec_b = as_float32(state["decoder.weight"]), as_float32(state["decoder.bias"])   # (d_model, d_sae), (d_model,)
@@ -139,6 +151,9 @@ def _llamascope_tensors(state: dict[str, Any], hp: dict[str, Any] | None, k: int
             theta = as_float32(state["log_jumprelu_threshold"]).exp()
         elif "jump_relu_threshold" in hp:
             theta = torch.full((d_sae,), float(hp["jump_relu_threshold"]))
+            if threshold_convention == "saelens":
+                theta, include_dec_norm = theta * s_in, False
+                record.update(sparsity_include_decoder_norm=False, threshold_convention="saelens")
         else:
             raise SAEError(f"{path}: act_fn is 'jumprelu' but neither a log_jumprelu_threshold tensor nor "
                            f"hyperparams jump_relu_threshold is given; supply the release's hyperparams.json")
@@ -203,12 +218,13 @@ def read_hyperparams(path: Path) -> dict[str, Any]:
 
 
 def load_sae_file(path: str | Path, expected_d_model: int | None = None, *, hyperparams: dict[str, Any] | None = None,
-                  k: int | None = None) -> SAE:
+                  k: int | None = None, threshold_convention: str = "lm-saes") -> SAE:
     """Read and check one SAE file: GemmaScope ``.npz`` or LlamaScope / lm-saes ``.safetensors``.
 
     ``.safetensors`` files holding GemmaScope's five keys are read like a params.npz. LlamaScope files
     take their activation and scaling from ``hyperparams`` (or a hyperparams.json found beside
     ``checkpoints/``); without one a TopK SAE with ``k`` and no scaling is built, with a warning.
+    ``threshold_convention`` says how their scalar JumpReLU threshold is read (``THRESHOLD_CONVENTIONS``).
 
     Checks, each failing with an ``SAEError`` that says what to do: the file exists and is readable;
     exactly the expected keys (missing and unexpected ones are named); consistent shapes; finite
@@ -236,7 +252,7 @@ def load_sae_file(path: str | Path, expected_d_model: int | None = None, *, hype
             if hp is None:
                 log.warning("%s: no hyperparams.json found beside checkpoints/; assuming a TopK SAE (k=%s) on raw "
                             "inputs, without the dataset-wise input scaling LlamaScope uses", path, k)
-            cls, tensors, kwargs, record = _llamascope_tensors(state, hp, k, path)
+            cls, tensors, kwargs, record = _llamascope_tensors(state, hp, k, path, threshold_convention)
     else:
         raise SAEError(f"{path}: unsupported SAE file type {suffix!r}; expected a GemmaScope params.npz "
                        f"or a LlamaScope .safetensors checkpoint")

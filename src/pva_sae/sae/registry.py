@@ -18,6 +18,8 @@ from typing import Any
 
 from pva_sae.assets_index import PACKAGE_DIR, read_registry
 from pva_sae.config import Config
+from pva_sae.default.hub_fixture.cache import explain_missing, hub_offline
+from pva_sae.default.hub_fixture.override import apply_override
 from pva_sae.errors import InputError, MissingInputError
 from pva_sae.sae.base import SAE, SAEError
 from pva_sae.sae.loaders import load_sae_file, read_hyperparams
@@ -35,7 +37,7 @@ LOCAL_TEMPLATE = "layer_{layer}/params.npz"
 
 
 def _registry() -> tuple[dict[str, Any], ...]:
-    return read_registry(REGISTRY_FILE, "releases")
+    return apply_override(read_registry(REGISTRY_FILE, "releases"), "releases")
 
 
 def list_releases() -> list[dict[str, Any]]:
@@ -115,12 +117,13 @@ def resolve_sae(release: str, layer: int, width: str | None = None, l0: int | No
 def load_sae(release: str, layer: int, *, width: str | None = None, l0: int | None = None,
              local_dir: str | Path | None = None, cache_dir: str | Path | None = None,
              local_files_only: bool = False, expected_d_model: int | None = None, device: str = "cpu",
-             revision: str | None = None) -> SAE:
+             revision: str | None = None, strict_width: bool = False) -> SAE:
     """The SAE of ``release`` at ``layer``, from ``local_dir`` (a directory mirroring the repository
     layout), the package (embedded releases) or the Hugging Face hub (``hf_hub_download``).
 
     ``width`` defaults to the release's default width, ``l0`` to the layer's canonical L0.
     ``meta`` records release, layer, width, l0, whether it is canonical, the file and its sha256.
+    A file whose latent count differs from the width is logged, or refused with ``strict_width`` (a run).
     """
     entry = release_entry(release)
     repo_path = resolve_sae(release, layer, width, l0)
@@ -130,8 +133,9 @@ def load_sae(release: str, layer: int, *, width: str | None = None, l0: int | No
     if entry.get("hyperparams_template"):
         hp_path = entry["hyperparams_template"].format(layer=layer)
         hyperparams = read_hyperparams(_locate(entry, hp_path, local_dir, cache_dir, local_files_only, revision))
-    sae = load_sae_file(file, expected_d_model, hyperparams=hyperparams, k=entry.get("k"))
-    _check_against_entry(entry, sae, width, file)
+    sae = load_sae_file(file, expected_d_model, hyperparams=hyperparams, k=entry.get("k"),
+                        threshold_convention=entry.get("threshold_convention", "lm-saes"))
+    _check_against_entry(entry, sae, width, file, strict_width)
     used_l0 = int(re.search(r"average_l0_(\d+)", repo_path).group(1)) if "{l0}" in entry["file_template"] else None
     sae.meta.update({"release": release, "layer": layer, "width": width, "l0": used_l0,
                      "canonical": _is_canonical(release, layer, width, used_l0), "repo": entry.get("repo"),
@@ -181,19 +185,28 @@ def _hub_download(repo: str, filename: str, revision: str | None, cache_dir, loc
                                cache_dir=str(Path(cache_dir).expanduser()) if cache_dir else None,
                                local_files_only=local_files_only)
     except Exception as exc:  # the hub raises many types (offline, gated, missing file, HTTP)
-        hint = ("it is not in the local cache (local_files_only / HF_HUB_OFFLINE is set)" if local_files_only
-                else "check the network, the revision and, for gated repositories, `huggingface-cli login`")
-        raise SAEError(f"could not fetch {repo}/{filename} from the Hugging Face hub ({type(exc).__name__}: "
-                       f"{exc}); {hint}, or pass local_dir= a directory mirroring {repo}") from exc
+        if local_files_only or hub_offline():
+            why = explain_missing(repo, revision, filename, cache=cache_dir) or f"{type(exc).__name__}: {exc}"
+            hint = (f"{why}, and the hub is not contacted (HF_HUB_OFFLINE / model.local_files_only); download it "
+                    f"where there is network (`pva-sae download --model MODEL` fetches every file a run needs)")
+        else:
+            hint = (f"{type(exc).__name__}: {exc}; check the network, the revision and, for gated repositories, "
+                    f"`huggingface-cli login` (or HF_TOKEN)")
+        raise SAEError(f"could not fetch {repo}/{filename} from the Hugging Face hub: {hint}; or pass "
+                       f"local_dir= a directory mirroring {repo}") from exc
 
 
-def _check_against_entry(entry: dict[str, Any], sae: SAE, width: str | None, file: Path) -> None:
+def _check_against_entry(entry: dict[str, Any], sae: SAE, width: str | None, file: Path, strict_width: bool) -> None:
     if sae.d_model != entry["d_model"]:
         raise SAEError(f"{file} has d_model {sae.d_model} but release {entry['key']!r} is for d_model "
                        f"{entry['d_model']}: the file belongs to another release")
     want = entry.get("d_sae") or (width_to_d_sae(width) if width else None)
-    if want is not None and sae.d_sae != want:
+    if want is not None and sae.d_sae != want and not strict_width:
         log.warning("%s has %d latents, not the %d of width %s", file, sae.d_sae, want, width)
+    elif want is not None and sae.d_sae != want:
+        raise SAEError(f"{file} has {sae.d_sae} latents but release {entry['key']!r} at width {width} has {want}: "
+                       f"the file is not the SAE its path names (another width or release, or a damaged copy); "
+                       f"delete it and download it again")
 
 
 # --------------------------------------------------------------------------- a run's SAEs
@@ -225,4 +238,4 @@ def load_layer_sae(cfg: Config, release: str, layer: int, d_model: int) -> SAE:
         return sae
     return load_sae(release, layer, width=cfg.analysis.sae_width, l0=cfg.analysis.sae_l0,
                     local_dir=cfg.analysis.sae_local_dir, expected_d_model=d_model,
-                    local_files_only=cfg.model.local_files_only)
+                    local_files_only=cfg.model.local_files_only, strict_width=True)

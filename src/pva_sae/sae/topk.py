@@ -33,9 +33,11 @@ class TopKSAE(SAE):
     and ``decode`` returns them. SAELens loads the published LlamaScope checkpoints as JumpReLU with
     the scalar ``jump_relu_threshold`` of their hyperparams.json (TopK-trained SAEs converted after
     training); when that file says ``act_fn: jumprelu``, ``load_sae_file`` builds a ``JumpReLUSAE``
-    instead of this class. Unlike SAELens, the threshold is then compared with ``pre * decoder_norm``
-    when the file says ``sparsity_include_decoder_norm``, as lm-saes itself does. The released files
-    were not inspected (the hub was out of reach): the rules come from the two code bases.
+    instead of this class. The registered release reads that scalar threshold as SAELens does
+    (``threshold_convention`` 'saelens': ``pre > threshold * s_in``, decoder norms ignored; the
+    LlamaScope authors' correction in SAELens PR #483); ``tests/test_llama.py`` checks the loaded SAE
+    against SAELens' conversion of the same files. The released files themselves were not inspected
+    (the hub was out of reach).
     """
 
     arch = "topk"
