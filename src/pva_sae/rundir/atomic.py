@@ -1,6 +1,8 @@
 """Atomic file writes and the one JSON writer and reader (the Parquet writer is in ``artifacts``).
 
-A crash (even SIGKILL) leaves either the old file or the new one, never half of one.
+A crash (even SIGKILL) leaves either the old file or the new one, never half of one. Files get the mode
+of any other file the process creates (0666 less the umask: 0644 under the usual umask 022), not the
+owner-only 0600 of a bare ``mkstemp``.
 """
 
 from __future__ import annotations
@@ -15,15 +17,32 @@ from typing import Any
 from pva_sae.errors import InputError
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where the OS allows (Linux /proc); elsewhere it is
+    set and restored at once."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temp file in the same directory, fsync, then rename over ``path``.
 
-    A crash (even SIGKILL) leaves either the old file or the new one, never half of one.
+    A crash (even SIGKILL) leaves either the old file or the new one, never half of one. The file's mode
+    is 0666 less the umask, as for a file opened with ``open(path, "w")``.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), 0o666 & ~current_umask())
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
