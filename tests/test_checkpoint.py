@@ -143,7 +143,10 @@ def test_saves_append_new_records_only_and_stay_small(tmp_path):
     assert len(journal.read_text().splitlines()) == 200
     saves = sorted(run.checkpoints.glob("checkpoint_*.json"))
     assert len(saves) == 3                                        # the last few are kept
-    assert all(p.stat().st_size < 4096 for p in saves)
+    # each holds the config and the batch indices, never the records: its size does not grow with them
+    config_bytes = len(json.dumps(Config().to_dict(), indent=2))
+    assert all(p.stat().st_size < config_bytes + 1024 for p in saves)
+    assert journal.stat().st_size > 200 * 200
     loaded, _ = read_state(cp.find_latest())
     assert loaded.records == state.records and loaded.done_batches == set(range(20))
 
@@ -170,3 +173,59 @@ def test_a_checkpoint_whose_journal_is_gone_is_named(tmp_path):
         journal.unlink()
     with pytest.raises(CheckpointError, match="journal"):
         read_state(path)
+
+
+def _answers(*replies):
+    """An input function that replies in turn (an exception instance is raised) and records each question."""
+    asked, queue = [], list(replies)
+
+    def input_fn(question):
+        asked.append(question)
+        reply = queue.pop(0)
+        if isinstance(reply, BaseException):
+            raise reply
+        return reply
+
+    return input_fn, asked
+
+
+@pytest.mark.parametrize("replies, resumed", [
+    (["", "maybe", " Y "], True),           # only y/yes resumes ...
+    (["nope", "x", "No"], False),           # ... only n/no starts over ...
+    (["?", EOFError()], True),              # ... and end of input resumes, as a non-interactive run does
+])
+def test_resume_prompt_asks_again_until_y_or_n(replies, resumed):
+    input_fn, asked = _answers(*replies)
+    assert ask_resume(4, RunDir.at("/x").config, input_fn) is resumed
+    assert len(asked) == len(replies)
+    assert asked[0].startswith("Found checkpoint with 4 processed records")
+    assert all("Please answer y (resume) or n (start over" in q for q in asked[1:])
+
+
+def test_a_stray_answer_does_not_discard_the_saves(tmp_path):
+    run, cfg, cp, _ = make(tmp_path)
+    cp.save(state_with(5, [0, 1]), "checkpoint")
+    input_fn, asked = _answers("yess", "y")
+    state = decide_resume(cp, CheckpointConfig(resume="ask"), interactive=True, input_fn=input_fn)
+    assert state.n_records == 5 and len(asked) == 2
+    assert not list(run.datasets.glob("superseded_*"))         # nothing was moved aside
+
+
+def test_an_empty_emergency_save_is_not_offered(tmp_path):
+    run, cfg, cp, _ = make(tmp_path)
+    empty = cp.save(BuildState(), "emergency")                 # interrupted before the first batch finished
+    assert read_state(empty)[0].n_records == 0
+    assert cp.find_latest() is None
+
+    def never(question):
+        raise AssertionError(f"asked {question!r} about a save of 0 records")
+
+    state = decide_resume(cp, CheckpointConfig(resume="ask"), interactive=True, input_fn=never)
+    assert state.n_records == 0 and not state.done_batches
+    # a save with records is offered even when an empty one came later
+    full = cp.save(state_with(3, [0]), "checkpoint")
+    Checkpointer(run, cfg, Config().to_dict(), 0, 9).save(BuildState(), "emergency")   # another session
+    assert cp.find_latest() == full
+    input_fn, asked = _answers("y")
+    assert decide_resume(cp, CheckpointConfig(resume="ask"), interactive=True, input_fn=input_fn).n_records == 3
+    assert "with 3 processed records" in asked[0]

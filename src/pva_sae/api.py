@@ -1,49 +1,234 @@
-"""Python API for notebooks: the seed's quick start in one call.
+"""Python API for notebooks: every stage in one call, and a run directory's results as pandas tables.
 
     >>> import pva_sae
-    >>> records = pva_sae.build_dataset(model="google/gemma-2-9b", start_idx=0, end_idx=99, save_format="both")
+    >>> pva_sae.build_dataset(run_dir="runs/demo", end_idx=79)       # stage 1 on the embedded default
+    >>> pva_sae.analyze(run_dir="runs/demo")                         # stages 2-4 read the run's own config
+    >>> pva_sae.validate(run_dir="runs/demo"); pva_sae.steer(run_dir="runs/demo"); pva_sae.report("runs/demo")
+    >>> run = pva_sae.load_run("runs/demo")
+    >>> run.ranked.head(); run.validation_scores.describe()
 
-Each keyword maps to one config field; anything else goes through ``overrides``
-(``{"generation.temperature": 0.5}``) or a config file.
+Each stage takes a :class:`~pva_sae.config.Config` or keyword overrides: the named keywords map to one config
+field each, anything else goes through ``overrides`` (``{"generation.temperature": 0.5}``) or a config file.
+After the build, the run directory is the source of truth (as on the command line): a stage's keywords start
+from the config the run was made with, and a change to an upstream setting is refused with the field named.
+``loaded`` (a model from :func:`pva_sae.model.registry.load_model`) lets a notebook load the model once for
+every stage. A notebook has no prompt to answer, so an interrupted build resumes.
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from pva_sae.config import Config
+import pandas as pd
+
+from pva_sae.config import Config, config_from_dict, resolve_config
+from pva_sae.errors import InputError, MissingInputError
 from pva_sae.model.registry import resolve_for_model
+from pva_sae.pipeline import run_pipeline
+from pva_sae.rundir.artifacts import (
+    load_ranked,
+    load_records,
+    read_analysis_summary,
+    read_steered_tasks,
+    read_steering_results,
+    read_validation_results,
+    read_validation_scores,
+)
+from pva_sae.rundir.atomic import read_json
+from pva_sae.rundir.paths import AnalysisPaths, RunDir, SteeringPaths, ValidationPaths
+from pva_sae.stages.analyze import analyze as _analyze
 from pva_sae.stages.build import build_dataset as _build
+from pva_sae.stages.report import steering_summary, validation_summary, write_report
+from pva_sae.stages.steer import steer as _steer
+from pva_sae.stages.validate import validate as _validate
+
+STAGES = ("build", "analyze", "validate", "steer")
 
 
 def make_config(model: str | None = None, *, start_idx: int | None = None, end_idx: int | None = None,
-                save_format: str | None = None, run_dir: str | None = None, resume: str | None = None,
+                save_format: str | None = None, run_dir: str | Path | None = None, resume: str | None = None,
                 resume_from: str | None = None, config_file: str | None = None,
                 overrides: dict[str, Any] | None = None) -> Config:
-    """A validated Config from keyword arguments (None keeps the default or file value)."""
+    """A validated Config from keyword arguments (None keeps the default or file value), with the model's
+    registered defaults under the file and the keywords."""
+    return resolve_for_model(config_file, _items(model=model, start_idx=start_idx, end_idx=end_idx,
+                                                 save_format=save_format, run_dir=run_dir, resume=resume,
+                                                 resume_from=resume_from, overrides=overrides))
+
+
+def stage_config(stage: str, config_file: str | None = None, items: list[str] | None = None) -> Config:
+    """The config a stage after the build runs with: the config its run directory was made with (the stage's
+    own earlier one, else that of the stage before it), then ``config_file``, then ``items`` (``key=value``).
+    Without a saved config (a new run directory) it is the defaults with the model's registered ones."""
+    cfg = resolve_for_model(config_file, items or [])
+    run = RunDir.at(cfg.output.run_dir)
+    saved = {"build": run.config, "analyze": AnalysisPaths.of(run).config,
+             "validate": ValidationPaths.of(run).config, "steer": SteeringPaths.of(run).config}
+    if stage not in saved:
+        raise InputError(f"unknown stage {stage!r}: use one of {', '.join(STAGES)}")
+    chain = [saved[s] for s in reversed(STAGES[:STAGES.index(stage) + 1])]
+    base = next((path for path in chain if path.is_file()), None)
+    return cfg if base is None else resolve_config(config_file, items or [], base=read_json(base))
+
+
+def _items(*, model=None, start_idx=None, end_idx=None, save_format=None, run_dir=None, resume=None,
+           resume_from=None, overrides=None) -> list[str]:
     pairs = {"model.name": model, "data.start_idx": start_idx, "data.end_idx": end_idx,
              "output.save_format": save_format, "output.run_dir": run_dir, "checkpoint.resume": resume,
              "checkpoint.resume_from": resume_from, **(overrides or {})}
-    items = [f"{k}={_text(v)}" for k, v in pairs.items() if v is not None]
-
-    return resolve_for_model(config_file, items)
+    return [f"{k}={_text(v)}" for k, v in pairs.items() if v is not None]
 
 
 def _text(value: Any) -> str:
-    import json
-
     return json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
 
 
+def _resolve(stage: str, config: Config | None, config_file: str | None, items: list[str]) -> Config:
+    """``config`` with ``items`` on top, or (no config) the stage's config from its run directory."""
+    if config is None:
+        return resolve_for_model(config_file, items) if stage in ("build", "run") \
+            else stage_config(stage, config_file, items)
+    if not isinstance(config, Config):
+        raise InputError(f"config must be a pva_sae.config.Config (e.g. from pva_sae.make_config), not "
+                         f"{type(config).__name__}; pass a run directory as run_dir=")
+    if config_file is not None:
+        raise InputError("pass either a Config or config_file, not both")
+    return resolve_config(overrides=items, base=config.to_dict()) if items else config
+
+
+# --------------------------------------------------------------------------- the stages
+
 def build_dataset(model: str | None = None, start_idx: int | None = None, end_idx: int | None = None,
-                  save_format: str | None = None, *, run_dir: str | None = None, resume: str = "auto",
-                  resume_from: str | None = None, config_file: str | None = None,
-                  overrides: dict[str, Any] | None = None, progress: bool = True) -> list[dict[str, Any]]:
-    """Build the labelled dataset for tasks ``start_idx..end_idx`` (inclusive) and return its records.
+                  save_format: str | None = None, *, config: Config | None = None,
+                  run_dir: str | Path | None = None, resume: str | None = None, resume_from: str | None = None,
+                  config_file: str | None = None, overrides: dict[str, Any] | None = None, progress: bool = True,
+                  loaded=None) -> list[dict[str, Any]]:
+    """Stage 1: build the labelled dataset for tasks ``start_idx..end_idx`` (inclusive); returns its records.
 
-    ``resume`` is 'auto' here (a notebook has no prompt to answer): an interrupted build continues.
+    ``resume`` None keeps the config's ('ask', which resumes here: there is no prompt to answer).
     """
+    items = _items(model=model, start_idx=start_idx, end_idx=end_idx, save_format=save_format, run_dir=run_dir,
+                   resume=resume, resume_from=resume_from, overrides=overrides)
+    cfg = _resolve("build", config, config_file, items)
+    return _build(cfg, interactive=False, progress=progress, loaded=loaded)
 
-    cfg = make_config(model, start_idx=start_idx, end_idx=end_idx, save_format=save_format, run_dir=run_dir,
-                      resume=resume, resume_from=resume_from, config_file=config_file, overrides=overrides)
-    return _build(cfg, interactive=False, progress=progress)
+
+def analyze(config: Config | None = None, *, run_dir: str | Path | None = None, config_file: str | None = None,
+            overrides: dict[str, Any] | None = None, progress: bool = True, loaded=None) -> dict[str, Any]:
+    """Stage 2: SAE latents separating correct from incorrect; returns ``analysis/summary.json``'s content
+    (the ranked latents are ``load_run(run_dir).ranked``)."""
+    cfg = _resolve("analyze", config, config_file, _items(run_dir=run_dir, overrides=overrides))
+    return _analyze(cfg, progress=progress, loaded=loaded)
+
+
+def validate(config: Config | None = None, *, run_dir: str | Path | None = None, config_file: str | None = None,
+             overrides: dict[str, Any] | None = None, progress: bool = True, loaded=None) -> dict[str, Any]:
+    """Stage 3: the chosen latents as predictors on held-out tasks against baselines; returns
+    ``validation/results.json``'s content."""
+    cfg = _resolve("validate", config, config_file, _items(run_dir=run_dir, overrides=overrides))
+    return _validate(cfg, progress=progress, loaded=loaded)
+
+
+def steer(config: Config | None = None, *, run_dir: str | Path | None = None, config_file: str | None = None,
+          overrides: dict[str, Any] | None = None, progress: bool = True, loaded=None) -> dict[str, Any]:
+    """Stage 4: steering along the chosen latents against control directions; returns
+    ``steering/results.json``'s content."""
+    cfg = _resolve("steer", config, config_file, _items(run_dir=run_dir, overrides=overrides))
+    return _steer(cfg, progress=progress, loaded=loaded)
+
+
+def report(run_dir: str | Path | Config | None = None) -> tuple[Path, Path]:
+    """Write ``report.html`` and ``report.md`` of a run directory (or of ``Config.output.run_dir``)."""
+    if isinstance(run_dir, Config):
+        run_dir = run_dir.output.run_dir
+    return write_report(run_dir if run_dir is not None else Config().output.run_dir)
+
+
+def run(config: Config | None = None, *, model: str | None = None, start_idx: int | None = None,
+        end_idx: int | None = None, run_dir: str | Path | None = None, resume: str | None = None,
+        config_file: str | None = None, overrides: dict[str, Any] | None = None, progress: bool = True,
+        loaded=None) -> Run:
+    """Every stage in order, then the report (as `pva-sae run`); returns :func:`load_run` of the run directory.
+    Finished stages whose inputs did not change are not redone."""
+    items = _items(model=model, start_idx=start_idx, end_idx=end_idx, run_dir=run_dir, resume=resume,
+                   overrides=overrides)
+    cfg = _resolve("run", config, config_file, items)
+    lines = run_pipeline(cfg, progress=progress, loaded=loaded)
+    result = load_run(cfg.output.run_dir)
+    result.summary_lines = lines
+    return result
+
+
+# --------------------------------------------------------------------------- reading a run
+
+@dataclass(repr=False)
+class Run:
+    """A run directory's results. A stage that has not run leaves its fields None."""
+
+    root: Path
+    config: Config                                    # the config of the latest stage that ran
+    stages_done: tuple[str, ...]
+    records: pd.DataFrame                             # one row per (task, sample): program, label, timings
+    analysis: dict[str, Any] | None = None            # analysis/summary.json
+    ranked: pd.DataFrame | None = None                # ranked latents (scope, direction, metric, layer, latent)
+    validation: dict[str, Any] | None = None          # validation/results.json
+    validation_scores: pd.DataFrame | None = None     # per validation task: label, difficulty, every score
+    steering: dict[str, Any] | None = None            # steering/results.json
+    steered_tasks: pd.DataFrame | None = None         # per task and condition: steered outcome
+    summary_lines: list[str] = field(default_factory=list)
+
+    def summary(self) -> list[str]:
+        """The headline lines of validation and steering (as printed by the CLI); empty before validation."""
+        lines = validation_summary(self.validation) if self.validation is not None else []
+        return lines + (steering_summary(self.steering) if self.steering is not None else [])
+
+    def __repr__(self) -> str:
+        tables = ", ".join(f"{name} {df.shape[0]}x{df.shape[1]}" for name, df in
+                           (("records", self.records), ("ranked", self.ranked),
+                            ("validation_scores", self.validation_scores), ("steered_tasks", self.steered_tasks))
+                           if df is not None)
+        return f"Run({str(self.root)!r}, stages done: {', '.join(self.stages_done) or 'none'}; {tables})"
+
+
+def load_run(run_dir: str | Path) -> Run:
+    """The results of a run directory as pandas DataFrames and dicts, read through :mod:`pva_sae.rundir.artifacts`.
+
+    The build must have finished; each later stage is optional (None until it has run). A stage marked done
+    whose artifact is missing raises MissingInputError naming the stage to rerun.
+    """
+    run = RunDir.at(run_dir)
+    if not run.config.is_file():
+        raise MissingInputError(f"{run.root} is not a run directory (no config.json); run "
+                                f"`pva-sae build --run-dir {run.root}` or pva_sae.build_dataset(run_dir=...) first")
+    done = tuple(s for s in STAGES if run.is_done(s))
+    records = pd.DataFrame(load_records(run.root))
+    analysis, validation, steering = AnalysisPaths.of(run), ValidationPaths.of(run), SteeringPaths.of(run)
+    out = Run(root=run.root, config=_latest_config(run, done), stages_done=done, records=records)
+    if "analyze" in done:
+        _need(run, "analyze", analysis.summary, analysis.ranked_json)
+        out.analysis, out.ranked = read_analysis_summary(analysis), pd.DataFrame(load_ranked(analysis))
+    if "validate" in done:
+        _need(run, "validate", validation.results, validation.predictions)
+        out.validation = read_validation_results(validation)
+        out.validation_scores = pd.DataFrame(read_validation_scores(validation))
+    if "steer" in done:
+        _need(run, "steer", steering.results, steering.tasks)
+        out.steering, out.steered_tasks = read_steering_results(steering), pd.DataFrame(read_steered_tasks(steering))
+    return out
+
+
+def _need(run: RunDir, stage: str, *paths: Path) -> None:
+    missing = [str(p.relative_to(run.root)) for p in paths if not p.is_file()]
+    if missing:
+        raise MissingInputError(f"{run.root}: the {stage} stage is marked done but {', '.join(missing)} is missing; "
+                                f"rerun `pva-sae {stage} --run-dir {run.root}`")
+
+
+def _latest_config(run: RunDir, done: tuple[str, ...]) -> Config:
+    saved = {"build": run.config, "analyze": AnalysisPaths.of(run).config,
+             "validate": ValidationPaths.of(run).config, "steer": SteeringPaths.of(run).config}
+    path = next((saved[s] for s in reversed(done) if saved[s].is_file()), run.config)
+    return config_from_dict(read_json(path))

@@ -5,9 +5,10 @@ and fsynced before any save refers to them); a checkpoint is a small JSON file n
 many of its lines it covers, the indices of the finished generation batches and the config. So a save
 costs the new records only (not every record again), and a build killed at any moment (SIGKILL
 included) leaves complete checkpoints: a journal line past a checkpoint's count is never read for it.
-A resumed build starts a new journal holding the resumed records, so a checkpoint's lines never change. Because the batch plan is a pure
-function of the config (see ``generation.plan_batches``), resuming skips the finished batches and
-regenerates the rest exactly as an uninterrupted run would: nothing lost, nothing duplicated.
+A resumed build starts a new journal holding the resumed records, so a checkpoint's lines never change.
+Because the batch plan is a pure function of the config (see ``generation.plan_batches``), resuming skips
+the finished batches and regenerates the rest exactly as an uninterrupted run would: nothing lost, nothing
+duplicated.
 
 Which checkpoint is the latest is decided by the sequence number stored inside each file (and the
 record count), never by file modification times.
@@ -81,7 +82,8 @@ def read_state(path: Path) -> tuple[BuildState, dict[str, Any]]:
     """Load a checkpoint; CheckpointError names the file and the fix when it is unreadable."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist; list checkpoints with `pva-sae checkpoints --run-dir ...`")
+        raise CheckpointError(f"checkpoint {path} does not exist; list checkpoints with "
+                              "`pva-sae checkpoints --run-dir ...`")
     try:
         raw = read_json(path)
     except InputError as exc:
@@ -149,7 +151,10 @@ class Checkpointer:
         return paths
 
     def find_latest(self) -> Path | None:
-        """The readable save with the highest (sequence, record count); unreadable ones are reported."""
+        """The readable save with the highest (sequence, record count); unreadable ones are reported.
+
+        A save of 0 records (a build interrupted before its first batch finished) is never the latest: it
+        holds nothing to resume, so it is not offered."""
         best: tuple[int, int] | None = None
         best_path = None
         for path in self.candidates():
@@ -159,6 +164,8 @@ class Checkpointer:
                 key = (int(head["sequence"]), int(head["n_records"]))
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 log.warning("ignoring unreadable save %s (%s)", path, exc)
+                continue
+            if key[1] == 0:
                 continue
             if best is None or key > best:
                 best, best_path = key, path
@@ -257,12 +264,19 @@ def _sequence_in_name(path: Path) -> int:
 
 
 def ask_resume(n_records: int, path: Path, input_fn: Callable[[str], str] = input) -> bool:
-    """The seed's interactive question. Anything but y/yes means start over."""
-    try:
-        answer = input_fn(f"Found checkpoint with {n_records} processed records ({path.name}). Resume? (y/n) ")
-    except EOFError:
-        return True
-    return answer.strip().lower() in ("y", "yes")
+    """Ask until the answer is y/yes (resume) or n/no (start over); any other answer asks again, so a stray
+    key never discards saved work. End of input (no one to answer) resumes, as a non-interactive run does."""
+    question = f"Found checkpoint with {n_records} processed records ({path.name}). Resume? (y/n) "
+    while True:
+        try:
+            answer = input_fn(question).strip().lower()
+        except EOFError:
+            return True
+        if answer in ("y", "yes"):
+            return True
+        if answer in ("n", "no"):
+            return False
+        question = "Please answer y (resume) or n (start over; earlier saves are moved aside). Resume? (y/n) "
 
 
 def decide_resume(cp: Checkpointer, cfg: CheckpointConfig, interactive: bool | None = None,
