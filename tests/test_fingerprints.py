@@ -127,3 +127,16 @@ def test_steering_condition_keys_cover_direction_model_prompt_and_data():
     assert key(["prompt.initiator=# Code:"]) != base
     assert key(["data.source=/elsewhere/mbpp.jsonl"]) != base
     assert key(["sandbox.workers=7"]) == base                            # cannot change a label
+
+
+def test_a_saved_config_without_a_newer_field_compares_as_its_default():
+    """A run made before a field existed is not refused when the field keeps its default, only when it differs."""
+    from pva_sae.config import Config, record_fields_differing
+
+    current = Config().to_dict()
+    saved = Config().to_dict()
+    del saved["generation"]["temperature"]
+    assert record_fields_differing(saved, current) == []
+    changed = Config().to_dict()
+    changed["generation"]["max_new_tokens"] = current["generation"]["max_new_tokens"] + 1
+    assert record_fields_differing(saved, changed) == ["generation.max_new_tokens"]

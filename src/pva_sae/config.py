@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pva_sae.data.prompts import DEFAULT_TEMPLATE, PromptError, check_template
+from pva_sae.data.prompts import DEFAULT_TEMPLATE, PROMPT_STYLES, PromptError, check_template
 from pva_sae.errors import PvaSaeError
 
 
@@ -37,10 +38,12 @@ def doc(default: Any = dataclasses.MISSING, help: str = "", factory: Any = datac
 BUILD_SECTIONS = ("model", "data", "prompt", "generation", "sandbox")
 # Build-section fields that cannot change a record: they never block a resume or mark a run as another run's.
 NON_RECORD_FIELDS = ("model.torch_threads", "model.local_files_only", "sandbox.workers", "generation.compile",
-                     "generation.batch_size", "generation.max_batch_tokens", "generation.backend",
-                     "sandbox.uid_pool_start", "sandbox.uid_pool_size")
+                     "generation.batch_size", "generation.max_batch_tokens", "generation.backend", "generation.overlap",
+                     "sandbox.uid_pool_start", "sandbox.uid_pool_size", "sandbox.start_method", "sandbox.label_cache")
 # Residual sites (see pva_sae.model.hooks for what each means) and the two predicted classes.
 SITES = ("resid_post", "resid_pre")
+# Benchmarks data.dataset selects (loaders in pva_sae.data.benchmarks).
+DATASETS = ("mbpp", "humaneval")
 DIRECTIONS = ("correct", "incorrect")
 
 
@@ -84,15 +87,20 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
+    dataset: str = doc(
+        "mbpp", "Benchmark: 'mbpp' (974 tasks, Austin et al. 2021) or 'humaneval' (164 tasks, Chen et al. 2021; "
+        "labels from its own check function). Both are shipped with pva-sae; every stage works on either.")
     source: str = doc(
         "packaged",
-        "'packaged' (the MBPP copy shipped with pva-sae), 'hub' (google-research-datasets/mbpp via "
-        "`datasets`, needs network), or a path to an MBPP-format .jsonl / .json / .parquet file.",
+        "'packaged' (the copy of data.dataset shipped with pva-sae), 'hub' (google-research-datasets/mbpp or "
+        "openai/openai_humaneval via `datasets`, needs network), or a path to a file in that benchmark's format "
+        "(MBPP: .jsonl / .json / .parquet; HumanEval: .jsonl / .jsonl.gz).",
     )
     start_idx: int = doc(0, "First task index (0-based position in the dataset, inclusive).")
     end_idx: int | None = doc(None, "Last task index (inclusive); None means the last task.")
     task_ids: tuple[int, ...] | None = doc(
-        None, "Build only these MBPP task ids (within the index range); None means every task of the range."
+        None, "Build only these task ids (within the index range; HumanEval/N has id N); None means every task of "
+        "the range."
     )
     split_fractions: tuple[float, float, float] = doc(
         (0.5, 0.1, 0.4), "Fractions for the (sae, tuning, validation) splits; must sum to 1."
@@ -108,14 +116,19 @@ class PromptConfig:
         "one per line) and {initiator}.",
     )
     initiator: str = doc("# Solution:", "Code initiator placed at the end of the prompt.")
+    style: str = doc(
+        "tests", "'tests': the template (description, test asserts, initiator; for HumanEval the docstring without "
+        "its examples, and up to 3 of them as asserts); 'signature': HumanEval's own prompt (signature and "
+        "docstring; the model writes the body; template and initiator unused).")
 
 
 @dataclass
 class GenerationConfig:
     max_new_tokens: int = doc(384, "Hard cap on generated tokens per sample.")
     batch_size: int = doc(
-        16, "Most prompts per generation batch; 0 = as many as fit in 80% of free GPU memory with the fast backend "
-        "(KV cache and prefill for the longest prompt), else 16.")
+        0, "Most prompts per generation batch; 0 = automatic: on CUDA with the fast backend as many as fit in 80% of "
+        "free GPU memory (KV cache and prefill for the longest prompt, at most 256), else 16. The size used is saved "
+        "with the batch plan; a resumed build keeps it.")
     max_batch_tokens: int = doc(
         0,
         "Cap on rows x (longest prompt + max_new_tokens) per batch, so rare very long prompts get small "
@@ -138,6 +151,10 @@ class GenerationConfig:
     compile: bool = doc(
         False, "Fast backend on CUDA: torch.compile the decode step's layer math (fused kernels; ~1.3x faster "
         "decoding after a warm-up of about a minute). Worth it for long runs.")
+    overlap: str = doc(
+        "auto", "Label batch k in the sandbox (one background thread for the whole stage) while batch k+1 "
+        "generates: 'auto' (on when the model runs on an accelerator; off on CPU, where generation and the sandbox "
+        "share the cores and take turns), 'on' or 'off'. The records are the same either way.")
 
 
 @dataclass
@@ -153,7 +170,7 @@ class SandboxConfig:
         32, "Processes and threads per program (RLIMIT_NPROC). It counts per uid: per job with the uid pool; "
         "without root it counts all of the caller's processes.")
     output_limit_kb: int = doc(64, "Captured stdout/stderr per program; the rest is discarded.")
-    workers: int = doc(0, "Programs run in parallel; 0 means one per CPU core.")
+    workers: int = doc(0, "Programs run in parallel; 0 means one per CPU core this process may use (its affinity).")
     sandbox_user: str = doc(
         "nobody", "Unprivileged user whose group the programs run with when pva-sae runs as root, and whose uid "
         "they run as when uid_pool_size is 0 (RLIMIT_NPROC does not bind root)."
@@ -165,6 +182,14 @@ class SandboxConfig:
     uid_pool_size: int = doc(
         128, "Uids in the pool; at most this many programs run at once on the machine (across processes). "
         "0 runs every program as sandbox_user, sharing one uid.")
+    start_method: str = doc(
+        "forkserver", "How each program's process starts: 'forkserver' (forked from a trusted server process "
+        "started once per pool, which has loaded the sandbox's child code; fast) or 'spawn' (a new interpreter "
+        "per program). Both give every program a fresh process with the same isolation, and the same labels.")
+    label_cache: bool = doc(
+        True, "Reuse the label of an identical job (same program, setup code, tests, label-affecting sandbox "
+        "settings, protections and sandbox code) labelled before in this run directory or its sub-runs "
+        "(<run>/cache/labels.sqlite), and run identical jobs of a batch once. Timeouts are never reused.")
 
 
 @dataclass
@@ -242,6 +267,12 @@ class ValidationConfig:
     )
     robustness_seed: int = doc(42, "Seed of the robustness task subset; sampling uses generation.seed.")
     plots: bool = doc(True, "Write PNG plots (ROC/PR with bands, histograms, metrics vs temperature/difficulty).")
+    transfer_from: str | None = doc(
+        None, "Run directory of a finished run (through the steering stage) to transfer from, e.g. the base model's run "
+        "when this one uses its instruction-tuned variant: the validation stage evaluates that run's frozen choices "
+        "(latents, thresholds, probe and baseline weights) instead of selecting on this run, and the steering stage "
+        "steers its latents with its chosen alphas instead of tuning. Needs the same SAE release, width, L0 and site, "
+        "and this run's analysis must cover the chosen layers.")
 
 
 @dataclass
@@ -287,6 +318,48 @@ class SteeringConfig:
 
 
 @dataclass
+class AblationConfig:
+    method: str = doc(
+        "weights", "How the direction is removed for every arm: 'weights' (embedding rows, attention output and MLP "
+        "down projections orthogonalized; for Gemma-2 against (1 + w) * d of the post-norm that follows), "
+        "'write_hooks' (the same edit done by hooks on each write: equal forward pass) or 'residual_hooks' (d "
+        "projected out of the residual at every layer; a different intervention when post-norms follow the writes).")
+    compare_max_tasks: int = doc(
+        8, "Validation tasks (seeded subset) on which each target direction is also removed by the two other methods, "
+        "reporting how often outcomes and programs agree; 0 = no comparison.")
+    n_random_controls: int = doc(
+        -1, "Random control directions per target (seeded, uniform on the sphere; ablation depends on the direction "
+        "only); -1 = as many as the steering stage's random controls. The latent controls are the steering stage's.")
+    residual_check_tasks: int = doc(
+        4, "Prompts on which the residual's component along each target direction is measured at every layer with "
+        "the weights orthogonalized (|<r, d>| / |r|, reported as the largest value); 0 = no check.")
+    seed: int = doc(42, "Seed of the random control directions and the comparison subset.")
+    plots: bool = doc(True, "Write a PNG plot (target vs control flip rates per experiment).")
+
+
+@dataclass
+class AttentionConfig:
+    max_tasks: int = doc(0, "Validation tasks whose prompts are read (seeded subset); 0 = all.")
+    seed: int = doc(42, "Seed of the task subset and of the task bootstrap.")
+    batch_size: int = doc(8, "Prompts per forward pass (eager attention keeps a (batch, heads, seq, seq) matrix per "
+                             "layer).")
+    bootstrap_resamples: int = doc(2000, "Task-bootstrap resamples of every steered-minus-baseline difference.")
+    ci_level: float = doc(0.95, "Level of the bootstrap intervals.")
+    plots: bool = doc(True, "Write PNG plots (section masses per condition; tests-section difference per layer and "
+                            "head).")
+
+
+@dataclass
+class DistributedConfig:
+    # Not a build section (see BUILD_SECTIONS), so no field here is a record field: every shard of a run
+    # shares its run directory, resumes there and merges into it (pva_sae.execution.distributed).
+    shard: str = doc("", "This process's shard 'I/N' (0 <= I < N) of every generating stage (`--shard I/N`, e.g. one "
+                         "Slurm array task each); '' = torchrun's RANK/WORLD_SIZE when set, else one process.")
+    timeout_s: float = doc(21600.0, "How long a torchrun rank waits for the others at a barrier (the process group's "
+                                    "timeout): the slowest shard's generation must fit in it.")
+
+
+@dataclass
 class Config:
     model: ModelConfig = doc(factory=ModelConfig, help="Which model and how to load it.")
     data: DataConfig = doc(factory=DataConfig, help="Dataset source, task range and splits.")
@@ -299,6 +372,12 @@ class Config:
     validation: ValidationConfig = doc(factory=ValidationConfig,
                                        help="Statistical validation: metrics, baselines, robustness.")
     steering: SteeringConfig = doc(factory=SteeringConfig, help="Causal validation by steering with SAE directions.")
+    ablation: AblationConfig = doc(factory=AblationConfig,
+                                   help="Directional ablation and weight orthogonalization of the steering directions.")
+    attention: AttentionConfig = doc(factory=AttentionConfig,
+                                     help="Attention from the last prompt token to the prompt's sections.")
+    distributed: DistributedConfig = doc(factory=DistributedConfig,
+                                         help="Sharding over processes (torchrun ranks or --shard I/N).")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -464,12 +543,21 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"generation.{name} must be >= 1, got {getattr(g, name)}")
     if g.n_samples > 1 and g.temperature == 0:
         raise ConfigError("generation.n_samples > 1 needs generation.temperature > 0 (greedy samples are identical)")
+    if g.overlap not in ("auto", "on", "off"):
+        raise ConfigError(f"generation.overlap must be auto, on or off, not {g.overlap!r}")
     if g.backend not in ("auto", "hf", "fast"):
         raise ConfigError(f"generation.backend must be auto, hf or fast, not {g.backend!r}")
     if not 0 < g.top_p <= 1:
         raise ConfigError(f"generation.top_p must be in (0, 1], got {g.top_p}")
     if cfg.checkpoint.every_n_records < 1:
         raise ConfigError("checkpoint.every_n_records must be >= 1")
+    if cfg.data.dataset not in DATASETS:
+        raise ConfigError(f"data.dataset must be one of {', '.join(DATASETS)}, not {cfg.data.dataset!r}")
+    if cfg.prompt.style not in PROMPT_STYLES:
+        raise ConfigError(f"prompt.style must be one of {', '.join(PROMPT_STYLES)}, not {cfg.prompt.style!r}")
+    if cfg.prompt.style == "signature" and cfg.data.dataset != "humaneval":
+        raise ConfigError("prompt.style='signature' is HumanEval's own prompt: set data.dataset=humaneval, or use "
+                          "prompt.style=tests")
     if cfg.data.start_idx < 0:
         raise ConfigError(f"data.start_idx (--start) must be >= 0, got {cfg.data.start_idx}")
     if cfg.data.end_idx is not None and cfg.data.end_idx < cfg.data.start_idx:
@@ -482,6 +570,9 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"analysis.general_max_frequency must be in (0, 1], got {a.general_max_frequency}")
     _validate_validation(cfg.validation)
     _validate_steering(cfg.steering)
+    _validate_ablation(cfg.ablation)
+    _validate_attention(cfg.attention)
+    _validate_distributed(cfg.distributed)
     try:
         check_template(cfg.prompt.template)
     except PromptError as exc:
@@ -524,6 +615,32 @@ def _validate_steering(s: SteeringConfig) -> None:
         raise ConfigError("steering.max_corruption must be in [0, 1] and steering.ci_level in (0, 1)")
 
 
+ABLATION_METHODS = ("weights", "write_hooks", "residual_hooks")
+
+
+def _validate_ablation(a: AblationConfig) -> None:
+    if a.method not in ABLATION_METHODS:
+        raise ConfigError(f"ablation.method must be one of {', '.join(ABLATION_METHODS)}, not {a.method!r}")
+    if a.compare_max_tasks < 0 or a.residual_check_tasks < 0 or a.n_random_controls < -1:
+        raise ConfigError("ablation.compare_max_tasks and ablation.residual_check_tasks must be >= 0, "
+                          "ablation.n_random_controls >= -1 (-1 = as many as the steering stage's)")
+
+
+def _validate_distributed(d: DistributedConfig) -> None:
+    match = re.fullmatch(r"(\d+)/(\d+)", d.shard.replace(" ", "")) if d.shard else None
+    if d.shard and (match is None or not int(match.group(1)) < int(match.group(2))):
+        raise ConfigError(f"distributed.shard must be I/N with 0 <= I < N (e.g. 0/4), not {d.shard!r}")
+    if d.timeout_s <= 0:
+        raise ConfigError(f"distributed.timeout_s must be > 0, got {d.timeout_s}")
+
+
+def _validate_attention(a: AttentionConfig) -> None:
+    if a.max_tasks < 0 or a.batch_size < 1:
+        raise ConfigError("attention.max_tasks must be >= 0 (0 = all) and attention.batch_size >= 1")
+    if a.bootstrap_resamples < 100 or not 0 < a.ci_level < 1:
+        raise ConfigError("attention.bootstrap_resamples must be >= 100 and attention.ci_level in (0, 1)")
+
+
 def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, Any, str]]:
     """(key, type, default, help) for every leaf field: the source of `pva-sae config`."""
     rows = []
@@ -545,8 +662,28 @@ def _type_name(tp: Any) -> str:
 
 def record_fields_differing(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Dotted names of the build-section fields that differ and can change the records."""
+    saved = with_defaults(saved)
     return [k for k in diff_configs({s: saved.get(s) for s in BUILD_SECTIONS}, {s: current.get(s) for s in BUILD_SECTIONS})
             if k not in NON_RECORD_FIELDS]
+
+
+def with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved config completed with today's defaults for fields it does not have.
+
+    A field added after a run was made defaults to the behaviour the run had (that is the rule for every new
+    field), so a run directory written before the field existed still compares equal to a config that keeps
+    the default; a value the saved config does have always wins."""
+    return _merge_missing(Config().to_dict(), saved)
+
+
+def _merge_missing(defaults: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
+    out = dict(saved)
+    for key, value in defaults.items():
+        if key not in out:
+            out[key] = value
+        elif isinstance(value, dict) and isinstance(out[key], dict):
+            out[key] = _merge_missing(value, out[key])
+    return out
 
 
 def diff_configs(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:

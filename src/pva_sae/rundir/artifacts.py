@@ -22,7 +22,15 @@ from safetensors.torch import save
 from pva_sae.config import SITES
 from pva_sae.errors import InputError, MissingInputError
 from pva_sae.rundir.atomic import atomic_write_bytes, atomic_write_json, read_json
-from pva_sae.rundir.paths import AnalysisPaths, RunDir, SteeringPaths, ValidationPaths
+from pva_sae.rundir.paths import (
+    AblationPaths,
+    AnalysisPaths,
+    AttentionPaths,
+    RunDir,
+    SteeringPaths,
+    ValidationPaths,
+)
+from pva_sae.sae.neuronpedia import check_neuronpedia_list
 
 BUILD_STAGE = "build"
 
@@ -113,6 +121,18 @@ def read_analysis_summary(paths: AnalysisPaths) -> dict[str, Any]:
     return read_json(paths.summary)
 
 
+def write_neuronpedia_list(paths: AnalysisPaths, body: dict[str, Any]) -> None:
+    """The top latents as a Neuronpedia list body, checked before it is written."""
+    check_neuronpedia_list(body)
+    atomic_write_json(paths.neuronpedia, body)
+
+
+def read_neuronpedia_list(paths: AnalysisPaths) -> dict[str, Any]:
+    body = read_json(paths.neuronpedia)
+    check_neuronpedia_list(body)
+    return body
+
+
 # --------------------------------------------------------------------------- validation stage
 
 def write_choices(paths: ValidationPaths, choices: dict[str, Any]) -> None:
@@ -121,6 +141,18 @@ def write_choices(paths: ValidationPaths, choices: dict[str, Any]) -> None:
 
 def read_choices(paths: ValidationPaths) -> dict[str, Any]:
     return read_json(paths.choices)
+
+
+def write_predictor_weights(paths: ValidationPaths, weights: dict[str, dict[str, Any]]) -> None:
+    """``{"<direction>/<name>/L<layer>": {"weights": [d_model floats], "bias": float}}`` of the fitted baselines."""
+    atomic_write_json(paths.weights, weights)
+
+
+def read_predictor_weights(paths: ValidationPaths) -> dict[str, dict[str, Any]]:
+    if not paths.weights.is_file():
+        raise MissingInputError(f"{paths.weights} does not exist: the validation stage that wrote {paths.choices} "
+                                f"predates frozen weights; rerun `pva-sae validate --run-dir {paths.root.parent}`")
+    return read_json(paths.weights)
 
 
 def read_validation_results(paths: ValidationPaths) -> dict[str, Any]:
@@ -150,6 +182,56 @@ def write_condition(paths: SteeringPaths, key: str, payload: dict[str, Any]) -> 
 
 def write_steered_tasks(paths: SteeringPaths, rows: list[dict[str, Any]]) -> None:
     atomic_write_parquet(paths.tasks, rows)
+
+
+def read_steered_tasks(paths: SteeringPaths) -> list[dict[str, Any]]:
+    """The rows :func:`write_steered_tasks` wrote (one per task and steering condition)."""
+    return pq.read_table(paths.tasks).to_pylist()
+
+
+def read_steering_results(paths: SteeringPaths) -> dict[str, Any]:
+    return read_json(paths.results)
+
+
+# --------------------------------------------------------------------------- ablation and attention stages
+
+def read_ablation_condition(paths: AblationPaths, key: str) -> dict[str, Any] | None:
+    """A finished ablation condition (its per-task outcomes), or None when it has not run."""
+    path = paths.condition(key)
+    return read_json(path) if path.is_file() else None
+
+
+def write_ablation_condition(paths: AblationPaths, key: str, payload: dict[str, Any]) -> None:
+    atomic_write_json(paths.condition(key), payload)
+
+
+def write_ablated_tasks(paths: AblationPaths, rows: list[dict[str, Any]]) -> None:
+    atomic_write_parquet(paths.tasks, rows)
+
+
+def read_ablation_results(paths: AblationPaths) -> dict[str, Any]:
+    return read_json(paths.results)
+
+
+def save_attention_masses(paths: AttentionPaths, masses: dict[str, "torch.Tensor"], task_ids: Sequence[int],
+                          sections: Sequence[str]) -> None:
+    """Per condition a float32 (n_tasks, n_layers, n_heads, n_sections) tensor of attention mass."""
+    tensors = {name: m.float().contiguous() for name, m in masses.items()}
+    tensors["task_ids"] = torch.tensor(list(task_ids), dtype=torch.int64)
+    atomic_write_bytes(paths.masses, save(tensors, metadata={"sections": json.dumps(list(sections))}))
+
+
+def load_attention_masses(paths: AttentionPaths) -> tuple[dict[str, "torch.Tensor"], list[int], list[str]]:
+    """(masses by condition, task ids, section names) as written by :func:`save_attention_masses`."""
+    with safe_open(str(paths.masses), framework="pt") as f:
+        sections = json.loads(f.metadata()["sections"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    task_ids = tensors.pop("task_ids").tolist()
+    return tensors, task_ids, sections
+
+
+def read_attention_results(paths: AttentionPaths) -> dict[str, Any]:
+    return read_json(paths.results)
 
 
 # --------------------------------------------------------------------------- activations

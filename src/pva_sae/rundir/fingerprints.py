@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pva_sae.config import diff_configs
+from pva_sae.config import diff_configs, with_defaults
 from pva_sae.errors import StaleInputError
 from pva_sae.hashing import sha256_file, sha256_json
 from pva_sae.rundir.atomic import read_json
@@ -98,7 +98,7 @@ def check_run_config(run: RunDir, stage: str, config: dict[str, Any], fields: tu
     against = against or run.config
     if not against.is_file():
         return
-    saved = read_json(against)
+    saved = with_defaults(read_json(against))
     sections = sorted({f.split(".")[0] for f in fields})
     differing = [k for k in diff_configs({s: saved.get(s) for s in sections}, {s: config.get(s) for s in sections})
                  if any(k == f or k.startswith(f + ".") for f in fields)]

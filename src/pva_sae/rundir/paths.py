@@ -15,13 +15,21 @@ Layout (``<run>`` is ``output.run_dir``)::
     <run>/datasets/checkpoints/checkpoint_<start>_<end>_<timestamp>.json
     <run>/datasets/autosaves/autosave_<start>_<end>_<timestamp>.json
     <run>/stages/<stage>.done          written last by a stage that completed
+    <run>/shards/build/shard_<I>_of_<N>/  a sharded build's shard: its own datasets/checkpoints/ and autosaves/,
+                                      and part.json once done (pva_sae.rundir.shards)
+    <run>/cache/labels.sqlite         sandbox labels by content hash, shared by every stage and sub-run
     <run>/analysis/                   AnalysisPaths: config.json, activations.safetensors, scores.safetensors,
-                                      ranked_latents.{parquet,json}, summary.json, plots/
+                                      ranked_latents.{parquet,json}, summary.json, neuronpedia.json (the top
+                                      latents as a Neuronpedia list), plots/
     <run>/validation/                 ValidationPaths: config.json, choices.json (frozen before validation labels
-                                      are read), results.json, validation_scores.parquet, temperature/t<T>_<key>/
+                                      are read), predictor_weights.json (frozen with it), results.json, validation_scores.parquet, temperature/t<T>_<key>/
                                       (sub-runs with this same layout), plots/
     <run>/steering/                   SteeringPaths: config.json, conditions/<key>.json (one per generation
                                       condition), results.json, steered_tasks.parquet, plots/
+    <run>/ablation/                   AblationPaths: config.json, conditions/<key>.json, results.json,
+                                      ablated_tasks.parquet, plots/
+    <run>/attention/                  AttentionPaths: config.json, masses.safetensors (per task, condition,
+                                      layer, head and prompt section), results.json, plots/
     <run>/report.html, <run>/report.md
 
 Resume decisions key off the ``.done`` markers and the saved config, never off file times.
@@ -105,6 +113,16 @@ class RunDir:
     def autosaves(self) -> Path:
         return self.datasets / "autosaves"
 
+    # --- caches
+    @property
+    def label_cache(self) -> Path:
+        """The sandbox's label cache (pva_sae.execution.label_cache), one per run: a temperature sub-run
+        (ValidationPaths.temperature_run, <run>/validation/temperature/<name>) uses its run's."""
+        top = self.root
+        if top.parent.name == "temperature" and top.parent.parent.name == "validation":
+            top = top.parent.parent.parent
+        return top / "cache" / "labels.sqlite"
+
     # --- stage markers
     def marker(self, stage: str) -> Path:
         return self.stages / f"{stage}.done"
@@ -162,6 +180,11 @@ class AnalysisPaths:
         return self.root / "summary.json"
 
     @property
+    def neuronpedia(self) -> Path:
+        """The top latents as a Neuronpedia list body (``pva_sae.sae.neuronpedia.neuronpedia_list``)."""
+        return self.root / "neuronpedia.json"
+
+    @property
     def plots(self) -> Path:
         return self.root / "plots"
 
@@ -182,6 +205,11 @@ class ValidationPaths:
     @property
     def choices(self) -> Path:
         return self.root / "choices.json"
+
+    @property
+    def weights(self) -> Path:
+        """Weights of the probe and difference-of-means baselines, frozen with ``choices.json`` (for transfer)."""
+        return self.root / "predictor_weights.json"
 
     @property
     def results(self) -> Path:
@@ -228,3 +256,58 @@ class SteeringPaths:
 
     def condition(self, key: str) -> Path:
         return self.root / "conditions" / f"{key}.json"
+
+
+@dataclass(frozen=True)
+class AblationPaths:
+    root: Path
+
+    @classmethod
+    def of(cls, run: RunDir) -> "AblationPaths":
+        return cls(run.root / "ablation")
+
+    @property
+    def config(self) -> Path:
+        """The resolved config this stage ran with."""
+        return self.root / "config.json"
+
+    @property
+    def results(self) -> Path:
+        return self.root / "results.json"
+
+    @property
+    def tasks(self) -> Path:
+        return self.root / "ablated_tasks.parquet"
+
+    @property
+    def plots(self) -> Path:
+        return self.root / "plots"
+
+    def condition(self, key: str) -> Path:
+        return self.root / "conditions" / f"{key}.json"
+
+
+@dataclass(frozen=True)
+class AttentionPaths:
+    root: Path
+
+    @classmethod
+    def of(cls, run: RunDir) -> "AttentionPaths":
+        return cls(run.root / "attention")
+
+    @property
+    def config(self) -> Path:
+        """The resolved config this stage ran with."""
+        return self.root / "config.json"
+
+    @property
+    def masses(self) -> Path:
+        return self.root / "masses.safetensors"
+
+    @property
+    def results(self) -> Path:
+        return self.root / "results.json"
+
+    @property
+    def plots(self) -> Path:
+        return self.root / "plots"
