@@ -248,7 +248,8 @@ def test_sections_are_a_list_and_an_absent_optional_artifact_omits_its_section(t
     assert [b.text for b in with_it if b.kind == "h2"] == ["Ablation"]
     box = next(b for b in with_it if b.kind == "summary")
     assert box.findings[-1].headline.startswith("Ablating")
-    assert [s.name for s in SECTIONS] == ["dataset", "analysis", "validation", "steering", "reproducibility"]
+    assert [s.name for s in SECTIONS] == ["dataset", "analysis", "validation", "steering", "ablation", "attention",
+                                          "transfer", "reproducibility"]
 
 
 def test_written_files_take_the_umask_like_any_other_file(tmp_path):
