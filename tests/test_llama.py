@@ -1,6 +1,6 @@
 """Llama-3.1-8B with LlamaScope: the loader against SAELens' own conversion, and the pipeline on a tiny Llama.
 
-The fixture under ``tests/fixtures/llamascope/`` is a LlamaScope checkpoint at tiny shapes in the
+The fixture (written by ``write_fixture`` from its seed into a temporary directory) is a LlamaScope checkpoint at tiny shapes in the
 repository's real layout (``Llama3_1-8B-Base-L3R-8x/hyperparams.json`` and ``checkpoints/final.safetensors``,
 torch Linear keys), with ``saelens_expected.npz``: what SAELens' ``SAE.from_pretrained("llama_scope_lxr_8x",
 "l3r_8x")`` returned for those files (weights, and encode / decode of the stored inputs). Regenerate it
@@ -100,10 +100,19 @@ def compare(sae, expected: dict[str, np.ndarray]) -> None:
 # --------------------------------------------------------------------------- loader vs SAELens
 
 
-def test_llamascope_loader_matches_saelens_stored_outputs(monkeypatch):
+@pytest.fixture(scope="module")
+def checkpoint_root(tmp_path_factory) -> Path:
+    """The LlamaScope layer folder, written from its seed (deterministic: the files SAELens read for the stored
+    outputs); only SAELens' outputs are kept in the repository."""
+    root = tmp_path_factory.mktemp("llamascope")
+    write_fixture(root)
+    return root
+
+
+def test_llamascope_loader_matches_saelens_stored_outputs(monkeypatch, checkpoint_root):
     monkeypatch.setattr("pva_sae.sae.registry._registry", _with_fixture_width())
     expected = dict(np.load(FIXTURE / "saelens_expected.npz"))
-    sae = ours(FIXTURE)
+    sae = ours(checkpoint_root)
     compare(sae, expected)
     l0 = float((expected["acts"] > 0).sum(1).mean())
     assert 2 <= l0 <= 40, l0  # the fixture exercises both sides of the threshold
@@ -111,11 +120,11 @@ def test_llamascope_loader_matches_saelens_stored_outputs(monkeypatch):
     assert sae.meta["preprocessing"]["input_scale"] == pytest.approx(20.177339901477833)
 
 
-def test_the_lm_saes_reading_of_the_same_files_differs():
+def test_the_lm_saes_reading_of_the_same_files_differs(checkpoint_root):
     """Read as lm-saes' training-space threshold (times decoder norms), the files fire far more latents: the
     registry's 'saelens' convention is what makes the released SAEs sparse (SAELens PR #483)."""
     expected = dict(np.load(FIXTURE / "saelens_expected.npz"))
-    sae = load_sae_file(FIXTURE / FOLDER / "checkpoints" / "final.safetensors")
+    sae = load_sae_file(checkpoint_root / FOLDER / "checkpoints" / "final.safetensors")
     acts = sae.encode(torch.from_numpy(expected["x"]))
     assert (acts > 0).sum(1).float().mean() > 2 * (expected["acts"] > 0).sum(1).mean()
 

@@ -27,7 +27,11 @@ import pandas as pd
 from pva_sae.config import Config, config_from_dict, resolve_config
 from pva_sae.errors import InputError, MissingInputError
 from pva_sae.model.registry import resolve_for_model
-from pva_sae.pipeline import run_pipeline
+from pva_sae.pipeline import analyze as _analyze
+from pva_sae.pipeline import build_dataset as _build
+from pva_sae.pipeline import run_pipeline, steering_summary, validation_summary, write_report
+from pva_sae.pipeline import steer as _steer
+from pva_sae.pipeline import validate as _validate
 from pva_sae.rundir.artifacts import (
     load_ranked,
     load_records,
@@ -39,11 +43,6 @@ from pva_sae.rundir.artifacts import (
 )
 from pva_sae.rundir.atomic import read_json
 from pva_sae.rundir.paths import AnalysisPaths, RunDir, SteeringPaths, ValidationPaths
-from pva_sae.stages.analyze import analyze as _analyze
-from pva_sae.stages.build import build_dataset as _build
-from pva_sae.stages.report import steering_summary, validation_summary, write_report
-from pva_sae.stages.steer import steer as _steer
-from pva_sae.stages.validate import validate as _validate
 
 STAGES = ("build", "analyze", "validate", "steer")
 

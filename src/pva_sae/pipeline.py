@@ -21,6 +21,10 @@ from pva_sae.stages.report import steering_summary, validation_summary, write_re
 from pva_sae.stages.steer import steer
 from pva_sae.stages.validate import validate
 
+# The stage entry points, for the Python API (api.py reaches the stages through the pipeline only).
+__all__ = ["analyze", "build_dataset", "run_pipeline", "steer", "steering_summary", "validate",
+           "validation_summary", "write_report"]
+
 
 def run_pipeline(cfg: Config, progress: bool = True, *, loaded=None) -> list[str]:
     """Run the stages; return human-readable summary lines (where the results are). ``loaded`` (a LoadedModel,
