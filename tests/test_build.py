@@ -88,6 +88,7 @@ def wait_for(predicate, timeout_s=120.0):
     return False
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overlap", ["off", "on"])
 def test_sigkill_then_resume_gives_identical_records(reference_run, tiny_model_dir, tmp_path, overlap):
     _, expected = reference_run
@@ -108,6 +109,7 @@ def test_sigkill_then_resume_gives_identical_records(reference_run, tiny_model_d
     assert comparable(load_records(str(run_dir))) == comparable(expected)
 
 
+@pytest.mark.slow
 def test_sigterm_writes_emergency_save_and_exits_cleanly(tiny_model_dir, tmp_path):
     run_dir = tmp_path / "run"
     # Enough work (80 tasks, every sample runs to 64 tokens) that the build is still going when the signal lands.
@@ -128,6 +130,7 @@ def test_sigterm_writes_emergency_save_and_exits_cleanly(tiny_model_dir, tmp_pat
     assert len(saves) == 1
 
 
+@pytest.mark.slow
 def test_bad_model_path_is_a_clear_error(tmp_path):
     proc = cli("build", "--model", str(tmp_path / "no-such-model"), "--run-dir", str(tmp_path / "run"),
                "--end", "1")

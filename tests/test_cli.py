@@ -56,6 +56,7 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
         main(["models"])
 
 
+@pytest.mark.slow
 def test_user_errors_are_one_line_with_exit_2(tmp_path):
     out = subprocess.run([sys.executable, "-m", "pva_sae.cli", "report", "--run-dir", str(tmp_path / "none"),
                           "--set", "steering.target=nonsense"], capture_output=True, text=True)
@@ -63,6 +64,7 @@ def test_user_errors_are_one_line_with_exit_2(tmp_path):
     assert out.stderr.startswith("pva-sae: error:") and "Traceback" not in out.stderr
 
 
+@pytest.mark.slow
 def test_quiet_silences_every_progress_bar(tmp_path, tiny_model_dir):
     out = subprocess.run([sys.executable, "-m", "pva_sae.cli", "build", "--quiet", "--model", str(tiny_model_dir),
                           "--run-dir", str(tmp_path / "r"), "--end", "2", "--set", "generation.max_new_tokens=2"],
@@ -155,6 +157,7 @@ def _plant_both_classes(run) -> None:
     replace_dataset(run, dataset)
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_the_analysis_stage_of_the_default(tmp_path):
     """A real SIGINT to `pva-sae analyze` on the embedded default (12 tasks): one message naming the stage and
     what is kept, exit 130, no traceback; the build is untouched and the analysis is not marked done."""

@@ -135,6 +135,7 @@ def test_tokenizer_has_gemmas_special_ids_and_tokenizes_code(hub):
     assert tok.decode(ids[1:]) == text
 
 
+@pytest.mark.slow
 def test_run_gemma_2_2b_offline_end_to_end(hub, offline_run):
     run_dir, proc = offline_run
     for stage in ("build:", "analyze:", "validate:", "steer:", "report:"):
@@ -171,6 +172,7 @@ def _defective_copy(hub, base: Path) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_errors_a_user_meets_offline(hub, offline_run, tmp_path):
     run_dir, _ = offline_run
     root = _defective_copy(hub, tmp_path)

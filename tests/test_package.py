@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+import pytest
+
 
 def test_import_is_cheap_and_silent():
     code = ("import sys, pva_sae, pva_sae.config, pva_sae.cli; "
@@ -17,6 +19,7 @@ def test_cli_help_lists_stages():
         assert name in out.stdout
 
 
+@pytest.mark.slow
 def test_cli_config_typo_exits_2_with_message():
     out = subprocess.run([sys.executable, "-m", "pva_sae.cli", "config", "--set", "generation.temprature=1"],
                          capture_output=True, text=True)
@@ -25,6 +28,7 @@ def test_cli_config_typo_exits_2_with_message():
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.slow
 def test_cli_config_docs():
     out = subprocess.run([sys.executable, "-m", "pva_sae.cli", "config", "--docs"], capture_output=True, text=True,
                          check=True)

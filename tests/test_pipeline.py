@@ -37,6 +37,7 @@ def run_counting_loads(run_dir, cache, monkeypatch, *extra):
     return loads
 
 
+@pytest.mark.slow
 def test_run_every_stage_on_the_default(tmp_path, capsys, monkeypatch):
     run_dir = tmp_path / "run"
     loads = run_counting_loads(run_dir, tmp_path / "cache", monkeypatch, "--quiet")
@@ -107,6 +108,7 @@ def _pipeline_on_copy(analysed, dest, monkeypatch, progress, *extra):
     return cfg, loads
 
 
+@pytest.mark.slow
 def test_the_model_loads_once_and_overlap_changes_no_output(analysed, tmp_path, monkeypatch, capsys):
     import pyarrow.parquet as pq
 

@@ -646,6 +646,7 @@ def test_imports_are_the_stdlib_wherever_the_venv_lives(leaves_nothing_behind):
 LOOP = "import time\nprint(time.time(), flush=True)\nwhile True:\n    pass\n"
 
 
+@pytest.mark.slow
 def test_a_timeout_beside_other_jobs_is_run_again_alone_after_the_batch():
     slow = "import time\ntime.sleep(0.4)\nprint(time.time(), flush=True)\n" + GOOD
     jobs = [ExecJob("loop", LOOP, TESTS)] + [ExecJob(i, slow, TESTS) for i in range(3)]
@@ -839,6 +840,7 @@ def test_a_pool_keeps_its_fork_server_across_batches_and_replaces_a_dead_one():
         assert sandbox._server.pid != first
 
 
+@pytest.mark.slow
 def test_a_rerun_in_a_pool_runs_alone_even_beside_another_batch():
     slow = "import time\ntime.sleep(0.3)\nprint(time.time(), flush=True)\n" + GOOD
     with Sandbox(SandboxConfig(timeout_s=1.0), workers=3) as sandbox:

@@ -175,6 +175,7 @@ def torchrun_run(reference, tmp_path_factory) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_write_the_single_process_dataset(torchrun_run, reference):
     run = RunDir.at(torchrun_run)
     assert_same_dataset(torchrun_run, reference)
@@ -187,6 +188,7 @@ def test_two_gloo_ranks_write_the_single_process_dataset(torchrun_run, reference
     assert json.loads(run.marker("build").read_text())["shards"]["count"] == 2
 
 
+@pytest.mark.slow   # needs the two-rank torchrun build
 def test_merge_refuses_a_duplicated_or_missing_shard_naming_its_key(torchrun_run, tmp_path, capsys):
     run_dir = tmp_path / "run"
     shutil.copytree(torchrun_run, run_dir)
@@ -289,6 +291,7 @@ def test_steering_conditions_spread_over_two_gloo_ranks_give_the_same_results(an
     assert all(int(mine) < int(total) for _, mine, total in shares if int(total) > 1)
 
 
+@pytest.mark.slow
 def test_a_temperature_sub_build_of_validation_is_sharded_the_same_way(reference, tmp_path):
     """The validation stage's sub-builds call the build's function, so --shard splits and merges them too."""
     from pva_sae.rundir.artifacts import read_saved_records

@@ -188,6 +188,7 @@ def test_pass_rates_leave_out_the_broken_tasks():
     assert rates["other"]["pass_at_1"] == 0.0
 
 
+@pytest.mark.slow
 def test_the_train_step_does_without_the_prepare_dependencies():
     """The GPU machine that runs `train` need only have torch, transformers, tokenizers, numpy and safetensors:
     the script loads with pyarrow and radon made unimportable (a third-party package may still import them

@@ -136,6 +136,7 @@ def test_the_report_has_a_transfer_section_beside_the_base_run(base_run, transfe
     assert "Transfer from another run" not in base_md.read_text()
 
 
+@pytest.mark.slow
 def test_a_missing_or_incompatible_base_is_refused(analysed, base_run, tmp_path):
     _, base = base_run
     cfg, run = _other_run(analysed, tmp_path / "it")

@@ -99,6 +99,7 @@ def test_majority_baseline_and_one_class_handling(validated):
     assert maj["metrics"]["recall"]["estimate"] == 1.0
 
 
+@pytest.mark.slow
 def test_validation_labels_do_not_change_choices(validated, analysed, tmp_path):
     cfg, run, res = validated
     choices = json.loads(ValidationPaths.of(run).choices.read_text())
