@@ -113,10 +113,10 @@ def test_general_frequency_cache_is_keyed_by_dtype_device_and_positions(tmp_path
 def test_steering_condition_keys_cover_direction_model_prompt_and_data():
     from pva_sae.stages.steer import Arm, Steerer
 
-    def key(overrides=(), vector=torch.ones(4), revision="r1"):
+    def key(overrides=(), vector=torch.ones(4), revision="r1", schedule="batches"):
         cfg = resolve_config(overrides=list(overrides))
         fake = SimpleNamespace(cfg=cfg, site="resid_post", loaded=SimpleNamespace(revision=revision),
-                               generator=SimpleNamespace(backend="hf"), batch_size=8)
+                               generator=SimpleNamespace(backend="hf"), batch_size=8, schedule=schedule)
         arm = Arm("target", "correct", 1, 5, "L1:5")
         return Steerer.condition_key(fake, arm, vector, 0.5, (1, 2, 3))
 
@@ -127,6 +127,7 @@ def test_steering_condition_keys_cover_direction_model_prompt_and_data():
     assert key(["prompt.initiator=# Code:"]) != base
     assert key(["data.source=/elsewhere/mbpp.jsonl"]) != base
     assert key(["sandbox.workers=7"]) == base                            # cannot change a label
+    assert key(schedule="queue") != base                                  # continuous batching vs static batches
 
 
 def test_a_saved_config_without_a_newer_field_compares_as_its_default():

@@ -224,3 +224,26 @@ def test_cuda_bf16_generation_is_seeded_and_restores_rng(tiny_model_dir, prompts
     assert sampled(loaded, batch, batch_index=1, seed=4) != first
     greedy_samples = Generator(loaded, GenerationConfig(max_new_tokens=MAX_NEW)).generate_batch(batch, 0)
     assert all(s.finish_reason in ("stop", "eos", "length") and s.n_new_tokens >= 1 for s in greedy_samples)
+
+
+def test_stop_hits_equal_the_criterion_on_every_prefix_and_the_criterion_is_built_once(tiny_loaded):
+    """The vectorised stop check gives what calling transformers' criterion on each prefix gives (short prefixes
+    included), and a second Generator on the same tokenizer reuses the criterion instead of rebuilding it."""
+    from pva_sae.model.generation import stop_criterion, stop_hits
+
+    tok = tiny_loaded.tokenizer
+    stops = GenerationConfig().stop_strings
+    criterion = stop_criterion(tok, stops)
+    texts = ["def f(x):\n    return x\n\nassert f(1) == 1\n", "x = 1\nif __name__ == '__main__':\n    pass",
+             "def g(): pass\n\n\n\n\nprint(g())"]
+    ids = [tok(t)["input_ids"] for t in texts]
+    width = max(map(len, ids)) + 4
+    out = torch.full((len(ids), width), tok.pad_token_id if tok.pad_token_id is not None else 0)
+    for i, x in enumerate(ids):
+        out[i, width - len(x):] = torch.tensor(x)
+    every = torch.stack([criterion(out[:, :end], None).bool() for end in range(1, width + 1)], dim=1)
+    assert every.any(), "the texts hold stop strings: the check must find them"
+    assert torch.equal(stop_hits(criterion, out, 1, width), every)
+    assert torch.equal(stop_hits(criterion, out, 5, width - 1), every[:, 4:width - 1])
+    first, second = (Generator(tiny_loaded, greedy(stop_strings=stops)) for _ in range(2))
+    assert first._stop_criterion is second._stop_criterion is criterion

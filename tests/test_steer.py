@@ -190,6 +190,7 @@ def test_report_steering_section(steered):
     assert f"| corruption | {e['target']} | {e['rate']['successes']}/{e['rate']['n']} |" in md
 
 
+@pytest.mark.slow
 def test_a_random_target_is_not_significant_against_random_controls(analysed, tmp_path_factory):
     """steering.target=random: the target is exchangeable with the random controls, so no Holm-adjusted p
     against them may reach 0.05 (with 2 random controls the smallest possible rank p is 1/3)."""
@@ -200,6 +201,7 @@ def test_a_random_target_is_not_significant_against_random_controls(analysed, tm
         assert all(p is None or p >= 0.05 for p in e["holm_p"].values())
 
 
+@pytest.mark.slow
 def test_an_unembedding_target_runs(analysed, tmp_path_factory, tiny_loaded):
     token = tiny_loaded.tokenizer.eos_token
     cfg, run, res = _steer_copy(analysed, tmp_path_factory, "steer-unembed", [f"steering.target=unembed:{token}"])
@@ -244,6 +246,7 @@ def test_steering_progress_counts_conditions(steered, capsys):
     assert "conditions" not in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_overlapped_steering_gives_identical_results(steered, analysed, tmp_path_factory):
     """Labelling on the background thread while the next condition generates changes no outcome."""
     _, run, res = steered
@@ -253,3 +256,125 @@ def test_overlapped_steering_gives_identical_results(steered, analysed, tmp_path
 
     assert (pq.read_table(SteeringPaths.of(other).tasks).to_pylist()
             == pq.read_table(SteeringPaths.of(run).tasks).to_pylist())
+
+
+# --------------------------------------------------------------------------- continuous batching (fast backend)
+
+# The embedded default model writes programs (the run's random model writes none), so outcomes compare code.
+QUEUE_MODEL = ["model.name=pva-tiny", "generation.backend=fast", "generation.max_new_tokens=96"]
+
+
+def _fast_copy(analysed, tmp_path_factory, name):
+    from test_validate import copy_run
+
+    dest = tmp_path_factory.mktemp(name) / "run"
+    cfg = copy_run(analysed, dest)
+    return resolve_config(base=cfg.to_dict(), overrides=SMALL_STEER + QUEUE_MODEL), RunDir.at(dest)
+
+
+def _conditions(run, d_model, n_tasks=10):
+    """The baseline, two steered arms and an alpha = 0 arm at layer 1, and an arm at layer 3 (its own queue)."""
+    from pva_sae.rundir.artifacts import read_splits
+    from pva_sae.stages.steer import BASELINE
+
+    ids = sorted(t for ids in read_splits(run).values() for t in ids)[:n_tasks]
+    v = [random_direction(d_model, 1.0, seed) for seed in range(3)]
+    return [(BASELINE, None, 0.0, ids),
+            (Arm("target", "correct", 1, None, "L1:target"), v[0], ALPHA, ids),
+            (Arm("random", "correct", 1, None, "random#0"), v[1], -ALPHA, ids),
+            (Arm("random", "correct", 1, None, "random#1"), v[2], 0.0, ids),
+            (Arm("random", "correct", 3, None, "random#2"), v[2], ALPHA, ids)]
+
+
+ALPHA = 8.0
+
+
+def _run_many(cfg, run, schedule=None):
+    """Outcomes of the :func:`_conditions` through a fresh Steerer (closed afterwards), and the Steerer."""
+    from pva_sae.stages.steer import Steerer
+
+    steerer = Steerer(cfg, run, False, schedule=schedule)
+    try:
+        return steerer.run_many(_conditions(run, steerer.loaded.d_model)), steerer
+    finally:
+        steerer.close()
+
+
+def test_queue_schedule_gives_the_batches_outcomes(analysed, tmp_path_factory):
+    """The fast backend's queue (every condition's rows in one continuous batch, per-row steering) gives each
+    condition the outcomes, programs included, of planning it into static batches; the two schedules never
+    share a cached condition."""
+    cfg, run = _fast_copy(analysed, tmp_path_factory, "steer-queue")
+    batched, by_batch = _run_many(cfg, run, schedule="batches")
+    queued, by_queue = _run_many(cfg, run)
+    assert by_queue.schedule == "queue" and by_batch.schedule == "batches"
+    assert by_queue.n_generated == by_batch.n_generated == 5 * 10       # nothing reused across schedules
+    assert queued == batched
+    baseline, target, _, zero, _ = queued
+    assert zero == baseline                                               # alpha 0: the unsteered rows exactly
+    assert sum(bool(o["program"]) for o in baseline.values()) >= 3 and any(o["passed"] for o in baseline.values())
+    assert {o["finish_reason"] for o in baseline.values()} == {"eos", "length"}   # rows end at different steps
+    assert any(target[t]["program"] != baseline[t]["program"] for t in baseline)
+    again, steerer = _run_many(cfg, run)
+    assert again == queued and steerer.n_generated == 0 and steerer.n_done == 5
+    with pytest.raises(ValueError, match="'queue' needs the fast backend"):
+        _run_many(resolve_config(base=cfg.to_dict(), overrides=["generation.backend=hf"]), run, "queue")
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_an_interrupted_queue_resumes_at_the_conditions_not_written(analysed, tmp_path_factory, monkeypatch):
+    """Waves of 3 conditions; interrupted when the second condition is written (inside the first wave): the resumed
+    stage reads the one written condition, generates the others, and every outcome equals an uninterrupted run's."""
+    import pva_sae.stages.steer as steer_module
+
+    monkeypatch.setattr(steer_module, "QUEUE_WAVE_BATCHES", 3)
+    cfg, run = _fast_copy(analysed, tmp_path_factory, "steer-queue-whole")
+    whole, _ = _run_many(cfg, run)
+    cfg, run = _fast_copy(analysed, tmp_path_factory, "steer-queue-resumed")
+    written = []
+    write = steer_module.write_condition
+
+    def interrupt_at_the_second(paths, key, data):
+        if key != steer_module.PLAN_KEY:
+            if len(written) == 1:
+                raise _Interrupted
+            written.append(key)
+        write(paths, key, data)
+
+    monkeypatch.setattr(steer_module, "write_condition", interrupt_at_the_second)
+    with pytest.raises(_Interrupted):
+        _run_many(cfg, run)
+    monkeypatch.setattr(steer_module, "write_condition", write)
+    resumed, steerer = _run_many(cfg, run)
+    assert resumed == whole
+    assert steerer.n_generated == 4 * 10 and steerer.n_done == 5
+
+
+def test_the_stage_through_the_queue_equals_the_stage_through_batches(analysed, tmp_path_factory, monkeypatch,
+                                                                       capsys):
+    """The whole stage on the fast backend: the queue schedule (its default there) and the batches schedule give
+    the same results and per-task rows; the progress bar counts every condition."""
+    import functools
+
+    import pyarrow.parquet as pq
+
+    import pva_sae.stages.steer as steer_module
+
+    cfg_q, run_q, queued = _steer_copy(analysed, tmp_path_factory, "steer-stage-queue", ["generation.backend=fast"])
+    monkeypatch.setattr(steer_module, "Steerer", functools.partial(steer_module.Steerer, schedule="batches"))
+    _, run_b, batched = _steer_copy(analysed, tmp_path_factory, "steer-stage-batches", ["generation.backend=fast"])
+    for part in ("experiments", "directions", "noise_floor", "selective"):
+        assert queued[part] == batched[part], part
+    assert (pq.read_table(SteeringPaths.of(run_q).tasks).to_pylist()
+            == pq.read_table(SteeringPaths.of(run_b).tasks).to_pylist())
+    assert queued["tasks"] == batched["tasks"]
+    monkeypatch.undo()
+    capsys.readouterr()
+    again = steer(cfg_q, progress=True)
+    assert again["tasks"]["generated"] == 0 and again["experiments"] == queued["experiments"]
+    n_alphas = len(queued["directions"]["correct"]["tuning"]["table"])
+    done = 2 + 2 * (n_alphas * (1 + 2) + 1 + 4)
+    assert f"steer {done}/{done} conditions" in capsys.readouterr().err

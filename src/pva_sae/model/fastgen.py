@@ -38,7 +38,12 @@ queue, prefilled into that slot's cache rows, with per-row positions, write indi
 decode steps are not spent on finished rows (at most ``check_every - 1`` steps between checks).
 Sampling there is keyed: a row's token at step t is drawn by inverting its categorical CDF at a
 uniform number hashed from (row key, t), inside the captured step, so each sample depends on its
-key only, never on its slot, its neighbours or the queue order.
+key only, never on its slot, its neighbours or the queue order. Steering there is per prompt: the
+prompts of one queue share the steering layer, site and positions, and each brings its own
+``alpha * direction`` (or none), held per slot in an (S, d_model) buffer of the captured state, written
+when the slot takes the prompt and added in the slot's prefill and decode steps. An unsteered prompt
+gets a zero row (x + 0 is x exactly), so its tokens are the unsteered ones. Finished rows are
+reported as they end (``on_finish``), so a caller can consume them while the queue runs.
 """
 
 from __future__ import annotations
@@ -253,6 +258,13 @@ def _renumbered(stop_check, members: Sequence[int]):
     if stop_check is None:
         return None
     return lambda requests: stop_check([(members[item], new, first) for item, new, first in requests])
+
+
+def _renumbered_finish(on_finish, members: Sequence[int]):
+    """``on_finish`` for a bucket: the finished rows named by their prompt's index in the whole queue."""
+    if on_finish is None:
+        return None
+    return lambda rows: on_finish([(members[item], new, reason) for item, new, reason in rows])
 
 
 def _write(cache, write_at, x):
@@ -655,11 +667,12 @@ class StaticDecoder:
         out: Any        # (S, max_new + 1) generated tokens; the last column takes writes of finished rows
         done: Any       # (S,) the row ended on the device (EOS or token limit), or the slot is idle
         keys: Any       # (S, 2) sampling key of the slot's current prompt
-        delta: Any      # (d_model,) steering added at generated positions
+        delta: Any      # (S, d_model) steering each slot's prompt adds at generated positions (zero: none)
 
     def generate_queue(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, slots: int, *,
-                       steering: Steering | None = None, temperature: float = 0.0, top_p: float = 1.0,
-                       keys: Sequence[int] | None = None, stop_check=None) -> list[tuple[list[int], str]]:
+                       steering: Steering | Sequence[Steering | None] | None = None, temperature: float = 0.0,
+                       top_p: float = 1.0, keys: Sequence[int] | None = None, stop_check=None,
+                       on_finish=None) -> list[tuple[list[int], str]]:
         """Generate every prompt of the queue with ``slots`` rows decoding at once (continuous batching).
 
         ``prompts`` are unpadded token id lists; ``keys`` one int per prompt (sampling, see
@@ -668,7 +681,11 @@ class StaticDecoder:
         ``stop_check(requests) -> list[int | None]`` gets, every ``check_every`` steps, one
         ``(prompt_index, new_tokens, first_unchecked)`` per running row and returns for each the first step
         >= first_unchecked at which the row's text ends with a stop string (None: none yet).
-        A row's output equals what :meth:`generate` (with ``row_keys``) gives it in any batch.
+        ``steering`` is one :class:`Steering` for every prompt, or one per prompt (None: unsteered); the
+        steered prompts of one queue must share layer, site and positions. ``on_finish(rows)`` is called
+        after each check with ``(prompt_index, new_tokens, reason)`` of the rows that ended in it.
+        A row's output equals what :meth:`generate` (with ``row_keys`` and that prompt's steering) gives it
+        in any batch.
         """
 
         n = len(prompts)
@@ -676,6 +693,7 @@ class StaticDecoder:
             return []
         if slots < 1 or max_new_tokens < 1:
             raise ValueError(f"slots and max_new_tokens must be >= 1, got {slots} and {max_new_tokens}")
+        per_prompt = self._per_prompt_steering(steering, n)
         if temperature > 0 and (keys is None or len(keys) != n):
             raise ValueError("sampling with generate_queue needs one key per prompt")
         if any(len(p) == 0 for p in prompts):
@@ -689,23 +707,49 @@ class StaticDecoder:
         results: list = [None] * n
         for width in sorted(buckets):
             members = buckets[width]
-            part = self._run_queue([prompts[i] for i in members], max_new_tokens, slots, steering, temperature,
-                                   top_p, None if keys is None else [keys[i] for i in members],
-                                   _renumbered(stop_check, members))
+            part = self._run_queue([prompts[i] for i in members], max_new_tokens, slots,
+                                   [per_prompt[i] for i in members], temperature, top_p,
+                                   None if keys is None else [keys[i] for i in members],
+                                   _renumbered(stop_check, members), _renumbered_finish(on_finish, members))
             for i, r in zip(members, part):
                 results[i] = r
         return results
 
-    def _run_queue(self, prompts, max_new_tokens: int, slots: int, steering, temperature: float, top_p: float,
-                   keys, stop_check) -> list[tuple[list[int], str]]:
+    def _per_prompt_steering(self, steering, n: int) -> list[Steering | None]:
+        """One Steering (or None) per prompt; refuses steerings that differ in layer, site or positions."""
+        if steering is None or isinstance(steering, Steering):
+            return [steering] * n
+        per_prompt = list(steering)
+        if len(per_prompt) != n:
+            raise ValueError(f"generate_queue got {len(per_prompt)} steerings for {n} prompts")
+        where = {(s.layer, s.site, s.positions) for s in per_prompt if s is not None}
+        if len(where) > 1:
+            raise ValueError(f"the prompts of one queue must share the steering layer, site and positions; got "
+                             f"{sorted(where)}: run one queue per (layer, site, positions)")
+        return per_prompt
+
+    def _slot_deltas(self, steerings: Sequence[Steering | None]):
+        """(prompt delta, generated delta) per distinct steering of a queue: alpha * direction at the positions
+        it steers, zeros elsewhere (and for None)."""
+        zero = torch.zeros(self.cfg.hidden_size, dtype=self.dtype, device=self.device)
+        deltas: dict[int, tuple] = {id(None): (zero, zero)}
+        for s in steerings:
+            if id(s) not in deltas:
+                d = self._delta(s)
+                deltas[id(s)] = (d if s.positions in ("all", "prompt") else zero,
+                                 d if s.positions in ("all", "generated") else zero)
+        return deltas
+
+    def _run_queue(self, prompts, max_new_tokens: int, slots: int, steerings, temperature: float, top_p: float,
+                   keys, stop_check, on_finish=None) -> list[tuple[list[int], str]]:
         n = len(prompts)
         slots = min(slots, n)
         max_len = max(len(p) for p in prompts) + max_new_tokens
         st = self._queue_for(slots, max_len, max_new_tokens)
         sampling = (float(temperature), float(top_p) if temperature > 0 else 1.0, temperature > 0)
-        delta = self._delta(steering)
-        prompt_delta = delta if steering is not None and steering.positions in ("all", "prompt") else delta * 0
-        st.delta.copy_(delta if steering is not None and steering.positions in ("all", "generated") else delta * 0)
+        # The steering of the queue's layer and site (None: no prompt is steered, nothing is added anywhere).
+        steering = next((s for s in steerings if s is not None), None)
+        deltas = self._slot_deltas(steerings)
         eos = {int(e) for e in self.eos.tolist()}
         results: list[tuple[list[int], str] | None] = [None] * n
         slot_item = [-1] * slots
@@ -725,7 +769,8 @@ class StaticDecoder:
             if chosen:
                 for slot, item in chosen:
                     slot_item[slot], checked[slot] = item, 0
-                self._queue_prefill(st, chosen, prompts, keys, steering, prompt_delta, sampling, max_new_tokens)
+                self._queue_prefill(st, chosen, prompts, keys, steering,
+                                    [deltas[id(steerings[item])] for _, item in chosen], sampling, max_new_tokens)
 
         with torch.inference_mode():
             st.done.fill_(True)
@@ -748,7 +793,7 @@ class StaticDecoder:
                     rows.append((new[:eos_at + 1] if eos_at is not None else new, eos_at))
                 stops = (stop_check([(slot_item[slot], new, checked[slot]) for slot, (new, _) in zip(running, rows)])
                          if stop_check is not None else [None] * len(running))
-                free = []
+                free, finished = [], []
                 for slot, (new, eos_at), stop in zip(running, rows, stops):
                     if stop is not None and stop < len(new):
                         ended = (new[:stop + 1], "eos" if new[stop] in eos else "stop")
@@ -760,15 +805,19 @@ class StaticDecoder:
                         checked[slot] = len(new)
                         continue
                     results[slot_item[slot]] = ended
+                    finished.append((slot_item[slot], *ended))
                     free.append(slot)
+                if finished and on_finish is not None:
+                    on_finish(finished)
                 if free:
                     fill(free)
         return results  # type: ignore[return-value]
 
-    def _queue_prefill(self, st: "_Queue", chosen: list[tuple[int, int]], prompts, keys, steering, delta,
+    def _queue_prefill(self, st: "_Queue", chosen: list[tuple[int, int]], prompts, keys, steering, deltas,
                        sampling: tuple, max_new: int) -> None:
         """Prefill the prompts of ``chosen`` (slot, prompt index) into their slots' cache rows (right padded,
-        in row chunks within the scratch budget) and set each slot's first token and counters."""
+        in row chunks within the scratch budget) and set each slot's first token, counters and steering;
+        ``deltas`` holds each chosen prompt's (prompt delta, generated delta)."""
 
         lens = [len(prompts[item]) for _, item in chosen]
         t = max(lens)
@@ -778,6 +827,8 @@ class StaticDecoder:
         ids = ids.to(self.device)
         length = torch.tensor(lens, device=self.device)
         slot_ids = torch.tensor([slot for slot, _ in chosen], device=self.device)
+        prompt_delta = torch.stack([d for d, _ in deltas])[:, None]                 # (rows, 1, d_model)
+        st.delta[slot_ids] = torch.stack([d for _, d in deltas])
         arange = torch.arange(t, device=self.device)
         valid = arange[None] < length[:, None]
         masks = self._masks(valid, arange, t)
@@ -792,7 +843,7 @@ class StaticDecoder:
             m = ids[r].shape[0]
             caches = ([c[:m] for c in scratch[0]], [c[:m] for c in scratch[1]])
             logits.append(self._forward(ids[r], arange[None].expand(m, t), arange, [mk[r] for mk in masks], caches,
-                                        delta, layer, site, kv_len=t, last=length[r] - 1))
+                                        prompt_delta[r], layer, site, kv_len=t, last=length[r] - 1))
             for cache, part in zip((*st.caches[0], *st.caches[1]), (*caches[0], *caches[1])):
                 cache[slot_ids[r], :, :t] = part
         if keys is not None:
@@ -815,8 +866,8 @@ class StaticDecoder:
         max_new = st.out.shape[1] - 1
         masks = self._masks(st.valid, st.idx, max_len)
         layer, site = (steering.layer, steering.site) if steering else (None, None)
-        logits = self._forward(st.tok, st.idx, st.idx, masks, st.caches, st.delta, layer, site, fns=self._decode_fns,
-                               kv_len=kv_len)
+        logits = self._forward(st.tok, st.idx, st.idx, masks, st.caches, st.delta[:, None], layer, site,
+                               fns=self._decode_fns, kv_len=kv_len)
         temperature, top_p, _ = sampling
         nxt = keyed_pick(logits, temperature, top_p, st.keys, st.nstep)
         nxt = torch.where(st.done, torch.full_like(nxt, self.pad_id), nxt)
@@ -840,7 +891,7 @@ class StaticDecoder:
             self._state = self._Queue(caches, torch.ones((slots, max_len), dtype=torch.bool, device=self.device),
                                       z(slots, 1), z(slots, 1), z(slots), z(slots, max_new + 1),
                                       torch.ones(slots, dtype=torch.bool, device=self.device), z(slots, 2),
-                                      torch.zeros(self.cfg.hidden_size, dtype=self.dtype, device=self.device))
+                                      torch.zeros((slots, self.cfg.hidden_size), dtype=self.dtype, device=self.device))
             self._state_key, self._graphs = key, {}
         return self._state
 

@@ -9,6 +9,11 @@ Decoding is Hugging Face ``generate`` with left padding (the last prompt token i
 every row), stop strings through ``stop_strings=`` (a row stops once its text ends with one; the
 others go on), and the model's EOS ids. Stop strings are then cut from the text: ``completion`` is
 the new text up to the earliest stop string, ``raw_completion`` everything generated.
+
+With the fast backend, :meth:`Generator.generate_queue` runs items by continuous batching instead of
+a plan of batches: each item's sampling is keyed by (seed, task_id, sample_index) and each item may
+carry its own steering, so an item's sample depends neither on its neighbours nor on the queue order;
+finished samples are handed to a callback as the queue runs.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Iterator, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -182,8 +188,7 @@ class Generator:
         step at which each row stopped (the library does not report it)."""
         if not self.stop_strings:
             return None
-
-        return StopStringCriteria(self.tokenizer, list(self.stop_strings))
+        return stop_criterion(self.tokenizer, self.stop_strings)
 
     def generate_batch(self, batch: Sequence[PlanItem], batch_index: int, steering: "Steering | None" = None
                        ) -> list[Sample]:
@@ -217,8 +222,9 @@ class Generator:
             for row, item in enumerate(batch)
         ]
 
-    def generate_queue(self, items: Sequence[PlanItem], queue_index: int = 0, steering: "Steering | None" = None,
-                       slots: int | None = None) -> list[Sample]:
+    def generate_queue(self, items: Sequence[PlanItem], queue_index: int = 0,
+                       steering: "Steering | Sequence[Steering | None] | None" = None, slots: int | None = None,
+                       on_samples: "Callable[[list[tuple[int, Sample]]], None] | None" = None) -> list[Sample]:
         """Generate every item with continuous batching (fast backend): ``slots`` rows decode at once and a
         row that ends (EOS, stop string, token limit) hands its slot to the next item, so no step is spent
         on finished rows. Samples come back in ``items`` order, with ``batch_index = queue_index``.
@@ -227,6 +233,12 @@ class Generator:
         :func:`sample_key` (seed, task_id, sample_index), so they do not depend on the order of ``items``,
         on ``slots`` or on the device's batch size. ``slots`` defaults to ``generation.batch_size``, or
         for 0 to the largest batch the free GPU memory holds.
+
+        ``steering``: one for every item, or one per item (None: unsteered; the steered items must share
+        layer, site and positions), each item then generating what :meth:`generate_batch` gives it under
+        its own steering. ``on_samples`` gets ``(item index, Sample)`` pairs of the rows that ended at each
+        stop check while the queue runs; a sample's ``gen_time_s`` is the wall time since the previous check
+        that ended rows, divided among the rows it ended.
         """
 
         if self.fast is None:
@@ -239,45 +251,65 @@ class Generator:
             slots = self.cfg.batch_size if self.cfg.batch_size > 0 else free_memory_batch_size(
                 self.model, max(len(p) for p in prompt_ids) + self.cfg.max_new_tokens)
         keys = [sample_key(self.cfg.seed, task_id, sample_index) for task_id, sample_index, _ in items]
-        started = time.perf_counter()
-        rows = self.fast.generate_queue(prompt_ids, self.cfg.max_new_tokens, slots, steering=steering,
-                                        temperature=self.cfg.temperature, top_p=self.cfg.top_p, keys=keys,
-                                        stop_check=self._queue_stop_checker(prompt_ids))
-        per_sample = (time.perf_counter() - started) / len(items)
-        samples = []
-        for item, prompt, (new, reason) in zip(items, prompt_ids, rows):
-            row = torch.tensor(list(prompt) + list(new), dtype=torch.long)
-            samples.append(self._sample(item, row, torch.ones(len(prompt), dtype=torch.long), len(prompt), len(new),
-                                        reason, per_sample, queue_index))
-        return samples
+        samples: list[Sample | None] = [None] * len(items)
+        last = [time.perf_counter()]
+
+        def finished(rows: list[tuple[int, list[int], str]]) -> None:
+            now = time.perf_counter()
+            per_sample, last[0] = (now - last[0]) / len(rows), now
+            done = []
+            for index, new, reason in rows:
+                prompt = prompt_ids[index]
+                row = torch.tensor(list(prompt) + list(new), dtype=torch.long)
+                samples[index] = self._sample(items[index], row, torch.ones(len(prompt), dtype=torch.long),
+                                              len(prompt), len(new), reason, per_sample, queue_index)
+                done.append((index, samples[index]))
+            if on_samples is not None:
+                on_samples(done)
+
+        self.fast.generate_queue(prompt_ids, self.cfg.max_new_tokens, slots, steering=steering,
+                                 temperature=self.cfg.temperature, top_p=self.cfg.top_p, keys=keys,
+                                 stop_check=self._queue_stop_checker(prompt_ids), on_finish=finished)
+        return samples  # type: ignore[return-value]
 
     def _queue_stop_checker(self, prompt_ids: Sequence[Sequence[int]]):
         """For continuous batching: the first step (since the row's last check) at which a row's text ends
-        with a stop string, from one call of the criterion ``generate`` applies after every step."""
+        with a stop string: what the criterion ``generate`` applies after every step gives, from one call over
+        every row's windows (see :func:`stop_hits`)."""
         if self._stop_criterion is None:
             return None
-        width = getattr(self._stop_criterion, "maximum_token_len", None)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
+        criterion = self._stop_criterion
+        width = getattr(criterion, "maximum_token_len", None)
 
         def check(requests):
-            windows, owners = [], []
-            for r, (item, new, first) in enumerate(requests):
-                text = list(prompt_ids[item]) + list(new)
-                for t in range(first, len(new)):
-                    end = len(prompt_ids[item]) + t + 1
-                    windows.append(text[max(0, end - width):end] if width else text[:end])
-                    owners.append((r, t))
             found: list[int | None] = [None] * len(requests)
-            if not windows:
-                return found
-            longest = max(len(w) for w in windows)
-            ids = torch.full((len(windows), longest), pad, dtype=torch.long)
-            for i, w in enumerate(windows):
-                ids[i, longest - len(w):] = torch.tensor(w, dtype=torch.long)
-            hits = self._stop_criterion(ids, None).cpu().tolist()
-            for (r, t), hit in zip(owners, hits):
-                if hit and found[r] is None:
-                    found[r] = t
+            blocks, owners = [], []
+            for r, (item, new, first) in enumerate(requests):
+                prompt = prompt_ids[item]
+                p, n = len(prompt), len(new)
+                if first >= n:
+                    continue
+                text = list(prompt) + list(new)
+                if not width:
+                    hits = [bool(criterion(torch.tensor([text[:p + t + 1]]), None)[0]) for t in range(first, n)]
+                    found[r] = next((first + j for j, hit in enumerate(hits) if hit), None)
+                    continue
+                for end in range(p + first + 1, min(p + n, width - 1) + 1):    # shorter than a window: the prefix,
+                    if bool(criterion(torch.tensor([text[:end]]), None)[0]):   # as the library reads it
+                        found[r] = end - p - 1
+                        break
+                start = max(p + first + 1, width)
+                if found[r] is None and start <= p + n:
+                    blocks.append(torch.tensor(text[start - width:p + n]).unfold(0, width, 1))  # [j] ends at start + j
+                    owners.append((r, start - p - 1))
+            if blocks:
+                hits = criterion(torch.cat(blocks), None).cpu().tolist()
+                at = 0
+                for (r, t0), block in zip(owners, blocks):
+                    j = next((j for j, hit in enumerate(hits[at:at + len(block)]) if hit), None)
+                    at += len(block)
+                    if j is not None:
+                        found[r] = t0 + j
             return found
 
         return check
@@ -299,10 +331,13 @@ class Generator:
         checked = {"steps": 0}
 
         def check(out, prompt_len: int, done):
-            steps = out.shape[1] - prompt_len
-            for t in range(checked["steps"], steps):
-                done = done | self._stop_criterion(out[:, :prompt_len + t + 1], None).cpu()
+            steps, first = out.shape[1] - prompt_len, checked["steps"]
             checked["steps"] = steps
+            live = (~done).nonzero().flatten()
+            if len(live) and steps > first:
+                hits = stop_hits(self._stop_criterion, out[live], prompt_len + first + 1, prompt_len + steps)
+                done = done.clone()
+                done[live] |= hits.any(dim=1)
             return done
 
         return check
@@ -320,9 +355,8 @@ class Generator:
         n_rows, n_steps = new.shape
         done = torch.isin(new, torch.tensor(self.eos_ids))    # (B, T)
         reason_eos = done.clone()
-        if self._stop_criterion is not None:
-            for t in range(n_steps):
-                done[:, t] |= self._stop_criterion(out[:, :prompt_len + t + 1], None)
+        if self._stop_criterion is not None and n_steps:
+            done |= stop_hits(self._stop_criterion, out, prompt_len + 1, prompt_len + n_steps)
         any_done = done.any(dim=1)
         first = done.float().argmax(dim=1)                   # (B,) first True, 0 when none
         ends = torch.where(any_done, first + 1, torch.full_like(first, n_steps))
@@ -349,6 +383,37 @@ class Generator:
                       raw_completion=raw, n_prompt_tokens=len(prompt_ids), n_new_tokens=n_new,
                       gen_time_s=gen_time_s, finish_reason=reason, temperature=self.cfg.temperature,
                       batch_index=batch_index)
+
+
+_STOP_CRITERIA: dict[tuple[int, tuple[str, ...]], tuple[Any, Any]] = {}
+
+
+def stop_criterion(tokenizer: Any, stop_strings: Sequence[str]) -> Any:
+    """transformers' ``StopStringCriteria`` for ``stop_strings``, built once per tokenizer: building it reads the
+    whole vocabulary (about 40 s for Gemma's 256,000 tokens, measured on the GPU machine), and every stage and
+    sub-build makes a Generator on the same loaded tokenizer."""
+    key = (id(tokenizer), tuple(stop_strings))
+    hit = _STOP_CRITERIA.get(key)
+    if hit is None or hit[0]() is not tokenizer:
+        hit = (weakref.ref(tokenizer), StopStringCriteria(tokenizer, list(stop_strings)))
+        _STOP_CRITERIA[key] = hit
+    return hit[1]
+
+
+def stop_hits(criterion: Any, out: "torch.Tensor", first_end: int, last_end: int) -> "torch.Tensor":
+    """(B, last_end - first_end + 1) bool: whether the text ``out[:, :end]`` ends with a stop string, for every
+    end in first_end..last_end: what calling the criterion on each prefix gives, in one call. The criterion reads
+    only the last ``maximum_token_len`` tokens of what it is given, so each end gets that window of ``out``; the
+    few ends closer to the start than a window are called on their prefix, as the library would be."""
+    width = int(criterion.maximum_token_len)
+    short = range(first_end, min(last_end, width - 1) + 1)         # prefixes shorter than a window
+    parts = [criterion(out[:, :end], None).reshape(-1, 1).cpu().bool() for end in short]
+    start = max(first_end, width)
+    if start <= last_end:
+        windows = out[:, start - width:last_end].unfold(1, width, 1)  # (B, n, width): [b, j] ends at start + j
+        hits = criterion(windows.reshape(-1, width).contiguous(), None)
+        parts.append(hits.reshape(out.shape[0], -1).cpu().bool())
+    return torch.cat(parts, dim=1)
 
 
 def resolve_batch_size(generator: "Generator", prompts: Sequence[str]) -> int:

@@ -3,9 +3,9 @@
 The design (``docs/statistics.md`` has the protocol and the calibration of every test):
 
 1. **One task set, one baseline.** Every arm (the target, every control) runs on the same tasks, at
-   the same alpha, positions and batch plan; the paired baseline is an alpha = 0 re-run of those tasks
-   under the same plan. The build record against that re-run is the noise floor. Steered runs cover
-   all tasks of the split, so a flip is defined in both directions.
+   the same alpha, positions and generation schedule (below); the paired baseline is an alpha = 0 re-run
+   of those tasks under the same schedule. The build record against that re-run is the noise floor.
+   Steered runs cover all tasks of the split, so a flip is defined in both directions.
 2. **Controls of two kinds**, ``steering.n_controls`` per direction: half zero-separation SAE latents
    of the target's layer (|separation| <= ``control_max_separation``, firing rate matched, passing the
    same general-text filter as the target), half seeded random directions at that layer with the norm
@@ -24,6 +24,19 @@ The design (``docs/statistics.md`` has the protocol and the calibration of every
 (an exact null against the random controls) or by a token's unembedding row (a positive control).
 Each generation condition is cached under ``steering/conditions/`` when it finishes, so an interrupted
 stage resumes at the next condition. Outputs under ``<run>/steering/`` (``SteeringPaths``).
+
+**Schedules.** With the 'hf' backend every condition is planned into static batches of the stage's
+batch size and generated batch by batch ('batches'). With the fast backend the conditions of one call
+that steer at the same layer (the stage's site and positions are shared; the alpha = 0 baseline joins
+any of them) run through continuous batching ('queue', :meth:`Generator.generate_queue`): (condition,
+task) rows decode in ``batch_size`` slots, each with its own steering row, and a slot that ends takes the
+next row, so no decode step is spent on finished rows or on a condition's short last batch. A row gets what
+its per-batch generation gives it (float32: exactly; bfloat16 may round a near-tie differently, as static
+batches of other shapes do); rows are labelled in chunks as they end, and a condition is written once its
+last row is labelled. The conditions are queued in waves of at least ``QUEUE_WAVE_BATCHES`` batches'
+worth of rows: the queue runs its prompt-length buckets one after the other, so in one queue of every
+condition none would be complete before the last bucket; a wave bounds what an interruption loses. The
+schedule is part of every condition's key: one schedule's cached conditions are never read by the other.
 """
 
 from __future__ import annotations
@@ -124,6 +137,8 @@ class Arm:
 
 BASELINE = Arm("baseline", None, None, None, "alpha=0")
 PLAN_KEY = "generation_plan"  # steering/conditions/generation_plan.json: the batch size every condition used
+SCHEDULES = ("batches", "queue")
+QUEUE_WAVE_BATCHES = 8  # the queue schedule takes conditions in waves of >= this many batch_size rows
 
 
 # --------------------------------------------------------------------------- generation
@@ -132,10 +147,12 @@ class Steerer:
     """Runs arms on one loaded model: batched steered generation, sandboxed labels, cached conditions.
 
     The conditions of one :meth:`run_many` call are pipelined: with ``generation.overlap`` the sandbox labels
-    a batch on a background thread while the next batch, of the same condition or the next, generates.
+    a batch (or a chunk of finished queue rows) on a background thread while generation goes on.
+    ``schedule`` is 'batches' or 'queue' (see the module docstring); None: 'queue' on the fast backend, else
+    'batches'.
     """
 
-    def __init__(self, cfg: Config, run: RunDir, progress: bool, *, loaded=None):
+    def __init__(self, cfg: Config, run: RunDir, progress: bool, *, loaded=None, schedule: str | None = None):
         self.cfg, self.paths, self.progress = cfg, SteeringPaths.of(run), progress
         self.loaded = use_model(loaded, cfg.model)
         tasks = benchmarks.load_tasks(cfg.data.dataset, cfg.data.source)
@@ -144,6 +161,11 @@ class Steerer:
                         for t in tasks}
         self.split_of = split_of(run)
         self.generator = Generator(self.loaded, cfg.generation)
+        self.schedule = schedule or ("queue" if self.generator.backend == "fast" else "batches")
+        if self.schedule not in SCHEDULES or (self.schedule == "queue" and self.generator.backend != "fast"):
+            raise ValueError(f"steering schedule {self.schedule!r} with generation.backend resolved to "
+                             f"{self.generator.backend!r}: 'queue' needs the fast backend, 'batches' runs on any")
+        self._lengths: dict[int, int] = {}      # prompt tokens per task (the queue's order within a condition)
         self.shard = distributed.shard_of(cfg)      # under torchrun: conditions are spread over the ranks by key
         self.batch_size = distributed.from_rank0(self._batch_size(), self.shard)
         self.budget = batch_token_budget(cfg.generation.max_batch_tokens, self.loaded.device)
@@ -188,7 +210,7 @@ class Steerer:
                  "prompt": c["prompt"], "data": c["data"]["source"],
                  "generation": {k: v for k, v in c["generation"].items() if k != "overlap"},
                  "sandbox": {k: v for k, v in c["sandbox"].items() if k != "workers"},
-                 "backend": self.generator.backend, "batch_size": self.batch_size}
+                 "backend": self.generator.backend, "batch_size": self.batch_size, "schedule": self.schedule}
         return f"{arm.kind}_{arm.label.replace(':', '-').replace('#', '')}_{sha256_json(parts)[:16]}"
 
     def run(self, arm: Arm, vector: torch.Tensor | None, alpha: float, task_ids: list[int]) -> dict[int, dict]:
@@ -215,14 +237,31 @@ class Steerer:
         todo, theirs = distributed.split_by_key(todo, lambda item: item[1], [
             self.condition_key(a, v, alpha, tuple(sorted(ids))) for a, v, alpha, ids in conditions], self.shard)
         # ---
+        if self.schedule == "queue":
+            for group in self._queue_groups(todo):
+                for wave in self._waves(group):
+                    self._run_queue(wave, out)
+        else:
+            self._run_batches(todo, out)
+        distributed.barrier(self.shard)   # --- shards: every rank's conditions are written; read the others'
+        for i, key, *_ in theirs:
+            out[i] = {o["task_id"]: o for o in read_condition(self.paths, key)["tasks"]}
+            self.n_done += 1
+        return out  # type: ignore[return-value]
+
+    def _steering(self, arm: Arm, vector: torch.Tensor | None, alpha: float) -> Steering | None:
+        return (Steering(arm.layer, vector, alpha, site=self.site, positions=self.cfg.steering.positions)
+                if vector is not None and alpha != 0 else None)
+
+    def _run_batches(self, todo, out) -> None:
+        """Each condition planned into static batches, generated batch by batch, labelled while the next runs."""
         records: dict[int, list[dict[str, Any]]] = {}
         pending = None                  # (condition, labelling future, whether it is its last batch)
         for item in todo:
             i, _, arm, alpha, ids, vector = item
             plan = plan_batches([(t, self.prompts[t]) for t in ids], self.loaded.tokenizer, self.batch_size, 1, True,
                                 self.budget, self.cfg.generation.max_new_tokens)
-            steering = (Steering(arm.layer, vector, alpha, site=self.site, positions=self.cfg.steering.positions)
-                        if vector is not None and alpha != 0 else None)
+            steering = self._steering(arm, vector, alpha)
             records[i] = []
             for index, batch in enumerate(plan):
                 self.bar.set_postfix_str(f"{arm.label} alpha={alpha:.3g}")
@@ -235,29 +274,109 @@ class Steerer:
                     pending = None
         if pending is not None:
             self._finish(*pending, records, out)
-        distributed.barrier(self.shard)   # --- shards: every rank's conditions are written; read the others'
-        for i, key, *_ in theirs:
-            out[i] = {o["task_id"]: o for o in read_condition(self.paths, key)["tasks"]}
-            self.n_done += 1
-        return out  # type: ignore[return-value]
 
     def _finish(self, item, future, last: bool, records, out) -> None:
         """Add one labelled batch to its condition; after its last batch write the condition."""
-        i, key, arm, alpha, ids, _ = item
+        i = item[0]
         new = future.result()
         records[i] += new
-        self.n_generated += len(new)
-        if self.bar.n + len(new) > (self.bar.total or 0):
-            self.bar.total = self.bar.n + len(new)
-        self.bar.update(len(new))
-        if not last:
-            return
-        outcomes = [_outcome(r) for r in sorted(records.pop(i), key=lambda r: r["task_id"])]
+        self._count(len(new))
+        if last:
+            self._write(item, records.pop(i), out)
+
+    def _count(self, n: int) -> None:
+        self.n_generated += n
+        if self.bar.n + n > (self.bar.total or 0):
+            self.bar.total = self.bar.n + n
+        self.bar.update(n)
+
+    def _write(self, item, records: list[dict[str, Any]], out) -> None:
+        """Write a condition whose every task is labelled (outcomes in task order)."""
+        i, key, arm, alpha, ids, _ = item
+        outcomes = [_outcome(r) for r in sorted(records, key=lambda r: r["task_id"])]
         write_condition(self.paths, key, {"arm": arm.as_dict(), "alpha": alpha, "task_ids": list(ids),
                                           "tasks": outcomes})
         out[i] = {o["task_id"]: o for o in outcomes}
         self.n_done += 1
         self._describe()
+
+    def _queue_groups(self, todo) -> list[list]:
+        """The conditions to generate, grouped by steering layer in call order (site and positions are the
+        stage's); unsteered conditions (the baseline) join the first group."""
+        groups: dict[int | None, list] = {}
+        for item in todo:
+            _, _, arm, alpha, _, vector = item
+            steering = self._steering(arm, vector, alpha)
+            groups.setdefault(None if steering is None else steering.layer, []).append(item)
+        unsteered = groups.pop(None, [])
+        if not groups:
+            return [unsteered] if unsteered else []
+        ordered = list(groups.values())
+        ordered[0] = sorted(unsteered + ordered[0], key=lambda item: item[0])
+        return ordered
+
+    def _waves(self, group: list) -> list[list]:
+        """Consecutive conditions of a group, each wave at least QUEUE_WAVE_BATCHES * batch_size rows (the last
+        one what is left)."""
+        waves, current, rows = [], [], 0
+        for item in group:
+            current.append(item)
+            rows += len(item[4])
+            if rows >= QUEUE_WAVE_BATCHES * self.batch_size:
+                waves.append(current)
+                current, rows = [], 0
+        if current:
+            waves.append(current)
+        return waves
+
+    def _prompt_length(self, task_id: int) -> int:
+        if task_id not in self._lengths:
+            self._lengths[task_id] = len(self.loaded.tokenizer(self.prompts[task_id])["input_ids"])
+        return self._lengths[task_id]
+
+    def _run_queue(self, wave: list, out) -> None:
+        """One continuous-batching queue of every (condition, task) row of ``wave`` (tasks longest prompt
+        first within a condition, conditions in call order); rows are labelled in chunks of ``batch_size`` as
+        they end, and each condition is written when its last row is labelled."""
+        items, steerings, owner = [], [], []
+        for n, (_, _, arm, alpha, ids, vector) in enumerate(wave):
+            steering = self._steering(arm, vector, alpha)
+            for t in sorted(ids, key=lambda t: (-self._prompt_length(t), t)):
+                items.append((t, 0, self.prompts[t]))
+                steerings.append(steering)
+                owner.append(n)
+        records: list[list[dict[str, Any]]] = [[] for _ in wave]
+        ready: list[tuple[int, Any]] = []     # finished rows not yet submitted for labelling
+        labelling: list[tuple[Any, list[int]]] = []   # (future, owner of each row), in submission order
+
+        def collect(wait: bool) -> None:
+            while labelling and (wait or labelling[0][0].done()):
+                future, owners = labelling.pop(0)
+                new = future.result()
+                self._count(len(new))
+                for n, record in zip(owners, new):
+                    records[n].append(record)
+                    if len(records[n]) == len(wave[n][4]):
+                        self._write(wave[n], records[n], out)
+
+        def submit() -> None:
+            chunk = ready[:]
+            ready.clear()
+            labelling.append((self.labeller.submit([s for _, s in chunk]), [owner[index] for index, _ in chunk]))
+
+        def finished(rows: list[tuple[int, Any]]) -> None:
+            ready.extend(rows)
+            if len(ready) >= self.batch_size:
+                submit()
+            collect(wait=False)
+
+        labels = sorted({a.label for _, _, a, _, _, _ in wave})
+        self.bar.set_postfix_str(f"queue of {len(wave)} conditions ({', '.join(labels[:3])}"
+                                 f"{', ...' if len(labels) > 3 else ''})")
+        self.generator.generate_queue(items, 0, steering=steerings, slots=self.batch_size, on_samples=finished)
+        if ready:
+            submit()
+        collect(wait=True)
 
     def close(self) -> None:
         """Stop the labelling thread (after the batch it labels) and close the bar, trimmed to what ran."""
