@@ -13,14 +13,20 @@ Per stage it reports: wall time; samples generated and samples/s; the time insid
 of the wall time; the GPU's own busy fraction (mean of ``nvidia-smi`` utilization sampled every 100 ms,
 the share of time a kernel was running); the time inside sandbox labelling and the programs labelled
 per second of it (with overlap, labelling runs beside generation, so the two fractions can add up to
-more than 1). Written as JSON with the device, versions and date.
+more than 1). Written as JSON with the device, versions and date. With ``--profile DIR`` each stage also
+runs under cProfile: ``DIR/<stage>.pstats`` (for ``python -m pstats`` or snakeviz) and the stage's 25
+functions of largest cumulative time in the JSON (where the wall time goes: a host wait on the device,
+such as ``Tensor.cpu``, absorbs the GPU time queued before it).
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
 import platform
+import pstats
 import shutil
 import subprocess
 import sys
@@ -110,10 +116,24 @@ def stage_row(name: str, result, seconds: float, before, after, gpu_busy, cfg) -
            "label_s": round(spent["label"], 2), "programs": count["label"],
            "programs_per_s": round(count["label"] / spent["label"], 1) if spent["label"] > 0 else None,
            "label_fraction": round(spent["label"] / seconds, 3) if seconds > 0 else None}
-    if name == "steer":
+    if name == "steer" and result is not None:
         row["controls_per_direction"] = cfg.steering.n_controls
         row["steered_generations"] = result["tasks"]["generated"]
     return row
+
+
+def profile_top(profiler: cProfile.Profile, path: Path, n: int = 25) -> dict[str, list[str]]:
+    """Save the stage's profile; its ``n`` functions of largest cumulative and of largest own time, one line each."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    profiler.dump_stats(str(path))
+    out = {}
+    for order in ("cumulative", "tottime"):
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats(order).print_stats(n)
+        lines = text.getvalue().splitlines()
+        start = next((i for i, line in enumerate(lines) if line.lstrip().startswith("ncalls")), 0)
+        out[order] = [" ".join(line.split()) for line in lines[start:] if line.strip()]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="write the timings here")
     p.add_argument("--stages", default="build,analyze,validate,steer,report")
     p.add_argument("--progress", action="store_true", help="show the stages' progress bars")
+    p.add_argument("--profile", help="run each stage under cProfile; write DIR/<stage>.pstats and the top in the JSON")
     args = p.parse_args(argv)
 
     import torch
@@ -164,9 +185,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name in args.stages.split(","):
             before, t0 = meter.snapshot(), time.perf_counter()
-            result = stages[name]()
+            profiler = cProfile.Profile() if args.profile else None
+            try:
+                result = profiler.runcall(stages[name]) if profiler else stages[name]()
+            except BaseException as stop:    # an interrupted stage (Ctrl+C, timeout -s INT) still gets its row
+                t1 = time.perf_counter()
+                row = stage_row(name, None, t1 - t0, before, meter.snapshot(), gpu.busy(t0, t1), cfg)
+                row["interrupted"] = type(stop).__name__
+                if profiler:
+                    row["profile_top"] = profile_top(profiler, Path(args.profile) / f"{name}.pstats")
+                out["stages"][name] = row
+                print(f"{name:9s} interrupted after {row['seconds']:.1f} s: {row['samples']} samples "
+                      f"({row['samples_per_s']}/s)", flush=True)
+                if args.json:
+                    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+                    Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+                raise
             t1 = time.perf_counter()
             row = stage_row(name, result, t1 - t0, before, meter.snapshot(), gpu.busy(t0, t1), cfg)
+            if profiler:
+                row["profile_top"] = profile_top(profiler, Path(args.profile) / f"{name}.pstats")
             out["stages"][name] = row
             print(f"{name:9s} {row['seconds']:8.1f} s  {row['samples']:7d} samples ({row['samples_per_s']}/s)  "
                   f"generate {row['generate_fraction']}  gpu busy {row['gpu_busy_fraction']}  "
