@@ -157,6 +157,7 @@ class Generator:
         self.stop_strings = tuple(cfg.stop_strings)
         self.hf_config = self._hf_generation_config()
         self._stop_criterion = self._make_stop_criterion()
+        self._prompt_cache: dict[str, list[int]] = {}
         self.backend = resolve_backend(cfg.backend, loaded)
         self.fast = None
         if self.backend == "fast":
@@ -246,7 +247,7 @@ class Generator:
                                f"{self.backend!r}: use generate_batch, or backend='fast' with a Gemma-2 model")
         if not items:
             return []
-        prompt_ids = [self.tokenizer(prompt)["input_ids"] for _, _, prompt in items]
+        prompt_ids = [self._prompt_ids(prompt) for _, _, prompt in items]
         if slots is None:
             slots = self.cfg.batch_size if self.cfg.batch_size > 0 else free_memory_batch_size(
                 self.model, max(len(p) for p in prompt_ids) + self.cfg.max_new_tokens)
@@ -271,6 +272,14 @@ class Generator:
                                  temperature=self.cfg.temperature, top_p=self.cfg.top_p, keys=keys,
                                  stop_check=self._queue_stop_checker(prompt_ids), on_finish=finished)
         return samples  # type: ignore[return-value]
+
+    def _prompt_ids(self, prompt: str) -> list[int]:
+        """The prompt's token ids, tokenized once per Generator: steering queues every task's prompt once per
+        condition (about 120 times in a real-model study)."""
+        ids = self._prompt_cache.get(prompt)
+        if ids is None:
+            ids = self._prompt_cache[prompt] = list(self.tokenizer(prompt)["input_ids"])
+        return ids
 
     def _queue_stop_checker(self, prompt_ids: Sequence[Sequence[int]]):
         """For continuous batching: the first step (since the row's last check) at which a row's text ends
