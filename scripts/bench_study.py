@@ -100,6 +100,7 @@ def instrument(meter: Meter) -> None:
 
     registry.load_model = meter.wrap("load", registry.load_model, lambda args, out: 1)
     Generator.generate_batch = meter.wrap("generate", Generator.generate_batch, lambda args, out: len(out))
+    Generator.generate_queue = meter.wrap("generate", Generator.generate_queue, lambda args, out: len(out))
     dataset.label_samples = meter.wrap("label", dataset.label_samples, lambda args, out: len(out))
 
 
