@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_study.py"
 SMALL = ["--set", "data.end_idx=3", "--set", "generation.max_new_tokens=12", "--set", "generation.batch_size=2",
          "--set", "sandbox.timeout_s=5"]
@@ -19,6 +21,7 @@ def bench(tmp_path, *args, code=None):
     return subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, timeout=300)
 
 
+@pytest.mark.slow
 def test_a_profiled_build_writes_its_row_pstats_and_top_functions(tiny_model_dir, tmp_path):
     out = tmp_path / "bench.json"
     done = bench(tmp_path, "--run-dir", str(tmp_path / "run"), "--model", str(tiny_model_dir), "--size", "default",
@@ -33,6 +36,7 @@ def test_a_profiled_build_writes_its_row_pstats_and_top_functions(tiny_model_dir
     assert top["tottime"][0].startswith("ncalls")
 
 
+@pytest.mark.slow
 def test_an_interrupted_stage_still_gets_a_row_and_the_script_fails(tiny_model_dir, tmp_path):
     code = ("import runpy, sys; import pva_sae.stages.build as b\n"
             "def stop(*a, **k): raise KeyboardInterrupt\n"

@@ -300,6 +300,7 @@ def _run_many(cfg, run, schedule=None):
         steerer.close()
 
 
+@pytest.mark.slow
 def test_queue_schedule_gives_the_batches_outcomes(analysed, tmp_path_factory):
     """The fast backend's queue (every condition's rows in one continuous batch, per-row steering) gives each
     condition the outcomes, programs included, of planning it into static batches; the two schedules never
@@ -325,6 +326,7 @@ class _Interrupted(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_an_interrupted_queue_resumes_at_the_conditions_not_written(analysed, tmp_path_factory, monkeypatch):
     """Waves of 3 conditions; interrupted when the second condition is written (inside the first wave): the resumed
     stage reads the one written condition, generates the others, and every outcome equals an uninterrupted run's."""
@@ -353,6 +355,7 @@ def test_an_interrupted_queue_resumes_at_the_conditions_not_written(analysed, tm
     assert steerer.n_generated == 4 * 10 and steerer.n_done == 5
 
 
+@pytest.mark.slow
 def test_the_stage_through_the_queue_equals_the_stage_through_batches(analysed, tmp_path_factory, monkeypatch,
                                                                        capsys):
     """The whole stage on the fast backend: the queue schedule (its default there) and the batches schedule give
