@@ -307,13 +307,9 @@ def split_key(key: int) -> tuple[int, int]:
     return key & _MASK32, key >> 32
 
 
-def keyed_pick(logits, temperature: float, top_p: float, keys, step):
-    """Sample one token per row from softmax(logits / temperature) restricted to the top-p nucleus, by
-    inverting the row's CDF at ``keyed_uniform(keys, step)``: no generator state, graph-capturable, and a
-    row's draw does not depend on the other rows. Greedy argmax when temperature is 0."""
-
-    if temperature == 0:
-        return logits.argmax(dim=-1)
+def nucleus_scores(logits, temperature: float, top_p: float):
+    """``logits / temperature`` with every token outside the top-p nucleus set to -inf (the most likely token
+    always stays), as ``generate``'s temperature and top-p warpers leave them."""
     scores = logits / temperature
     if top_p < 1.0:
         sorted_scores, order = torch.sort(scores, descending=False)
@@ -321,6 +317,17 @@ def keyed_pick(logits, temperature: float, top_p: float, keys, step):
         remove = cum <= (1 - top_p)
         remove[..., -1:] = False
         scores = scores.masked_fill(remove.scatter(1, order, remove), float("-inf"))
+    return scores
+
+
+def keyed_pick(logits, temperature: float, top_p: float, keys, step):
+    """Sample one token per row from softmax(logits / temperature) restricted to the top-p nucleus, by
+    inverting the row's CDF at ``keyed_uniform(keys, step)``: no generator state, graph-capturable, and a
+    row's draw does not depend on the other rows. Greedy argmax when temperature is 0."""
+
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    scores = nucleus_scores(logits, temperature, top_p)
     cdf = torch.softmax(scores, dim=-1).cumsum(dim=-1)
     u = keyed_uniform(keys, step)[:, None] * cdf[:, -1:]
     # The first token whose CDF exceeds u; a token of probability 0 is never chosen (its CDF equals its left
@@ -911,14 +918,7 @@ class StaticDecoder:
 
         if temperature == 0:
             return logits.argmax(dim=-1)
-        scores = logits / temperature
-        if top_p < 1.0:
-            sorted_scores, order = torch.sort(scores, descending=False)
-            cum = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
-            remove = cum <= (1 - top_p)
-            remove[..., -1:] = False
-            scores = scores.masked_fill(remove.scatter(1, order, remove), float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
+        probs = torch.softmax(nucleus_scores(logits, temperature, top_p), dim=-1)
         return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
     def release(self) -> None:
