@@ -4,6 +4,7 @@
   reads the artifact through ``pva_sae.rundir``.
 - Library modules (everything but ``stages/``, ``cli``, ``pipeline`` and ``api``) never import
   ``stages/``, ``cli``, ``pipeline`` or ``api``.
+- The CLI and the API reach the stages through ``pipeline`` only.
 - Only the package ``__init__`` and the CLI import lazily; elsewhere imports of the package's own
   modules and of torch sit at the top of the module.
 """
@@ -64,6 +65,8 @@ def test_imports_follow_the_layering_rule(parts, path):
             assert target[1] == parts[1] or target[1] not in STAGE_NAMES, f"{path} imports stage {name}"
         if parts[0] not in TOP and parts != ("__init__",):  # the package entry point re-exports the API
             assert target[0] not in TOP, f"library module {'/'.join(parts)} imports {name}"
+        if parts[0] in ("cli", "api", "__main__"):
+            assert target[0] != "stages", f"{path} imports {name}: reach the stages through pva_sae.pipeline"
 
 
 STAGE_NAMES = {"build", "analyze", "validate", "steer", "report", "ablate", "attention", "merge"}
@@ -95,4 +98,14 @@ def test_checker_catches_a_stage_importing_a_stage(tmp_path, monkeypatch):
     monkeypatch.setattr(__import__(__name__), "ROOT", fake)
     [(parts, path)] = _modules()
     with pytest.raises(AssertionError, match="imports stage"):
+        test_imports_follow_the_layering_rule(parts, path)
+
+
+def test_checker_catches_the_cli_importing_a_stage(tmp_path, monkeypatch):
+    fake = tmp_path / "pva_sae"
+    fake.mkdir()
+    (fake / "cli.py").write_text("def main():\n    from pva_sae.stages.ablate import ablate\n")
+    monkeypatch.setattr(__import__(__name__), "ROOT", fake)
+    [(parts, path)] = _modules()
+    with pytest.raises(AssertionError, match="through pva_sae.pipeline"):
         test_imports_follow_the_layering_rule(parts, path)

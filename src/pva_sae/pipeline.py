@@ -15,15 +15,18 @@ from pva_sae.config import DIRECTIONS, Config
 from pva_sae.execution.dataset import announce
 from pva_sae.model.registry import load_once
 from pva_sae.rundir.paths import AnalysisPaths, RunDir
+from pva_sae.stages.ablate import ablate
 from pva_sae.stages.analyze import analyze
+from pva_sae.stages.attention import attention
 from pva_sae.stages.build import build_dataset
+from pva_sae.stages.merge import merge
 from pva_sae.stages.report import steering_summary, validation_summary, write_report
 from pva_sae.stages.steer import steer
 from pva_sae.stages.validate import validate
 
-# The stage entry points, for the Python API (api.py reaches the stages through the pipeline only).
-__all__ = ["analyze", "build_dataset", "run_pipeline", "steer", "steering_summary", "validate",
-           "validation_summary", "write_report"]
+# The stage entry points: the CLI and the Python API reach the stages through the pipeline only.
+__all__ = ["ablate", "analyze", "attention", "build_dataset", "merge", "run_pipeline", "steer", "steering_summary",
+           "validate", "validation_summary", "write_report"]
 
 
 def run_pipeline(cfg: Config, progress: bool = True, *, loaded=None) -> list[str]:
