@@ -72,7 +72,7 @@ from pva_sae.rundir.fingerprints import (
 from pva_sae.rundir.logs import setup_logging
 from pva_sae.rundir.paths import AblationPaths, AnalysisPaths, RunDir, SteeringPaths, ValidationPaths
 from pva_sae.sae.registry import load_layer_sae
-from pva_sae.stats.causal import clopper_pearson, experiment_tests, holm, mcnemar_p, net_effect
+from pva_sae.stats.causal import arm_experiment, holm, net_effect, outcome_flips
 
 log = logging.getLogger(__name__)
 
@@ -244,8 +244,7 @@ def arms_of(direction: str, target: dict[str, Any], steering_controls: list[dict
 
 def flips(baseline: dict[int, dict], ablated: dict[int, dict], ids: list[int], baseline_passed: bool) -> np.ndarray:
     """(n_relevant,) bool: on tasks whose baseline outcome is ``baseline_passed``, whether ablation changed it."""
-    return np.array([ablated[t]["passed"] != baseline_passed for t in ids if baseline[t]["passed"] == baseline_passed],
-                    dtype=bool)
+    return outcome_flips(baseline, ablated, ids, baseline_passed)
 
 
 def experiment(baseline: dict[int, dict], target: dict[int, dict], controls: list[tuple[Arm, dict[int, dict]]],
@@ -253,20 +252,8 @@ def experiment(baseline: dict[int, dict], target: dict[int, dict], controls: lis
     """Target vs its controls on the relevant tasks (the steering stage's tests and settings), McNemar of every
     arm against the unablated baseline over all tasks."""
     s = cfg.steering
-    t = flips(baseline, target, ids, baseline_passed)
-    c = (np.stack([flips(baseline, out, ids, baseline_passed) for _, out in controls])
-         if controls else np.zeros((0, t.size), dtype=bool))
-    res = experiment_tests(t, c, [arm.kind for arm, _ in controls], n_permutations=s.n_permutations,
-                           n_resamples=s.bootstrap_resamples, seed=s.seed, level=s.ci_level)
-    before = [baseline[i]["passed"] for i in ids]
-    res["mcnemar_p"] = {"p": mcnemar_p(before, [target[i]["passed"] for i in ids]), "null": NULL_UNCHANGED}
-    res["controls"] = [{"label": arm.label, "kind": arm.kind, "latent": arm.latent,
-                        "rate": float(row.mean()) if row.size else None, "successes": int(row.sum()), "n": int(row.size),
-                        "ci": [None, None] if not row.size else
-                        [float(x) for x in clopper_pearson(int(row.sum()), int(row.size), s.ci_level)],
-                        "mcnemar_p": mcnemar_p(before, [out[i]["passed"] for i in ids])}
-                       for (arm, out), row in zip(controls, c)]
-    return res
+    return arm_experiment(baseline, target, controls, ids, baseline_passed, n_permutations=s.n_permutations,
+                          n_resamples=s.bootstrap_resamples, seed=s.seed, level=s.ci_level, null=NULL_UNCHANGED)
 
 
 def add_holm(experiments: dict[str, dict[str, Any]]) -> None:

@@ -95,12 +95,11 @@ from pva_sae.rundir.paths import AnalysisPaths, RunDir, SteeringPaths, Validatio
 from pva_sae.rundir.transfer import transfer_base
 from pva_sae.sae.registry import load_layer_sae
 from pva_sae.stats.causal import (
-    clopper_pearson,
-    experiment_tests,
+    arm_experiment,
     holm,
-    mcnemar_p,
     net_effect,
     net_effect_difference,
+    outcome_flips,
 )
 from pva_sae.stats.latents import select_latents
 from pva_sae.stats.transfer import compare_experiments
@@ -470,8 +469,7 @@ def interleave_kinds(arms: list[tuple[Arm, torch.Tensor]], n: int) -> list[tuple
 
 def flips(baseline: dict[int, dict], steered: dict[int, dict], ids: list[int], baseline_passed: bool) -> np.ndarray:
     """(n_relevant,) bool: on tasks whose baseline outcome is ``baseline_passed``, whether steering changed it."""
-    rel = [t for t in ids if baseline[t]["passed"] == baseline_passed]
-    return np.array([steered[t]["passed"] != baseline_passed for t in rel], dtype=bool)
+    return outcome_flips(baseline, steered, ids, baseline_passed)
 
 
 def rates(baseline: dict[int, dict], steered: dict[int, dict], ids: list[int]) -> dict[str, float | None]:
@@ -558,26 +556,11 @@ def experiment(baseline: dict[int, dict], target: dict[int, dict], controls: lis
     """Every statistic of one experiment: target vs its controls on the relevant tasks, and McNemar of
     each arm against the alpha = 0 baseline over all tasks."""
     s = cfg.steering
-    t = flips(baseline, target, ids, baseline_passed)
-    c = (np.stack([flips(baseline, out, ids, baseline_passed) for _, out in controls])
-         if controls else np.zeros((0, t.size), dtype=bool))
-    res = experiment_tests(t, c, [arm.kind for arm, _ in controls], n_permutations=s.n_permutations,
-                           n_resamples=s.bootstrap_resamples, seed=s.seed, level=s.ci_level)
-    before = [baseline[i]["passed"] for i in ids]
-    res["mcnemar_p"] = {"p": mcnemar_p(before, [target[i]["passed"] for i in ids]), "null": NULL_UNCHANGED}
-    res["controls"] = [{"label": arm.label, "kind": arm.kind, "latent": arm.latent,
-                        "rate": float(row.mean()) if row.size else None, "successes": int(row.sum()), "n": int(row.size),
-                        "ci": _interval(int(row.sum()), int(row.size), s.ci_level),
-                        "mcnemar_p": mcnemar_p(before, [out[i]["passed"] for i in ids])}
-                       for (arm, out), row in zip(controls, c)]
+    res = arm_experiment(baseline, target, controls, ids, baseline_passed, n_permutations=s.n_permutations,
+                         n_resamples=s.bootstrap_resamples, seed=s.seed, level=s.ci_level, null=NULL_UNCHANGED)
     rel = [i for i in ids if baseline[i]["passed"] == baseline_passed]
     res["mean_similarity"] = (float(np.mean([_similarity(baseline[i], target[i]) for i in rel])) if rel else None)
     return res
-
-
-def _interval(k: int, n: int, level: float) -> list[float | None]:
-    """Clopper-Pearson interval, None where undefined (no relevant task)."""
-    return [None, None] if n == 0 else [float(x) for x in clopper_pearson(k, n, level)]
 
 
 def _similarity(a: dict[str, Any], b: dict[str, Any]) -> float:

@@ -480,3 +480,35 @@ def experiment_tests(target_flips: ArrayLike, control_flips: ArrayLike, kinds: S
         "sign_test_p": {"p": sign["p"], "null": NULL_AVERAGE, "target_only": sign["target_only"],
                         "comparator_only": sign["comparator_only"]},
     }
+
+
+# --------------------------------------------------------------------------- one experiment of arms
+
+def outcome_flips(baseline: dict[int, dict], arm: dict[int, dict], ids: Sequence[int],
+                  baseline_passed: bool) -> np.ndarray:
+    """(n_relevant,) bool: on the tasks of ``ids`` whose baseline outcome is ``baseline_passed``, whether the
+    arm's outcome differs from it. Outcomes are ``{task_id: {"passed": bool, ...}}``."""
+    return np.array([arm[t]["passed"] != baseline_passed for t in ids if baseline[t]["passed"] == baseline_passed],
+                    dtype=bool)
+
+
+def arm_experiment(baseline: dict[int, dict], target: dict[int, dict], controls: Sequence[tuple[Any, dict[int, dict]]],
+                   ids: Sequence[int], baseline_passed: bool, *, n_permutations: int, n_resamples: int, seed: int,
+                   level: float, null: str) -> dict[str, Any]:
+    """Target vs its controls on the relevant tasks (:func:`experiment_tests`), and McNemar of every arm against
+    the baseline re-run over all of ``ids``; each control (an arm with ``label``, ``kind``, ``latent``) gets its
+    flip rate with a Clopper-Pearson interval. ``null`` names what McNemar's null hypothesis is."""
+    t = outcome_flips(baseline, target, ids, baseline_passed)
+    c = (np.stack([outcome_flips(baseline, out, ids, baseline_passed) for _, out in controls])
+         if controls else np.zeros((0, t.size), dtype=bool))
+    res = experiment_tests(t, c, [arm.kind for arm, _ in controls], n_permutations=n_permutations,
+                           n_resamples=n_resamples, seed=seed, level=level)
+    before = [baseline[i]["passed"] for i in ids]
+    res["mcnemar_p"] = {"p": mcnemar_p(before, [target[i]["passed"] for i in ids]), "null": null}
+    res["controls"] = [{"label": arm.label, "kind": arm.kind, "latent": arm.latent,
+                        "rate": float(row.mean()) if row.size else None, "successes": int(row.sum()), "n": int(row.size),
+                        "ci": [None, None] if not row.size else
+                        [float(x) for x in clopper_pearson(int(row.sum()), int(row.size), level)],
+                        "mcnemar_p": mcnemar_p(before, [out[i]["passed"] for i in ids])}
+                       for (arm, out), row in zip(controls, c)]
+    return res
