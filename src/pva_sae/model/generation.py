@@ -406,6 +406,7 @@ def stop_criterion(tokenizer: Any, stop_strings: Sequence[str]) -> Any:
     if hit is None or hit[0]() is not tokenizer:
         hit = (weakref.ref(tokenizer), StopStringCriteria(tokenizer, list(stop_strings)))
         _STOP_CRITERIA[key] = hit
+        weakref.finalize(tokenizer, _STOP_CRITERIA.pop, key, None)     # dropped with its tokenizer
     return hit[1]
 
 
