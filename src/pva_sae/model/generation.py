@@ -247,7 +247,7 @@ class Generator:
                                f"{self.backend!r}: use generate_batch, or backend='fast' with a Gemma-2 model")
         if not items:
             return []
-        prompt_ids = [self._prompt_ids(prompt) for _, _, prompt in items]
+        prompt_ids = [self.prompt_ids(prompt) for _, _, prompt in items]
         if slots is None:
             slots = self.cfg.batch_size if self.cfg.batch_size > 0 else free_memory_batch_size(
                 self.model, max(len(p) for p in prompt_ids) + self.cfg.max_new_tokens)
@@ -273,7 +273,7 @@ class Generator:
                                  stop_check=self._queue_stop_checker(prompt_ids), on_finish=finished)
         return samples  # type: ignore[return-value]
 
-    def _prompt_ids(self, prompt: str) -> list[int]:
+    def prompt_ids(self, prompt: str) -> list[int]:
         """The prompt's token ids, tokenized once per Generator: steering queues every task's prompt once per
         condition (about 120 times in a real-model study)."""
         ids = self._prompt_cache.get(prompt)

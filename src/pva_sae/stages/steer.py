@@ -164,7 +164,6 @@ class Steerer:
         if self.schedule not in SCHEDULES or (self.schedule == "queue" and self.generator.backend != "fast"):
             raise ValueError(f"steering schedule {self.schedule!r} with generation.backend resolved to "
                              f"{self.generator.backend!r}: 'queue' needs the fast backend, 'batches' runs on any")
-        self._lengths: dict[int, int] = {}      # prompt tokens per task (the queue's order within a condition)
         self.shard = distributed.shard_of(cfg)      # under torchrun: conditions are spread over the ranks by key
         self.batch_size = distributed.from_rank0(self._batch_size(), self.shard)
         self.budget = batch_token_budget(cfg.generation.max_batch_tokens, self.loaded.device)
@@ -328,11 +327,6 @@ class Steerer:
             waves.append(current)
         return waves
 
-    def _prompt_length(self, task_id: int) -> int:
-        if task_id not in self._lengths:
-            self._lengths[task_id] = len(self.loaded.tokenizer(self.prompts[task_id])["input_ids"])
-        return self._lengths[task_id]
-
     def _run_queue(self, wave: list, out) -> None:
         """One continuous-batching queue of every (condition, task) row of ``wave`` (tasks longest prompt
         first within a condition, conditions in call order); rows are labelled in chunks of ``batch_size`` as
@@ -340,7 +334,7 @@ class Steerer:
         items, steerings, owner = [], [], []
         for n, (_, _, arm, alpha, ids, vector) in enumerate(wave):
             steering = self._steering(arm, vector, alpha)
-            for t in sorted(ids, key=lambda t: (-self._prompt_length(t), t)):
+            for t in sorted(ids, key=lambda t: (-len(self.generator.prompt_ids(self.prompts[t])), t)):
                 items.append((t, 0, self.prompts[t]))
                 steerings.append(steering)
                 owner.append(n)
