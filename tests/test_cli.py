@@ -179,11 +179,15 @@ def test_ctrl_c_in_the_analysis_stage_of_the_default(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "pva_sae.cli", "analyze", "--run-dir", str(run_dir), "--set",
                              f"analysis.cache_dir={tmp_path / 'cache'}", "--set", "analysis.general_n_docs=2000"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            # as from a terminal: a shell's background job (`cmd &`) starts with SIGINT ignored,
+                            # and a child keeps an ignored signal ignored
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not AnalysisPaths.of(run).config.is_file() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)                      # the stage has started once it wrote its config (handlers are set)
-    proc.send_signal(signal.SIGINT)            # at once: the whole analysis of 12 tasks can take well under 1 s
+        time.sleep(0.02)                       # the stage has started once it wrote its config
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert not run.is_done("analyze"), "the analysis finished before SIGINT arrived"
     # 130 from main; on a loaded machine the interpreter was seen, rarely, to end by the signal itself after
