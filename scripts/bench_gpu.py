@@ -64,6 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--toy", action="store_true", help="toy shape and sizes on the CPU (a smoke test)")
     p.add_argument("--workload-prompts", type=int, default=974, help="MBPP prompts of the realistic workload")
     p.add_argument("--workload-max-new", type=int, default=384)
+    p.add_argument("--workload-attention", default="eager,flex",
+                   help="attention implementations the workload runs with (flex: CUDA only, compiled)")
     p.add_argument("--workload-batch-tokens", type=int, default=256 * 1024,
                    help="static batching: rows x (longest prompt + max new) cap per batch (as generation."
                         "max_batch_tokens), so the few very long prompts get small batches")
@@ -214,9 +216,11 @@ def bench_generation(model, args, shape: str, roof: Roofline) -> list[dict]:
     batch_pre, batch_dec, batch_all = roof.generation_s(args.batch, args.prompt_len, args.new_tokens)
     if "compiled" not in skip and DEVICE == "cuda":
         decoders["compiled"] = StaticDecoder(model, eos_ids=[-1], pad_id=0, compile=True)
+    if "flex" not in skip and DEVICE == "cuda":
+        decoders["flex"] = StaticDecoder(model, eos_ids=[-1], pad_id=0, compile=True, attention="flex")
     # Approach by approach (both steering settings each), so that HF's cache is freed before the
     # fast decoder allocates its static one.
-    for approach in ("thesis", "hf", "fast", "compiled"):
+    for approach in ("thesis", "hf", "fast", "compiled", "flex"):
         if approach in skip:
             continue
         for steered in (False, True):
@@ -243,7 +247,8 @@ def bench_generation(model, args, shape: str, roof: Roofline) -> list[dict]:
                 out, t, mem = timed(lambda: decoder.generate(ids, mask, args.new_tokens, steering=steering))
                 assert out.shape[1] == args.prompt_len + args.new_tokens
                 _, t_prefill, _ = timed(lambda: decoder.generate(ids, mask, 1, steering=steering))
-                name = "(c) pva-sae fast decoder" + (" + torch.compile" if approach == "compiled" else "")
+                name = "(c) pva-sae fast decoder" + {"fast": "", "compiled": " + torch.compile",
+                                                     "flex": " + torch.compile + FlexAttention"}[approach]
                 rows.append(dict(shape=shape, approach=name, steering=tag, batch=args.batch,
                                  tokens_per_s=args.batch * args.new_tokens / t,
                                  ms_per_step=1000 * t / args.new_tokens, peak_gib=mem, roofline=batch_all / t,
@@ -354,7 +359,6 @@ def bench_workload(model, args, shape: str, roof: Roofline) -> list[dict]:
     ids = [[t % vocab for t in p] for p in ids]
     useful = sum(lengths)
     limit = workload_roofline(roof, ids, lengths, args.batch)
-    decoder = StaticDecoder(model, eos_ids=[-1], pad_id=0)
     order = sorted(range(len(ids)), key=lambda i: (-len(ids[i]), i))               # as plan_batches
     batches, current, longest = [], [], 0
     for i in order:
@@ -366,7 +370,7 @@ def bench_workload(model, args, shape: str, roof: Roofline) -> list[dict]:
         longest = max(longest, len(ids[i]))
     batches.append(current)
 
-    def static():
+    def static(decoder):
         decoded = 0
         for batch in batches:
             p = max(len(ids[i]) for i in batch)
@@ -381,21 +385,24 @@ def bench_workload(model, args, shape: str, roof: Roofline) -> list[dict]:
             decoded += len(batch) * (out.shape[1] - p)
         return decoded
 
-    def continuous():
+    def continuous(decoder):
         stop = lambda reqs: [lengths[i] - 1 if len(new) >= lengths[i] else None for i, new, _ in reqs]  # noqa: E731
         out = decoder.generate_queue(ids, args.workload_max_new, args.batch, stop_check=stop)
         assert [len(t) for t, _ in out] == lengths
         return sum(len(t) for t, _ in out)
 
     rows = []
-    for name, run in (("static batching (generate_batch plan)", static), ("continuous batching (generate_queue)",
-                                                                          continuous)):
-        run()                                                                    # warm-up, graph capture
-        decoded, t, mem = timed(run)
-        rows.append(dict(shape=shape, approach=f"workload: {name}", prompts=len(ids), batch=args.batch,
-                         useful_tokens=useful, decoded_row_steps=decoded, seconds=t, tokens_per_s=useful / t,
-                         peak_gib=mem, roofline=limit / t, limit_s=limit))
-        decoder.release()
+    attentions = [a for a in args.workload_attention.split(",") if a == "eager" or DEVICE == "cuda"]
+    for attention in attentions:
+        decoder = StaticDecoder(model, eos_ids=[-1], pad_id=0, compile=attention == "flex", attention=attention)
+        for name, run in (("static batching (generate_batch plan)", static),
+                          ("continuous batching (generate_queue)", continuous)):
+            run(decoder)                                                         # warm-up, graph capture
+            decoded, t, mem = timed(lambda: run(decoder))
+            rows.append(dict(shape=shape, approach=f"workload: {name}, {attention} attention", prompts=len(ids),
+                             batch=args.batch, useful_tokens=useful, decoded_row_steps=decoded, seconds=t,
+                             tokens_per_s=useful / t, peak_gib=mem, roofline=limit / t, limit_s=limit))
+            decoder.release()
     return rows
 
 

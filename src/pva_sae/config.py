@@ -151,6 +151,13 @@ class GenerationConfig:
     compile: bool = doc(
         False, "Fast backend on CUDA: torch.compile the decode step's layer math (fused kernels; ~1.3x faster "
         "decoding after a warm-up of about a minute). Worth it for long runs.")
+    attention: str = doc(
+        "eager", "Fast backend: the attention kernel. 'eager' (matmuls and a float32 softmax, op for op as "
+        "transformers' eager attention) or 'flex' (CUDA only: FlexAttention compiled to fused Triton kernels, the "
+        "soft-cap and masks inside the kernel, a decode step reading only each row's filled cache blocks; "
+        "it keeps the scores in float32, so in bfloat16 near-ties can round differently from 'eager'). 'flex' has "
+        "CPU tests of its masks and a GPU test and benchmark (docs/benchmarks.md) but no GPU measurement yet, so "
+        "it is not the default.")
     overlap: str = doc(
         "auto", "Label batch k in the sandbox (one background thread for the whole stage) while batch k+1 "
         "generates: 'auto' (on when the model runs on an accelerator; off on CPU, where generation and the sandbox "
@@ -547,6 +554,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"generation.overlap must be auto, on or off, not {g.overlap!r}")
     if g.backend not in ("auto", "hf", "fast"):
         raise ConfigError(f"generation.backend must be auto, hf or fast, not {g.backend!r}")
+    if g.attention not in ("eager", "flex"):
+        raise ConfigError(f"generation.attention must be eager or flex, not {g.attention!r}")
     if not 0 < g.top_p <= 1:
         raise ConfigError(f"generation.top_p must be in (0, 1], got {g.top_p}")
     if cfg.checkpoint.every_n_records < 1:

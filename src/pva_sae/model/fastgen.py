@@ -44,6 +44,15 @@ prompts of one queue share the steering layer, site and positions, and each brin
 when the slot takes the prompt and added in the slot's prefill and decode steps. An unsteered prompt
 gets a zero row (x + 0 is x exactly), so its tokens are the unsteered ones. Finished rows are
 reported as they end (``on_finish``), so a caller can consume them while the queue runs.
+
+Attention (``attention=``): 'eager' computes it as above (matmuls, soft-cap, boolean masks, float32
+softmax; a decode step attends over the filled cache rounded up to a length bucket, one graph per
+bucket). 'flex' (CUDA) runs it through FlexAttention compiled to Triton kernels: the soft-cap is a
+``score_mod``, padding, causality and the sliding window a ``mask_mod`` evaluated in the kernel, and
+a decode step's block mask lets each row read only the cache blocks up to its own position, counted
+on the device inside the captured step (one graph for every length). The layer's norms, projections
+and MLP are compiled with it (fused), for the prefill too. Its scores stay in float32 where eager
+rounds them to the weight dtype, so in bfloat16 near-ties can resolve differently.
 """
 
 from __future__ import annotations
@@ -216,6 +225,14 @@ def _qkv(h, w, cos, sin, eps: float, n_heads: int, n_kv: int, hd: int):
     return _rotate(q, c, s), _rotate(k, c, s), v
 
 
+def _post(h, o, w, eps: float):
+    """o_proj of the attention output o (B, T, H * hd), the norms, the MLP and both residuals."""
+    h = h + _rms(F.linear(o, w[5]), w[4], eps)
+    x = _rms(h, w[6], eps)
+    x = F.linear(F.gelu(F.linear(x, w[7]), approximate="tanh") * F.linear(x, w[8]), w[9])
+    return h + _rms(x, w[10], eps)
+
+
 def _attend_mlp(h, q, keys, values, mask, w, eps: float, scaling: float, cap, n_heads: int, n_kv: int, hd: int):
     """Attention over the cache (soft-capped, masked, float32 softmax), o_proj, norms, MLP, residuals."""
 
@@ -231,10 +248,81 @@ def _attend_mlp(h, q, keys, values, mask, w, eps: float, scaling: float, cap, n_
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     o = torch.matmul(probs.view(b, n_kv, groups * t, -1), values)                               # (B, KV, G*T, hd)
     o = o.view(b, n_heads, t, hd).transpose(1, 2).reshape(b, t, -1)
-    h = h + _rms(F.linear(o, w[5]), w[4], eps)
-    x = _rms(h, w[6], eps)
-    x = F.linear(F.gelu(F.linear(x, w[7]), approximate="tanh") * F.linear(x, w[8]), w[9])
-    return h + _rms(x, w[10], eps)
+    return _post(h, o, w, eps)
+
+
+# --------------------------------------------------------------------------- FlexAttention
+# The same attention through torch's FlexAttention: the soft-cap is a ``score_mod``, the causal, padding and
+# sliding-window masks a ``mask_mod`` evaluated inside the kernel, and a block mask names the cache blocks each
+# row reads (decode: only the blocks up to the row's own position, counted on the device inside the captured
+# step, so one graph serves every cache length). Compiled, it runs as fused Triton kernels (a decoding kernel for
+# one query per row); the scores stay in float32 inside the kernel (eager rounds them to the weight dtype first).
+
+FLEX_BLOCK = 128
+
+
+def _flex_score_mod(cap):
+    """Gemma-2's attention soft-cap as a FlexAttention score_mod (None: no cap)."""
+    if cap is None:
+        return None
+
+    def soft_cap(score, b, h, q_idx, kv_idx):  # noqa: ARG001
+        return torch.tanh(score / cap) * cap
+
+    return soft_cap
+
+
+def _flex_mask_mod(valid, qpos, window):
+    """Key kv_idx is a real token (``valid`` (B, L)), not after the query and, with a window, less than
+    ``window`` positions before it; query q_idx of row b sits at cache index ``qpos[b] + q_idx``."""
+
+    def mask(b, h, q_idx, kv_idx):  # noqa: ARG001
+        q = qpos[b] + q_idx
+        keep = valid[b, kv_idx] & (kv_idx <= q)
+        if window is not None:
+            keep = keep & (q - kv_idx < window)
+        return keep
+
+    return mask
+
+
+def _flex_attend_mlp(h, q, keys, values, block_mask, w, eps: float, scaling: float, score_mod, n_heads: int,
+                     n_kv: int, hd: int):  # noqa: ARG001
+    """As :func:`_attend_mlp`, the attention through FlexAttention."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    b, t, _ = h.shape
+    o = flex_attention(q, keys, values, score_mod=score_mod, block_mask=block_mask, scale=scaling,
+                       enable_gqa=n_heads != n_kv)
+    return _post(h, o.transpose(1, 2).reshape(b, t, -1), w, eps)
+
+
+# One code object each, so the decode step's static compilations and the prefill's dynamic ones keep apart.
+def _flex_decode(*args):
+    return _flex_attend_mlp(*args)
+
+
+def _flex_prefill(*args):
+    return _flex_attend_mlp(*args)
+
+
+def _qkv_prefill(*args):
+    return _qkv(*args)
+
+
+def flex_available(device) -> bool:
+    """FlexAttention runs compiled on CUDA with Triton."""
+    if torch.device(device).type != "cuda":
+        return False
+    try:
+        import triton  # noqa: F401
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+ATTENTION = ("eager", "flex")
 
 
 def _head(h, gain, eps: float, w_out, cap):
@@ -341,7 +429,8 @@ class StaticDecoder:
     """Greedy or sampled decoding of a loaded ``Gemma2ForCausalLM`` (see the module docstring)."""
 
     def __init__(self, model: Any, eos_ids: Sequence[int], pad_id: int, check_every: int = 16,
-                 use_cuda_graph: bool | None = None, compile: bool = False, verify: bool = True):
+                 use_cuda_graph: bool | None = None, compile: bool = False, verify: bool = True,
+                 attention: str = "eager"):
 
         if not supports(model):
             raise FastGenError(f"the fast decoder implements Gemma-2 only, not {model.config.model_type!r}; "
@@ -381,6 +470,23 @@ class StaticDecoder:
         if compile:
 
             self._decode_fns = tuple(torch.compile(f, dynamic=False) for f in (_qkv, _attend_mlp, _head))
+        self._prefill_fns = (_qkv, _attend_mlp, _head)
+        self._cap_arg = cfg.attn_logit_softcapping
+        if attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
+        self.attention = attention
+        if attention == "flex":
+            # FlexAttention only runs fast compiled: its layer function (attention, o_proj, norms, MLP) is
+            # compiled for the decode step (static shapes, one graph) and for prefills (dynamic shapes), the
+            # prefill's projections, norm and RoPE too.
+            qkv, head = (self._decode_fns[0], self._decode_fns[2]) if compile else (_qkv, _head)
+            self._decode_fns = (qkv, torch.compile(_flex_decode, dynamic=False), head)
+            self._prefill_fns = (torch.compile(_qkv_prefill), torch.compile(_flex_prefill), _head)
+            self._cap_arg = _flex_score_mod(cfg.attn_logit_softcapping)
+            windows = {cfg.sliding_window if s else None for s in self.sliding}
+            limit = getattr(torch._dynamo.config, "recompile_limit", None)
+            if limit is not None and limit < 8 * len(windows):
+                torch._dynamo.config.recompile_limit = 8 * len(windows)
         if verify:
             self.verify()
 
@@ -415,7 +521,7 @@ class StaticDecoder:
         caches = ([torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(n)],
                   [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(n)])
         arange = torch.arange(t, device=self.device)
-        masks = self._masks(torch.ones(b, t, dtype=torch.bool, device=self.device), arange, t)
+        masks = self._prefill_masks(torch.ones(b, t, dtype=torch.bool, device=self.device), t)
         zero = torch.zeros(self.cfg.hidden_size, dtype=self.dtype, device=self.device)
         return self._forward(ids, arange[None].expand(b, t), arange, masks, caches, zero, None, None, kv_len=t)
 
@@ -439,14 +545,14 @@ class StaticDecoder:
     def _layer(self, i: int, h, cos, sin, keys, values, write_at, mask, kv_len: int | None, fns=None):
         """One decoder layer on h (B, T, d); writes this step's K/V into the cache at ``write_at`` (T,) and
         attends to the first ``kv_len`` cache positions (all of them when None: the fixed-shape decode step)."""
-        qkv, rest = (fns or (_qkv, _attend_mlp))[:2]
+        qkv, rest = (fns or self._prefill_fns)[:2]
         w = self._weights[i]
         q, k, v = qkv(h, w, cos, sin, self.eps, self.n_heads, self.n_kv, self.head_dim)
         _write(keys, write_at, k)              # cache writes stay outside compiled code (no copy-back)
         _write(values, write_at, v)
         if kv_len is not None:
             keys, values = keys[:, :, :kv_len], values[:, :, :kv_len]
-        return rest(h, q, keys, values, mask[i], w, self.eps, self.scaling, self.cfg.attn_logit_softcapping,
+        return rest(h, q, keys, values, mask[i], w, self.eps, self.scaling, self._cap_arg,
                     self.n_heads, self.n_kv, self.head_dim)
 
     def _forward(self, tokens, positions, write_at, mask, caches, delta, steer_layer, steer_site,
@@ -461,7 +567,7 @@ class StaticDecoder:
             h = self._layer(i, h, cos, sin, caches[0][i], caches[1][i], write_at, mask, kv_len, fns)
             if i == steer_layer and steer_site == "resid_post":
                 h = h + delta
-        head = fns[2] if fns else _head
+        head = (fns or self._prefill_fns)[2]
         h = h[:, -1] if last is None else h[torch.arange(h.shape[0], device=h.device), last]
         return head(h, self._gain[id(self.inner.norm)], self.eps, self.model.lm_head.weight,
                     self.cfg.final_logit_softcapping)
@@ -484,6 +590,53 @@ class StaticDecoder:
         slide = base & (near[None] if near.dim() == 2 else near)[:, None]
         return [slide if s else base for s in self.sliding]
 
+    def _per_layer(self, make):
+        """``make(window)`` once per distinct window (None: a global layer), as a list over the layers."""
+        window = self.cfg.sliding_window
+        made = {w: make(w) for w in {window if s else None for s in self.sliding}}
+        return [made[window if s else None] for s in self.sliding]
+
+    def _prefill_masks(self, valid, t: int):
+        """Masks of a prefill: queries at cache indices 0..t-1 attend to keys 0..t-1 that ``valid`` (B, >= t)
+        marks as real tokens."""
+        if self.attention == "eager":
+            return self._masks(valid, torch.arange(t, device=self.device), valid.shape[1])
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        b = valid.shape[0]
+        # Padded to whole blocks, so the mask function never reads past the end of its buffer.
+        padded = torch.zeros((b, -(-t // FLEX_BLOCK) * FLEX_BLOCK), dtype=torch.bool, device=self.device)
+        padded[:, :t] = valid[:, :t]
+        start = torch.zeros(b, dtype=torch.long, device=self.device)
+        return self._per_layer(lambda w: create_block_mask(_flex_mask_mod(padded, start, w), b, None, t, t,
+                                                           device=self.device, BLOCK_SIZE=FLEX_BLOCK))
+
+    def _step_masks(self, st: Any, qpos):
+        """Masks of a decode step whose query of row b sits at cache index ``qpos[b]`` ((B,), or (1,) shared).
+        Eager: boolean masks. Flex: the state's block masks (made on first use), whose count of blocks to read
+        is updated here from ``qpos`` on the device, so the step stays capturable."""
+        if self.attention == "eager":
+            return self._masks(st.valid, qpos if qpos.shape[0] == 1 else qpos[:, None], st.valid.shape[1])
+        from torch.nn.attention.flex_attention import BlockMask
+
+        b, length = st.valid.shape
+        blocks = length // FLEX_BLOCK                   # flex states' caches are whole blocks long
+        if st.flex is None:
+            rows = qpos.shape[0]
+            counts = torch.ones((rows, 1, 1), dtype=torch.int32, device=self.device)
+            indices = torch.arange(blocks, dtype=torch.int32, device=self.device).expand(rows, 1, 1, blocks)
+            where = qpos.expand(b) if rows == 1 else qpos
+            st.flex = (counts, self._per_layer(lambda w: BlockMask.from_kv_blocks(
+                counts, indices.contiguous(), BLOCK_SIZE=FLEX_BLOCK, mask_mod=_flex_mask_mod(st.valid, where, w),
+                seq_lengths=(1, length), compute_q_blocks=False)))
+        counts, masks = st.flex
+        counts.copy_((qpos // FLEX_BLOCK + 1).clamp(max=blocks).to(torch.int32).view(-1, 1, 1))
+        return masks
+
+    def _cache_length(self, max_len: int) -> int:
+        """Cache positions a state allocates: ``max_len``, rounded up to whole blocks for FlexAttention."""
+        return -(-max_len // FLEX_BLOCK) * FLEX_BLOCK if self.attention == "flex" else max_len
+
     # ------------------------------------------------------------------ decoding
 
     @dataclass
@@ -499,8 +652,10 @@ class StaticDecoder:
         delta: Any
         logits: Any
         keys: Any = None
+        flex: Any = None   # FlexAttention: (block counts, per-layer block masks) of the decode step
 
     def _allocate(self, b: int, max_len: int, max_new: int) -> "_State":
+        max_len = self._cache_length(max_len)
         shape = (b, self.n_kv, max_len, self.head_dim)
         n = self.cfg.num_hidden_layers
         caches = ([torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(n)],
@@ -517,8 +672,7 @@ class StaticDecoder:
 
         ``sampling`` = (temperature, top_p, keyed): greedy and keyed sampling pick inside the step; other
         sampling leaves the logits in ``st.logits`` for a generator outside it."""
-        max_len = st.valid.shape[1]
-        masks = self._masks(st.valid, st.idx, max_len)
+        masks = self._step_masks(st, st.idx)
         layer, site = (steering.layer, steering.site) if steering else (None, None)
         logits = self._forward(st.tok, st.pos, st.idx, masks, st.caches, st.delta, layer, site,
                                fns=self._decode_fns, kv_len=kv_len)
@@ -565,7 +719,10 @@ class StaticDecoder:
         return graph
 
     def _kv_bucket(self, needed: int, max_len: int) -> int:
-        """Cache positions a step attends over: ``needed`` rounded up to the attention bucket, at most max_len."""
+        """Cache positions a step attends over: ``needed`` rounded up to the attention bucket, at most max_len
+        (None with FlexAttention: its block mask reads only the filled blocks, one graph serves every length)."""
+        if self.attention == "flex":
+            return None
         bucket = KV_BUCKET_COMPILED if self._decode_fns is not None else KV_BUCKET
         return min(max_len, -(-needed // bucket) * bucket)
 
@@ -573,7 +730,7 @@ class StaticDecoder:
         """``run(kv_len)``: one step attending to the first kv_len cache positions, through that length's CUDA
         graph (captured on first use) when graphs are on."""
 
-        def run(kv_len: int) -> None:
+        def run(kv_len: int | None) -> None:
             if self.use_graph:
                 self._graph(st, steering, (sampling, kv_len), lambda: step_at(kv_len), mutable).replay()
             else:
@@ -651,15 +808,14 @@ class StaticDecoder:
 
         b, p = input_ids.shape
         arange = torch.arange(p, device=self.device)
-        masks = self._masks(st.valid, arange, st.valid.shape[1])
         layer, site = (steering.layer, steering.site) if steering else (None, None)
         rows = max(1, int(PREFILL_SCRATCH_BYTES // (self.n_heads * p * p * 16)))
         out = []
         for r0 in range(0, b, rows):
             r = slice(r0, r0 + rows)
             caches = ([c[r] for c in st.caches[0]], [c[r] for c in st.caches[1]])
-            out.append(self._forward(input_ids[r], positions[r], arange, [m[r] for m in masks], caches, st.delta,
-                                     layer, site, kv_len=p))
+            out.append(self._forward(input_ids[r], positions[r], arange, self._prefill_masks(st.valid[r], p), caches,
+                                     st.delta, layer, site, kv_len=p))
         return torch.cat(out)
 
     # ------------------------------------------------------------------ continuous batching
@@ -675,6 +831,7 @@ class StaticDecoder:
         done: Any       # (S,) the row ended on the device (EOS or token limit), or the slot is idle
         keys: Any       # (S, 2) sampling key of the slot's current prompt
         delta: Any      # (S, d_model) steering each slot's prompt adds at generated positions (zero: none)
+        flex: Any = None  # FlexAttention: (block counts, per-layer block masks) of the decode step
 
     def generate_queue(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, slots: int, *,
                        steering: Steering | Sequence[Steering | None] | None = None, temperature: float = 0.0,
@@ -838,7 +995,6 @@ class StaticDecoder:
         st.delta[slot_ids] = torch.stack([d for _, d in deltas])
         arange = torch.arange(t, device=self.device)
         valid = arange[None] < length[:, None]
-        masks = self._masks(valid, arange, t)
         layer, site = (steering.layer, steering.site) if steering else (None, None)
         rows = max(1, int(PREFILL_SCRATCH_BYTES // (self.n_heads * t * t * 16)))
         shape = (min(rows, len(chosen)), self.n_kv, t, self.head_dim)
@@ -849,8 +1005,8 @@ class StaticDecoder:
             r = slice(r0, r0 + rows)
             m = ids[r].shape[0]
             caches = ([c[:m] for c in scratch[0]], [c[:m] for c in scratch[1]])
-            logits.append(self._forward(ids[r], arange[None].expand(m, t), arange, [mk[r] for mk in masks], caches,
-                                        prompt_delta[r], layer, site, kv_len=t, last=length[r] - 1))
+            logits.append(self._forward(ids[r], arange[None].expand(m, t), arange, self._prefill_masks(valid[r], t),
+                                        caches, prompt_delta[r], layer, site, kv_len=t, last=length[r] - 1))
             for cache, part in zip((*st.caches[0], *st.caches[1]), (*caches[0], *caches[1])):
                 cache[slot_ids[r], :, :t] = part
         if keys is not None:
@@ -871,7 +1027,7 @@ class StaticDecoder:
 
         max_len = st.valid.shape[1]
         max_new = st.out.shape[1] - 1
-        masks = self._masks(st.valid, st.idx, max_len)
+        masks = self._step_masks(st, st.idx[:, 0])
         layer, site = (steering.layer, steering.site) if steering else (None, None)
         logits = self._forward(st.tok, st.idx, st.idx, masks, st.caches, st.delta[:, None], layer, site,
                                fns=self._decode_fns, kv_len=kv_len)
@@ -890,6 +1046,7 @@ class StaticDecoder:
         key = ("queue", slots, max_len, max_new)
         if getattr(self, "_state_key", None) != key:
             self.release()                            # free the previous cache before allocating this one
+            max_len = self._cache_length(max_len)
             shape = (slots, self.n_kv, max_len, self.head_dim)
             n = self.cfg.num_hidden_layers
             caches = ([torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(n)],

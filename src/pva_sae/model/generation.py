@@ -35,6 +35,7 @@ from pva_sae.config import GenerationConfig
 from pva_sae.model.fastgen import (
     FastGenError,
     StaticDecoder,
+    flex_available,
     free_memory_batch_size,
     supports,
 )
@@ -164,7 +165,8 @@ class Generator:
 
             pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
             self.fast = StaticDecoder(loaded.model, self.eos_ids, pad,
-                                      compile=cfg.compile and loaded.device.type == "cuda")
+                                      compile=cfg.compile and loaded.device.type == "cuda",
+                                      attention=resolve_attention(cfg.attention, loaded.device))
 
     def _hf_generation_config(self) -> Any:
         """Every setting that changes the output is explicit, so a checkpoint's generation_config.json
@@ -435,6 +437,15 @@ def resolve_batch_size(generator: "Generator", prompts: Sequence[str]) -> int:
 
     longest = max(len(generator.tokenizer(p)["input_ids"]) for p in prompts)
     return free_memory_batch_size(generator.model, longest + generator.cfg.max_new_tokens)
+
+
+def resolve_attention(spec: str, device) -> str:
+    """The fast decoder's attention for ``generation.attention``; 'flex' where FlexAttention cannot run compiled
+    (off CUDA, or without Triton) is refused."""
+    if spec == "flex" and not flex_available(device):
+        raise FastGenError(f"generation.attention='flex' needs CUDA with Triton; the model is on {device}. Use "
+                           "generation.attention=eager (or auto)")
+    return spec
 
 
 def resolve_backend(spec: str, loaded: "LoadedModel") -> str:
