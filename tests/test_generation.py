@@ -247,3 +247,58 @@ def test_stop_hits_equal_the_criterion_on_every_prefix_and_the_criterion_is_buil
     assert torch.equal(stop_hits(criterion, out, 5, width - 1), every[:, 4:width - 1])
     first, second = (Generator(tiny_loaded, greedy(stop_strings=stops)) for _ in range(2))
     assert first._stop_criterion is second._stop_criterion is criterion
+
+
+def test_stop_checks_skip_only_steps_the_criterion_cannot_flag():
+    """The queue's stop check and ``stop_hits`` call the criterion only where its own tables say it can fire;
+    on real solutions followed by stop strings, and on random ids (some beyond the vocabulary, some stop-string
+    fragments), they find exactly the first step that calling the criterion on every prefix finds. Most steps of
+    real code are skipped."""
+    import random
+    from importlib.resources import files
+
+    from transformers import AutoTokenizer
+
+    from pva_sae.data import mbpp
+    from pva_sae.data import prompts as templates
+    from pva_sae.model.generation import stop_candidates, stop_criterion, stop_hits
+
+    tok = AutoTokenizer.from_pretrained(str(files("pva_sae") / "assets" / "default" / "model"))
+    cfg = GenerationConfig(backend="hf")
+    criterion = stop_criterion(tok, tuple(cfg.stop_strings))
+    rng = random.Random(0)
+    fragment = tok("\nassert ", add_special_tokens=False)["input_ids"]
+    tails = ["\n\nassert f(1) == 2\n", "\nprint(x)\n", "\nif __name__ == '__main__':\n", "\n# end\n", "x  \n\n"]
+    prompt_ids, news = [], []
+    for t in mbpp.load_tasks("packaged")[:40]:
+        prompt_ids.append(tok(templates.build_prompt(t))["input_ids"])
+        news.append(tok(t.code + rng.choice(tails), add_special_tokens=False)["input_ids"])
+    for _ in range(30):
+        prompt_ids.append([rng.randrange(len(tok)) for _ in range(rng.randrange(1, 12))])
+        news.append([rng.choice([rng.randrange(len(tok) + 5), *fragment]) for _ in range(rng.randrange(1, 40))])
+
+    def first_flagged(p, n):
+        return next((j for j in range(len(n)) if bool(criterion(torch.tensor([p + n[:j + 1]]), None)[0])), None)
+
+    want = [first_flagged(p, n) for p, n in zip(prompt_ids, news)]
+    assert sum(w is not None for w in want) >= 30
+    g = Generator.__new__(Generator)
+    g._stop_criterion = criterion
+    check = g._queue_stop_checker(prompt_ids)
+    for split in (0, 5):
+        got = []
+        for i, n in enumerate(news):
+            a = min(split, len(n))
+            early = check([(i, n[:a], 0)])[0] if a else None
+            got.append(early if early is not None else check([(i, n, a)])[0])
+        assert got == want
+    length = max(len(p) + len(n) for p, n in zip(prompt_ids, news))
+    out = torch.zeros((len(news), length), dtype=torch.long)
+    for r, (p, n) in enumerate(zip(prompt_ids, news)):
+        out[r, length - len(p) - len(n):] = torch.tensor(p + n)
+    for first_end in (1, 2, length - 30):
+        every = torch.stack([criterion(out[:, :e], None).bool() for e in range(first_end, length + 1)], dim=1)
+        assert torch.equal(stop_hits(criterion, out, first_end, length), every)
+    steps = stop_candidates(criterion)
+    candidates = sum(len(steps(n, 0, p[-1])) for p, n in zip(prompt_ids[:40], news[:40]))
+    assert candidates < 0.5 * sum(len(n) for n in news[:40])

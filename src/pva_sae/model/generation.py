@@ -291,36 +291,33 @@ class Generator:
             return None
         criterion = self._stop_criterion
         width = getattr(criterion, "maximum_token_len", None)
+        can_fire = stop_candidates(criterion)
 
         def check(requests):
             found: list[int | None] = [None] * len(requests)
-            blocks, owners = [], []
+            windows, owners = [], []
             for r, (item, new, first) in enumerate(requests):
                 prompt = prompt_ids[item]
                 p, n = len(prompt), len(new)
                 if first >= n:
                     continue
-                text = list(prompt) + list(new)
-                if not width:
-                    hits = [bool(criterion(torch.tensor([text[:p + t + 1]]), None)[0]) for t in range(first, n)]
-                    found[r] = next((first + j for j, hit in enumerate(hits) if hit), None)
+                steps = can_fire(new, first, prompt[-1] if p else None)    # the only steps the criterion can flag
+                if not steps:
                     continue
-                for end in range(p + first + 1, min(p + n, width - 1) + 1):    # shorter than a window: the prefix,
-                    if bool(criterion(torch.tensor([text[:end]]), None)[0]):   # as the library reads it
-                        found[r] = end - p - 1
-                        break
-                start = max(p + first + 1, width)
-                if found[r] is None and start <= p + n:
-                    blocks.append(torch.tensor(text[start - width:p + n]).unfold(0, width, 1))  # [j] ends at start + j
-                    owners.append((r, start - p - 1))
-            if blocks:
-                hits = criterion(torch.cat(blocks), None).cpu().tolist()
-                at = 0
-                for (r, t0), block in zip(owners, blocks):
-                    j = next((j for j, hit in enumerate(hits[at:at + len(block)]) if hit), None)
-                    at += len(block)
-                    if j is not None:
-                        found[r] = t0 + j
+                text = list(prompt) + list(new)
+                for step in steps:
+                    end = p + step + 1
+                    if not width or end < width:     # shorter than a window: the prefix, as the library reads it
+                        if bool(criterion(torch.tensor([text[:end]]), None)[0]):
+                            found[r] = step
+                            break
+                    else:
+                        windows.append(text[end - width:end])
+                        owners.append((r, step))
+            if windows:
+                for (r, step), hit in zip(owners, criterion(torch.tensor(windows), None).cpu().tolist()):
+                    if hit and (found[r] is None or step < found[r]):
+                        found[r] = step
             return found
 
         return check
@@ -412,20 +409,81 @@ def stop_criterion(tokenizer: Any, stop_strings: Sequence[str]) -> Any:
     return hit[1]
 
 
+_STOP_TABLES: "weakref.WeakKeyDictionary[Any, tuple]" = weakref.WeakKeyDictionary()
+
+
+def stop_tables(criterion: Any) -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]:
+    """Per token id (the criterion's own tables, its last row standing for ids beyond the vocabulary), bit masks
+    over the stop strings: END (the token can end a match of string s), ALONE (it holds all of s by itself) and
+    MID (it can be the token just before one that ends s). The criterion matches s at the end of a text only when
+    the last token t can end s and either holds all of it or the token u before it can continue the match, so it
+    can return True only where ``END[t] & (ALONE[t] | MID[u]) != 0``: a necessary condition, read from the same
+    tables, that lets every other step skip the criterion."""
+    tables = _STOP_TABLES.get(criterion)
+    if tables is None and not all(hasattr(criterion, a) for a in ("embedding_vec", "num_stop_strings",
+                                                                   "max_valid_positions", "target_lens")):
+        every = torch.ones(1, dtype=torch.long)        # another layout: every step is a candidate
+        tables = _STOP_TABLES[criterion] = (every, every, every)
+    if tables is None:
+        emb = criterion.embedding_vec.cpu().long()
+        n, positions = criterion.num_stop_strings, criterion.max_valid_positions
+        valid = emb[:, :positions * n].unflatten(-1, (n, -1))      # the layout StopStringCriteria.__call__ reads
+        ends = emb[:, positions * n:-1].unflatten(-1, (n, -1))
+        target = criterion.target_lens.cpu().long()
+        bits = 1 << torch.arange(n)
+
+        def pack(mask):
+            return (mask.long() * bits).sum(-1)
+
+        tables = (pack((ends > 0).any(-1)), pack((ends >= target[None, :, None]).any(-1)), pack((valid > 0).any(-1)))
+        _STOP_TABLES[criterion] = tables
+    return tables
+
+
+def stop_candidates(criterion: Any) -> Callable[[Sequence[int], int, int | None], list[int]]:
+    """``steps(new, first, before)``: the steps j >= first of the new tokens ``new`` at which the criterion can
+    flag the text (see :func:`stop_tables`); ``before`` is the token before new[0] (None: none)."""
+    end, alone, mid = (t.tolist() for t in stop_tables(criterion))
+    top = len(end) - 1
+
+    def steps(new: Sequence[int], first: int, before: int | None) -> list[int]:
+        prev = new[first - 1] if first > 0 else before
+        out = []
+        for j in range(first, len(new)):
+            t = min(new[j], top)
+            bits = end[t]
+            if bits and bits & (alone[t] | (mid[min(prev, top)] if prev is not None else 0)):
+                out.append(j)
+            prev = new[j]
+        return out
+
+    return steps
+
+
 def stop_hits(criterion: Any, out: "torch.Tensor", first_end: int, last_end: int) -> "torch.Tensor":
     """(B, last_end - first_end + 1) bool: whether the text ``out[:, :end]`` ends with a stop string, for every
-    end in first_end..last_end: what calling the criterion on each prefix gives, in one call. The criterion reads
-    only the last ``maximum_token_len`` tokens of what it is given, so each end gets that window of ``out``; the
-    few ends closer to the start than a window are called on their prefix, as the library would be."""
+    end in first_end..last_end: what calling the criterion on each prefix gives. The criterion reads only the last
+    ``maximum_token_len`` tokens of what it is given, so each end gets that window of ``out``, in one call over the
+    ends where it can fire at all (:func:`stop_tables`); the few ends closer to the start than a window are called
+    on their prefix, as the library would be."""
     width = int(criterion.maximum_token_len)
-    short = range(first_end, min(last_end, width - 1) + 1)         # prefixes shorter than a window
-    parts = [criterion(out[:, :end], None).reshape(-1, 1).cpu().bool() for end in short]
-    start = max(first_end, width)
-    if start <= last_end:
-        windows = out[:, start - width:last_end].unfold(1, width, 1)  # (B, n, width): [b, j] ends at start + j
-        hits = criterion(windows.reshape(-1, width).contiguous(), None)
-        parts.append(hits.reshape(out.shape[0], -1).cpu().bool())
-    return torch.cat(parts, dim=1)
+    end_bits, alone, mid = stop_tables(criterion)
+    ids = out.cpu().clamp(max=len(end_bits) - 1)
+    last = ids[:, first_end - 1:last_end]                                   # (B, E): the last token of each end
+    before = (mid[ids[:, first_end - 2:last_end - 1]] if first_end >= 2 else
+              torch.cat([torch.zeros((ids.shape[0], 1), dtype=torch.long), mid[ids[:, :last_end - 1]]], dim=1))
+    can = (end_bits[last] & (alone[last] | before)) != 0
+    hits = torch.zeros_like(can)
+    rows, cols = can.nonzero(as_tuple=True)
+    ends = cols + first_end
+    short = ends < width
+    for r, c, e in zip(rows[short].tolist(), cols[short].tolist(), ends[short].tolist()):
+        hits[r, c] = bool(criterion(out[r:r + 1, :e], None)[0])
+    if bool((~short).any()):
+        r, c, e = rows[~short], cols[~short], ends[~short]
+        windows = out.cpu()[r[:, None], e[:, None] - width + torch.arange(width)]
+        hits[r, c] = criterion(windows, None).cpu().bool()
+    return hits
 
 
 def resolve_batch_size(generator: "Generator", prompts: Sequence[str]) -> int:
