@@ -7,7 +7,9 @@ two per-sample costs the queue pays on the host, with the default tokenizer and 
 - stop checks: each of ``--rows`` rows (MBPP prompt, then the task's reference solution followed by a stop
   string or other text as its "completion") grows 16 tokens per check, as in the queue, and is checked
   (``Generator._queue_stop_checker``) until a stop string is found or its tokens run out;
-- decoding: ``decode_continuation`` and ``cut_at_stop`` once per row, as when a row finishes.
+- decoding: ``decode_continuation`` and ``cut_at_stop`` once per row, as when a row finishes; and the same with
+  the prompt's text already decoded (the Generator decodes each prompt once; steering repeats every prompt once
+  per condition).
 
 Prints ms per row and writes JSON (``--out``, default ``docs/bench_host_<device>_<date>.json``)::
 
@@ -76,8 +78,15 @@ def main(argv=None) -> dict:
         for p, n in zip(prompt_ids, news):
             cut_at_stop(decode_continuation(tok, p, n), generator.stop_strings)
 
+    prompt_texts = [tok.decode(p, skip_special_tokens=True) for p in prompt_ids]
+
+    def decodes_known_prompt() -> None:
+        for p, n, text in zip(prompt_ids, news, prompt_texts):
+            cut_at_stop(decode_continuation(tok, p, n, text), generator.stop_strings)
+
     rows = {}
-    for name, fn in (("stop_checks", stop_checks), ("decode_and_cut", decodes)):
+    for name, fn in (("stop_checks", stop_checks), ("decode_and_cut", decodes),
+                     ("decode_and_cut_prompt_known", decodes_known_prompt)):
         fn()                                                 # warm-up
         times = []
         for _ in range(args.repeats):

@@ -159,6 +159,7 @@ class Generator:
         self.hf_config = self._hf_generation_config()
         self._stop_criterion = self._make_stop_criterion()
         self._prompt_cache: dict[str, list[int]] = {}
+        self._prompt_texts: dict[tuple[int, ...], str] = {}
         self.backend = resolve_backend(cfg.backend, loaded)
         self.fast = None
         if self.backend == "fast":
@@ -383,7 +384,11 @@ class Generator:
         new_ids = row[prompt_len:prompt_len + n_new].tolist()
         if reason == "eos":
             new_ids = new_ids[:-1]  # the EOS token is not text
-        raw = decode_continuation(self.tokenizer, prompt_ids, new_ids)
+        key = tuple(prompt_ids)
+        prompt_text = self._prompt_texts.get(key)
+        if prompt_text is None:     # steering decodes every prompt once per condition: decode it once
+            prompt_text = self._prompt_texts[key] = self.tokenizer.decode(prompt_ids, skip_special_tokens=True)
+        raw = decode_continuation(self.tokenizer, prompt_ids, new_ids, prompt_text)
         completion, cut = cut_at_stop(raw, self.stop_strings)
         if cut:
             reason = "stop"
@@ -547,13 +552,15 @@ def eos_token_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:
     return tuple(ids)
 
 
-def decode_continuation(tokenizer: Any, prompt_ids: list[int], new_ids: list[int]) -> str:
-    """Text of ``new_ids`` as it reads after the prompt.
+def decode_continuation(tokenizer: Any, prompt_ids: list[int], new_ids: list[int],
+                        prompt_text: str | None = None) -> str:
+    """Text of ``new_ids`` as it reads after the prompt (``prompt_text``: the decoded prompt, if known).
 
     Decoding the new tokens alone can lose a leading space with some tokenizers (SentencePiece
     strips it at the start of a text), so decode prompt + new and remove the decoded prompt.
     """
-    prompt_text = tokenizer.decode(prompt_ids, skip_special_tokens=True)
+    if prompt_text is None:
+        prompt_text = tokenizer.decode(prompt_ids, skip_special_tokens=True)
     full_text = tokenizer.decode(prompt_ids + new_ids, skip_special_tokens=True)
     if full_text.startswith(prompt_text):
         return full_text[len(prompt_text):]
