@@ -918,6 +918,9 @@ class StaticDecoder:
         results: list[tuple[list[int], str] | None] = [None] * n
         slot_item = [-1] * slots
         checked = [0] * slots
+        # Each slot's new tokens read back so far (its current prompt's): a check copies only the columns written
+        # since the last one, not every row's whole output.
+        tokens: list[list[int]] = [[] for _ in range(slots)]
         pending = iter(range(n))
 
         def fill(free: list[int]) -> None:
@@ -932,7 +935,7 @@ class StaticDecoder:
                 st.done[slot] = True
             if chosen:
                 for slot, item in chosen:
-                    slot_item[slot], checked[slot] = item, 0
+                    slot_item[slot], checked[slot], tokens[slot] = item, 0, []
                 self._queue_prefill(st, chosen, prompts, keys, steering,
                                     [deltas[id(steerings[item])] for _, item in chosen], sampling, max_new_tokens)
 
@@ -948,12 +951,19 @@ class StaticDecoder:
                     top = max(live)                 # rows that are done stop advancing, so this bounds every step
                     for j in range(self.check_every):
                         run(self._kv_bucket(top + j + 1, max_len))
-                nstep, out = st.nstep.cpu(), st.out.cpu()
+                written = st.nstep.clamp(max=max_new_tokens).cpu().tolist()
                 running = [slot for slot in range(slots) if slot_item[slot] >= 0]
+                read = [len(t) for t in tokens]
+                width = max((written[slot] - read[slot] for slot in running), default=0)
+                if width > 0:
+                    cols = (torch.tensor(read)[:, None] + torch.arange(width)).clamp(max=max_new_tokens)
+                    fresh = st.out.gather(1, cols.to(self.device)).cpu().tolist()
                 rows = []
                 for slot in running:
-                    new = out[slot, :min(int(nstep[slot]), max_new_tokens)].tolist()
-                    eos_at = next((i for i, t in enumerate(new) if t in eos), None)
+                    new, start = tokens[slot], read[slot]
+                    if written[slot] > start:
+                        new.extend(fresh[slot][:written[slot] - start])
+                    eos_at = next((start + i for i, t in enumerate(new[start:]) if t in eos), None)
                     rows.append((new[:eos_at + 1] if eos_at is not None else new, eos_at))
                 stops = (stop_check([(slot_item[slot], new, checked[slot]) for slot, (new, _) in zip(running, rows)])
                          if stop_check is not None else [None] * len(running))
