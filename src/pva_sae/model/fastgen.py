@@ -62,6 +62,7 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from pva_sae.errors import PvaSaeError
 
@@ -289,8 +290,6 @@ def _flex_mask_mod(valid, qpos, window):
 def _flex_attend_mlp(h, q, keys, values, block_mask, w, eps: float, scaling: float, score_mod, n_heads: int,
                      n_kv: int, hd: int):  # noqa: ARG001
     """As :func:`_attend_mlp`, the attention through FlexAttention."""
-    from torch.nn.attention.flex_attention import flex_attention
-
     b, t, _ = h.shape
     o = flex_attention(q, keys, values, score_mod=score_mod, block_mask=block_mask, scale=scaling,
                        enable_gqa=n_heads != n_kv)
@@ -316,7 +315,6 @@ def flex_available(device) -> bool:
         return False
     try:
         import triton  # noqa: F401
-        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
     except ImportError:
         return False
     return True
@@ -601,8 +599,6 @@ class StaticDecoder:
         marks as real tokens."""
         if self.attention == "eager":
             return self._masks(valid, torch.arange(t, device=self.device), valid.shape[1])
-        from torch.nn.attention.flex_attention import create_block_mask
-
         b = valid.shape[0]
         # Padded to whole blocks, so the mask function never reads past the end of its buffer.
         padded = torch.zeros((b, -(-t // FLEX_BLOCK) * FLEX_BLOCK), dtype=torch.bool, device=self.device)
@@ -617,8 +613,6 @@ class StaticDecoder:
         is updated here from ``qpos`` on the device, so the step stays capturable."""
         if self.attention == "eager":
             return self._masks(st.valid, qpos if qpos.shape[0] == 1 else qpos[:, None], st.valid.shape[1])
-        from torch.nn.attention.flex_attention import BlockMask
-
         b, length = st.valid.shape
         blocks = length // FLEX_BLOCK                   # flex states' caches are whole blocks long
         if st.flex is None:
