@@ -89,12 +89,15 @@ def wait_for(predicate, timeout_s=120.0):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("overlap", ["off", "on"])
-def test_sigkill_then_resume_gives_identical_records(reference_run, tiny_model_dir, tmp_path, overlap):
+@pytest.mark.parametrize("overlap, schedule", [("off", "batches"), ("on", "batches"), ("on", "queue")])
+def test_sigkill_then_resume_gives_identical_records(reference_run, tiny_model_dir, tmp_path, overlap, schedule):
+    """Killed after its first checkpoint, the build resumes to the uninterrupted records; on the fast backend's
+    queue too (greedy: the same records as the reference's batches)."""
     _, expected = reference_run
     run_dir = tmp_path / "run"
+    backend = {"generation.backend": "fast"} if schedule == "queue" else {}
     args = ["build", "--quiet", *sum((["--set", o] for o in overrides(
-        tiny_model_dir, run_dir, **{"generation.overlap": overlap})), [])]
+        tiny_model_dir, run_dir, **{"generation.overlap": overlap, "generation.schedule": schedule, **backend})), [])]
     proc = cli(*args)
     run = RunDir.at(run_dir)
     assert wait_for(lambda: any(run.checkpoints.glob("checkpoint_*.json")) if run.checkpoints.is_dir() else False)
@@ -107,6 +110,7 @@ def test_sigkill_then_resume_gives_identical_records(reference_run, tiny_model_d
     assert resumed.returncode == 0, err
     assert "resuming from" in err
     assert comparable(load_records(str(run_dir))) == comparable(expected)
+    assert json.loads(run.batch_plan.read_text())["schedule"] == schedule
 
 
 @pytest.mark.slow

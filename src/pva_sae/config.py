@@ -39,7 +39,8 @@ BUILD_SECTIONS = ("model", "data", "prompt", "generation", "sandbox")
 # Build-section fields that cannot change a record: they never block a resume or mark a run as another run's.
 NON_RECORD_FIELDS = ("model.torch_threads", "model.local_files_only", "sandbox.workers", "generation.compile",
                      "generation.batch_size", "generation.max_batch_tokens", "generation.backend", "generation.overlap",
-                     "sandbox.uid_pool_start", "sandbox.uid_pool_size", "sandbox.start_method", "sandbox.label_cache")
+                     "generation.schedule", "sandbox.uid_pool_start", "sandbox.uid_pool_size", "sandbox.start_method",
+                     "sandbox.label_cache")
 # Residual sites (see pva_sae.model.hooks for what each means) and the two predicted classes.
 SITES = ("resid_post", "resid_pre")
 # Benchmarks data.dataset selects (loaders in pva_sae.data.benchmarks).
@@ -162,6 +163,13 @@ class GenerationConfig:
         "auto", "Label batch k in the sandbox (one background thread for the whole stage) while batch k+1 "
         "generates: 'auto' (on when the model runs on an accelerator; off on CPU, where generation and the sandbox "
         "share the cores and take turns), 'on' or 'off'. The records are the same either way.")
+    schedule: str = doc(
+        "auto", "How the build (and validation's temperature sub-builds) runs its batch plan: 'batches' (one static "
+        "batch at a time; every row of a batch decodes until its last row ends), 'queue' (continuous batching, fast "
+        "backend only: a row that ends hands its slot to the next item of the plan) or 'auto' (queue on the fast "
+        "backend, else batches). Greedy records are the same either way; when sampling, 'queue' draws each sample "
+        "from its (seed, task, sample) key and 'batches' from its batch's seed. The schedule is saved with the "
+        "batch plan and a resumed build keeps it.")
 
 
 @dataclass
@@ -556,6 +564,11 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"generation.backend must be auto, hf or fast, not {g.backend!r}")
     if g.attention not in ("eager", "flex"):
         raise ConfigError(f"generation.attention must be eager or flex, not {g.attention!r}")
+    if g.schedule not in ("auto", "batches", "queue"):
+        raise ConfigError(f"generation.schedule must be auto, batches or queue, not {g.schedule!r}")
+    if g.schedule == "queue" and g.backend == "hf":
+        raise ConfigError("generation.schedule='queue' (continuous batching) runs on the fast decoder: set "
+                          "generation.backend=fast (or auto on CUDA), or generation.schedule=batches")
     if not 0 < g.top_p <= 1:
         raise ConfigError(f"generation.top_p must be in (0, 1], got {g.top_p}")
     if cfg.checkpoint.every_n_records < 1:

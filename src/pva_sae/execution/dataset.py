@@ -8,8 +8,19 @@ emergency save; rerunning resumes from the latest save and produces exactly the 
 
 With ``generation.overlap`` the sandbox labels batch k on one background thread (:class:`BackgroundLabeller`,
 alive for the whole build) while the model generates batch k+1. Batches are still committed to the records
-and the checkpoint journal one at a time, whole, in plan order, so a save never holds half a batch or a
-batch ahead of an unfinished one.
+and the checkpoint journal one at a time, whole (on the 'batches' schedule in plan order), so a save never
+holds half a batch.
+
+The plan runs on one of two schedules (``generation.schedule``, saved with the plan; a resumed build keeps the
+saved one). 'batches': one static batch at a time (:meth:`Generator.generate_batch`). 'queue' (fast backend):
+the items of the batches not yet done go, in plan order and in waves of about ``QUEUE_WAVE_BATCHES`` batches,
+through continuous batching (:meth:`Generator.generate_queue`), so no decode step is spent on a row that has
+ended; a planned batch is handed to the labeller as soon as its last item ends, and committed (records and done
+mark together) once labelled, in the order batches end, so checkpoints and resume work per planned batch as on
+the other schedule (a resumed build generates the batches not done), and ``batch_index`` stays the planned
+batch. Greedy records are the same on both schedules; sampled ones differ
+(the queue draws each sample from its (seed, task, sample) key, the batches from each batch's seed), which is
+why a run never mixes them.
 """
 
 from __future__ import annotations
@@ -35,6 +46,7 @@ from pva_sae.errors import PvaSaeError
 from pva_sae.execution import distributed
 from pva_sae.execution.label import label_samples, labelling_pool
 from pva_sae.execution.sandbox import BatchStats, check_sandbox_config, probe
+from pva_sae.model.fastgen import FastGenError
 from pva_sae.model.generation import (
     Generator,
     batch_token_budget,
@@ -63,6 +75,8 @@ log = logging.getLogger(__name__)
 
 STAGE = BUILD_STAGE  # a labelled dataset is what a finished "build" marker certifies
 EXIT_INTERRUPTED = 130
+SCHEDULES = ("batches", "queue")
+QUEUE_WAVE_BATCHES = 8  # the queue schedule takes the plan in waves of >= this many batches' rows
 
 
 class BuildInterrupted(Exception):
@@ -150,6 +164,8 @@ def build_labelled_dataset(cfg: Config, *, interactive: bool | None = None, prog
     if state.n_records and saved_plan is None:
         raise CheckpointError(f"{run.root} has a checkpoint but no saved batch plan ({run.batch_plan}): its batch "
                               "indices cannot be mapped to tasks; start over with --no-resume")
+    if saved_plan is not None and cfg.generation.backend == "hf":     # refused before anything is written
+        resolve_schedule(cfg.generation.schedule, "hf", saved_plan, run)
 
     run.ensure()
     atomic_write_json(run.config, cfg.to_dict())
@@ -178,7 +194,9 @@ def build_labelled_dataset(cfg: Config, *, interactive: bool | None = None, prog
     overlap = overlap_labelling(cfg.generation.overlap, loaded.device)
     if saved_plan is not None:
         plan = plan_from_saved(saved_plan, dict(prompt_list), cfg.generation.n_samples, run)
+        schedule = resolve_schedule(cfg.generation.schedule, generator.backend, saved_plan, run)
     else:
+        schedule = resolve_schedule(cfg.generation.schedule, generator.backend)
         size = resolve_batch_size(generator, [p for _, p in prompt_list])
         plan = plan_batches(prompt_list, loaded.tokenizer, size, cfg.generation.n_samples,
                             cfg.generation.sort_by_length,
@@ -187,17 +205,21 @@ def build_labelled_dataset(cfg: Config, *, interactive: bool | None = None, prog
         info = {"batch_size": size, "configured_batch_size": cfg.generation.batch_size,
                                "backend": generator.backend, "dtype": str(loaded.dtype),
                                "device": str(loaded.device), "sandbox_workers": work.sandbox.workers,
-                               "overlap": overlap}
+                               "overlap": overlap, "schedule": schedule}
         if shard is None:
             write_plan(run, plan, info)
-        else:   # --- shards: the first plan published is every shard's plan
+        else:   # --- shards: the first plan published is every shard's plan (and schedule)
             plan = distributed.publish_plan(run, plan, info, dict(prompt_list))
+            schedule = resolve_schedule(cfg.generation.schedule, generator.backend, read_plan(run), run)
+    manifest["generation"] = {"backend": generator.backend, "schedule": schedule}
+    atomic_write_json(run.manifest, manifest)
     previous = records_digest(run)
     run.clear_done(STAGE)
     n_items = distributed.skip_other_shards(plan, state, shard)   # shards: other shards' batches count as done
     announce(label, f"{n_items} samples ({len(tasks)} tasks x {cfg.generation.n_samples}) with {cfg.model.name} on "
                     f"{loaded.device}: {len(plan)} batches of up to {max(map(len, plan), default=0)}, "
-                    f"{work.sandbox.workers} sandbox workers, labelling {'overlapped' if overlap else 'in turn'}"
+                    f"{schedule_text(schedule)}, {work.sandbox.workers} sandbox workers, "
+                    f"labelling {'overlapped' if overlap else 'in turn'}"
                     + (f"; resuming with {state.n_records} done" if state.n_records else ""), progress)
 
     started = time.perf_counter()
@@ -206,7 +228,10 @@ def build_labelled_dataset(cfg: Config, *, interactive: bool | None = None, prog
                dynamic_ncols=True)
     try:
         with _signals_raise(), BackgroundLabeller(by_id, split_of, work, stats, overlap) as labeller:
-            _generate_and_label(plan, state, generator, labeller, checkpointer, bar)
+            if schedule == "queue":
+                _queue_and_label(plan, state, generator, labeller, checkpointer, bar)
+            else:
+                _generate_and_label(plan, state, generator, labeller, checkpointer, bar)
     except KeyboardInterrupt as exc:
         bar.close()                                 # before the message, so the bar does not redraw under it
         signum = exc.args[0] if exc.args and isinstance(exc.args[0], int) else signal.SIGINT
@@ -221,7 +246,7 @@ def build_labelled_dataset(cfg: Config, *, interactive: bool | None = None, prog
     checkpointer.save(state, "checkpoint")          # the records in arrival order: the journal only appends
     if shard is not None:   # --- shards: this shard's part; the merge writes the dataset once every part is there
         distributed.write_build_part(run, shard, plan, state.records, {
-            "elapsed_s": elapsed, "device": str(loaded.device), "sandbox": stats.as_dict()})
+            "elapsed_s": elapsed, "device": str(loaded.device), "schedule": schedule, "sandbox": stats.as_dict()})
         return distributed.finish_build_shard(run, shard, dataset_metadata)
     records = sorted(state.records, key=lambda r: (r["task_id"], r["sample_index"]))
     metadata = dataset_metadata(records, splits, tasks, elapsed, manifest, cfg)
@@ -236,7 +261,7 @@ def build_labelled_dataset(cfg: Config, *, interactive: bool | None = None, prog
                           "inputs": {"config": sections_digest(cfg.to_dict(), BUILD_SECTIONS),
                                      "model_revision": loaded.revision,
                                      "dataset_sha256": manifest["dataset"]["sha256"]},
-                          "outputs": {"records": digest}})
+                          "outputs": {"records": digest}, "schedule": schedule})
     log.info("dataset written to %s (%d records, pass rate %.3f)", run.datasets, len(records),
              metadata["pass_rate"]["overall"])
     return records
@@ -265,9 +290,44 @@ def plan_from_saved(saved: dict[str, Any], prompt_of: dict[int, str], n_samples:
     if saved_keys != wanted:
         raise CheckpointError(f"the saved batch plan {run.batch_plan} covers other (task, sample) items than this "
                               "build; resume with the config the build started with, or --no-resume")
-    log.info("resuming with the saved batch plan (%d batches; made with backend %s, %s on %s)", len(plan),
-             saved.get("backend"), saved.get("dtype"), saved.get("device"))
+    log.info("resuming with the saved batch plan (%d batches, schedule %s; made with backend %s, %s on %s)",
+             len(plan), saved.get("schedule", "batches"), saved.get("backend"), saved.get("dtype"), saved.get("device"))
     return plan
+
+
+def resolve_schedule(setting: str, backend: str, saved: dict[str, Any] | None = None,
+                     run: RunDir | None = None) -> str:
+    """The schedule the build runs its plan on. Resuming (``saved``, the saved batch plan): the plan's, whatever
+    ``generation.schedule`` says now (a plan saved before schedules were recorded ran 'batches'), so one dataset
+    never mixes the sampling of both. Else ``setting`` ('auto': 'queue' on the fast backend, else 'batches').
+    Refuses 'queue' unless ``backend`` (generation.backend resolved) is 'fast'."""
+    if saved is None:
+        schedule = setting if setting != "auto" else ("queue" if backend == "fast" else "batches")
+        if schedule == "queue" and backend != "fast":
+            raise FastGenError("generation.schedule='queue' (continuous batching) runs on the fast decoder, but "
+                               f"generation.backend resolved to {backend!r} (fast is Gemma-2 only; 'auto' picks it on "
+                               "CUDA): set generation.backend=fast, or generation.schedule=batches or auto")
+        return schedule
+    where = run.batch_plan if run is not None else "the saved batch plan"
+    schedule = saved.get("schedule", "batches")
+    if schedule not in SCHEDULES:
+        raise CheckpointError(f"{where} names schedule {schedule!r}, not one of {', '.join(SCHEDULES)}: it is "
+                              "damaged or from a newer version; start over with --no-resume")
+    if schedule == "queue" and backend != "fast":
+        raise CheckpointError(f"{where} runs the 'queue' schedule (continuous batching, per-sample sampling keys), "
+                              f"which needs the fast decoder, but generation.backend is {backend!r} here: resume with "
+                              "generation.backend=fast on the same Gemma-2 model, or start over with --no-resume")
+    if setting not in ("auto", schedule):
+        log.warning("generation.schedule=%s, but the build being resumed runs the %r schedule of its saved plan; "
+                    "it keeps that one (start over with --no-resume to change it)", setting, schedule)
+    return schedule
+
+
+def schedule_text(schedule: str) -> str:
+    """The schedule as the announce line says it."""
+    if schedule == "queue":
+        return f"continuous batching (schedule 'queue', waves of {QUEUE_WAVE_BATCHES} batches)"
+    return "batch by batch (schedule 'batches')"
 
 
 # --------------------------------------------------------------------------- generate, then label
@@ -318,6 +378,11 @@ class BackgroundLabeller:
             self._sandbox = self._pool.enter_context(labelling_pool(self.cfg, self.stats))
         return label_samples(samples, self.by_id, self.split_of, self.cfg, sandbox=self._sandbox)
 
+    @property
+    def overlapped(self) -> bool:
+        """Whether batches are labelled on the background thread (else at once, in the caller's)."""
+        return self._thread is not None
+
     def submit(self, samples) -> Future:
         if self._thread is not None:
             return self._thread.submit(self.label, samples)
@@ -353,7 +418,8 @@ def _generate_and_label(plan, state: BuildState, generator, labeller: Background
         state.done_batches.add(batch_index)
         n_pass += sum(r["passed"] for r in new)
         bar.update(len(new))
-        bar.set_postfix(pass_rate=f"{n_pass / max(state.n_records, 1):.3f}", batch=f"{batch_index + 1}/{len(plan)}")
+        bar.set_postfix(pass_rate=f"{n_pass / max(state.n_records, 1):.3f}", batch=f"{batch_index + 1}/{len(plan)}",
+                        schedule="batches")
 
     try:
         for batch_index, batch in enumerate(plan):
@@ -377,6 +443,118 @@ def _generate_and_label(plan, state: BuildState, generator, labeller: Background
         # A batch already labelled when the signal came goes into the emergency save (it is next in plan order).
         if pending is not None and pending[1].done() and not pending[1].cancelled() and pending[1].exception() is None:
             commit(pending[0], pending[1].result())
+        raise
+
+
+def queue_waves(plan, done: set[int], wave_batches: int) -> list[list[int]]:
+    """The indices of the batches not in ``done``, in plan order, cut into waves of consecutive batches holding at
+    least ``wave_batches`` batches' worth of rows (of the plan's largest batch; the last wave what is left)."""
+    rows_per_wave = wave_batches * max(map(len, plan), default=1)
+    waves: list[list[int]] = []
+    current: list[int] = []
+    rows = 0
+    for index, batch in enumerate(plan):
+        if index in done:
+            continue
+        current.append(index)
+        rows += len(batch)
+        if rows >= rows_per_wave:
+            waves.append(current)
+            current, rows = [], 0
+    if current:
+        waves.append(current)
+    return waves
+
+
+class _QueueCommits:
+    """The planned batches of the queue schedule: rows come back as they end, in any order; a batch goes to the
+    labeller when its last row is back (labelling overlapped; else the wave's batches are labelled after the wave,
+    so generation and the sandbox take turns and the rows' generation times hold no labelling), and is committed
+    (records and done mark together) when labelled."""
+
+    def __init__(self, plan, state: BuildState, labeller: BackgroundLabeller, checkpointer: Checkpointer, bar):
+        self.plan, self.state, self.labeller, self.checkpointer, self.bar = plan, state, labeller, checkpointer, bar
+        self.n_pass = sum(1 for r in state.records if r["passed"])
+        self.rows: dict[int, list] = {}        # batch index -> its samples so far (None where still generating)
+        self.missing: dict[int, int] = {}
+        self.owner: list[tuple[int, int]] = []  # queue item -> (batch index, position in the batch)
+        self.labelling: list[tuple[int, Future]] = []   # batches with the labeller, in submission order
+        self.ended: list[int] = []             # batches whose rows all ended, to label after the wave
+
+    def start_wave(self, wave: list[int]) -> list:
+        """The queue items of ``wave`` (its batches' items in plan order)."""
+        self.owner = [(i, pos) for i in wave for pos in range(len(self.plan[i]))]
+        for i in wave:
+            self.rows[i], self.missing[i] = [None] * len(self.plan[i]), len(self.plan[i])
+        return [item for i in wave for item in self.plan[i]]
+
+    def finished(self, rows) -> None:
+        """``on_samples`` of the queue: (item index, Sample) of rows that ended."""
+        for index, sample in rows:
+            batch_index, pos = self.owner[index]
+            self.rows[batch_index][pos] = dataclasses.replace(sample, batch_index=batch_index)
+            self.missing[batch_index] -= 1
+            if self.missing[batch_index] == 0:
+                del self.missing[batch_index]
+                if self.labeller.overlapped:
+                    self.submit(batch_index)
+                else:
+                    self.ended.append(batch_index)
+        self.collect(wait=False)
+
+    def submit(self, batch_index: int) -> None:
+        self.labelling.append((batch_index, self.labeller.submit(self.rows.pop(batch_index))))
+
+    def end_wave(self) -> None:
+        """After a wave's queue: label what waited for it, commit what is labelled (without waiting)."""
+        while self.ended:
+            self.submit(self.ended.pop(0))
+            self.collect(wait=False)
+        self.collect(wait=False)
+
+    def collect(self, wait: bool) -> None:
+        """Commit the labelled batches at the head of the labeller's line (all of them with ``wait``)."""
+        while self.labelling and (wait or self.labelling[0][1].done()):
+            batch_index, future = self.labelling[0]
+            new = future.result()
+            self.labelling.pop(0)
+            self.commit(batch_index, new)
+            self.checkpointer.maybe_save(self.state)
+
+    def commit(self, batch_index: int, new: list[dict[str, Any]]) -> None:
+        # The batch's records and its "done" mark change together, so a save never holds half a batch.
+        self.state.records.extend(new)
+        self.state.done_batches.add(batch_index)
+        self.n_pass += sum(r["passed"] for r in new)
+        self.bar.update(len(new))
+        self.bar.set_postfix(pass_rate=f"{self.n_pass / max(self.state.n_records, 1):.3f}",
+                             batches=f"{len(self.state.done_batches)}/{len(self.plan)}", schedule="queue")
+
+    def commit_labelled(self) -> None:
+        """On an interrupt: the batches already labelled go into the emergency save (in submission order)."""
+        while self.labelling:
+            batch_index, future = self.labelling[0]
+            if not future.done() or future.cancelled() or future.exception() is not None:
+                return
+            self.labelling.pop(0)
+            self.commit(batch_index, future.result())
+
+
+def _queue_and_label(plan, state: BuildState, generator, labeller: BackgroundLabeller, checkpointer: Checkpointer,
+                     bar) -> None:
+    """The 'queue' schedule: every batch not yet done, in plan order, through continuous batching in waves (so an
+    interruption loses at most about a wave, and a wave's labelling overlaps the next wave's generation); each
+    planned batch is labelled as soon as its last row ends, and committed once labelled."""
+    commits = _QueueCommits(plan, state, labeller, checkpointer, bar)
+    try:
+        for wave in queue_waves(plan, state.done_batches, QUEUE_WAVE_BATCHES):
+            items = commits.start_wave(wave)
+            # Slots: the wave's largest planned batch, which the plan sized for the device and token budget.
+            generator.generate_queue(items, slots=max(len(plan[i]) for i in wave), on_samples=commits.finished)
+            commits.end_wave()
+        commits.collect(wait=True)
+    except KeyboardInterrupt:
+        commits.commit_labelled()
         raise
 
 
@@ -416,6 +594,7 @@ def dataset_metadata(records, splits, tasks, elapsed_s: float, manifest: dict, c
         "model": manifest.get("model"),
         "device": manifest.get("device"),
         "generation": cfg.to_dict()["generation"],
+        "schedule": (manifest.get("generation") or {}).get("schedule"),
         "task_range": [cfg.data.start_idx, cfg.data.end_idx],
     }
 
