@@ -381,3 +381,23 @@ def test_the_stage_through_the_queue_equals_the_stage_through_batches(analysed, 
     n_alphas = len(queued["directions"]["correct"]["tuning"]["table"])
     done = 2 + 2 * (n_alphas * (1 + 2) + 1 + 4)
     assert f"steer {done}/{done} conditions" in capsys.readouterr().err
+
+
+
+def test_steering_follows_generation_schedule(analysed, tmp_path_factory):
+    """generation.schedule picks the steering schedule too ('auto': queue on the fast backend); 'queue' on a
+    backend other than fast is refused with the setting named."""
+    from pva_sae.model.fastgen import FastGenError
+    from pva_sae.stages.steer import Steerer
+
+    fast, run = _fast_copy(analysed, tmp_path_factory, "steer-schedule")
+    assert fast.generation.backend == "fast"
+    for overrides, want in (([], "queue"), (["generation.schedule=batches"], "batches"),
+                            (["generation.backend=hf"], "batches")):
+        steerer = Steerer(resolve_config(base=fast.to_dict(), overrides=overrides), run, False)
+        try:
+            assert steerer.schedule == want
+        finally:
+            steerer.close()
+    with pytest.raises(FastGenError, match="generation.schedule=batches"):
+        Steerer(resolve_config(base=fast.to_dict(), overrides=["generation.backend=hf"]), run, False, schedule="queue")

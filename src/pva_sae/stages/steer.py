@@ -58,7 +58,7 @@ from pva_sae.errors import InputError, MissingInputError, StaleInputError
 from pva_sae.execution import distributed
 from pva_sae.execution.dataset import BackgroundLabeller, announce, overlap_labelling, with_sandbox_workers
 from pva_sae.hashing import sha256_bytes, sha256_json
-from pva_sae.model.fastgen import Steering
+from pva_sae.model.fastgen import FastGenError, Steering
 from pva_sae.model.generation import (
     Generator,
     batch_token_budget,
@@ -147,8 +147,8 @@ class Steerer:
 
     The conditions of one :meth:`run_many` call are pipelined: with ``generation.overlap`` the sandbox labels
     a batch (or a chunk of finished queue rows) on a background thread while generation goes on.
-    ``schedule`` is 'batches' or 'queue' (see the module docstring); None: 'queue' on the fast backend, else
-    'batches'.
+    ``schedule`` is 'batches' or 'queue' (see the module docstring); None: ``generation.schedule`` ('auto':
+    'queue' on the fast backend, else 'batches').
     """
 
     def __init__(self, cfg: Config, run: RunDir, progress: bool, *, loaded=None, schedule: str | None = None):
@@ -160,10 +160,12 @@ class Steerer:
                         for t in tasks}
         self.split_of = split_of(run)
         self.generator = Generator(self.loaded, cfg.generation)
-        self.schedule = schedule or ("queue" if self.generator.backend == "fast" else "batches")
+        setting = schedule or cfg.generation.schedule
+        self.schedule = setting if setting != "auto" else ("queue" if self.generator.backend == "fast" else "batches")
         if self.schedule not in SCHEDULES or (self.schedule == "queue" and self.generator.backend != "fast"):
-            raise ValueError(f"steering schedule {self.schedule!r} with generation.backend resolved to "
-                             f"{self.generator.backend!r}: 'queue' needs the fast backend, 'batches' runs on any")
+            raise FastGenError(f"steering schedule {self.schedule!r} with generation.backend resolved to "
+                               f"{self.generator.backend!r}: 'queue' (continuous batching) needs the fast backend; "
+                               "set generation.schedule=batches or auto, or generation.backend=fast")
         self.shard = distributed.shard_of(cfg)      # under torchrun: conditions are spread over the ranks by key
         self.batch_size = distributed.from_rank0(self._batch_size(), self.shard)
         self.budget = batch_token_budget(cfg.generation.max_batch_tokens, self.loaded.device)
