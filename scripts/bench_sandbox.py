@@ -6,7 +6,11 @@ each worker count (1, 2, 4, ..., all cores and twice that) one long-lived :class
 is made and warmed (a few jobs), then all ``tasks x repeats`` jobs go through it in one ``map``;
 programs/s is jobs over that wall-clock time; ``cpu_ms_per_program`` is the CPU time (user + system) of
 the caller and of every sandbox process per job, pool start and warm-up included, which does not
-depend on what else loads the machine (kernel work done outside these processes is not in it). With ``--cache`` the last line measures a pass served
+depend on what else loads the machine (kernel work done outside these processes is not in it).
+``worker_wall_ms_per_program`` is the wall-clock time of the worker processes (fork to exit: the
+program, its tests and the worker's own setup), summed over jobs, per job, and ``slowest_program``
+names the longest: MBPP task 123's reference solution runs for about 2 s of CPU, so in the first 150
+tasks it alone adds some 14 ms per program, and one worker runs it while the others finish the rest. With ``--cache`` the last line measures a pass served
 entirely from a label cache. With ``--namespaces`` it first times each namespace step a supervisor
 takes (fork + the step + exit, in 1 and in ``cores`` concurrent loops, as root): a step whose rate does
 not grow with the loops is serialised in the kernel. Writes ``docs/bench_sandbox_<device>_<date>.json`` and prints a table::
@@ -147,24 +151,30 @@ def measure(jobs: list[ExecJob], cfg: SandboxConfig, workers: int, cache: LabelC
         ready = time.perf_counter()
         if cache is None:
             sandbox.map([dataclasses.replace(j, program=j.program + "# warm-up\n") for j in jobs[:WARMUP_JOBS]])
-        server_pid = sandbox._server.pid if sandbox._server is not None else None
-        server_before = own_cpu_s(server_pid) if server_pid else 0.0
+        server_pids = [server.pid for server in sandbox._servers if server is not None]
+        server_before = sum(own_cpu_s(pid) for pid in server_pids)
         begin = time.perf_counter()
         results = sandbox.map(jobs)
         elapsed = time.perf_counter() - begin
-        # The caller (all its threads, one interpreter) and the fork server: every job passes through both.
-        server = own_cpu_s(server_pid) - server_before if server_pid else 0.0
+        # The caller (all its threads, one interpreter) and the fork servers: every job passes through both.
+        server = sum(own_cpu_s(pid) for pid in server_pids) - server_before
     caller = own_cpu_s() - caller_before
     cpu = cpu_s() - cpu_before  # the pool is closed: its server and every supervisor are reaped
     statuses: dict[str, int] = {}
     for r in results:
         statuses[r.status] = statuses.get(r.status, 0) + 1
+    # The workers' wall-clock time (fork to exit: the program, its tests, the worker's own setup).
+    worker_s = sorted(r.duration_s for r in results if not r.cached)
+    slowest = max(results, key=lambda r: r.duration_s)
     return {"start_method": cfg.start_method, "workers": workers, "programs": len(jobs), "seconds": round(elapsed, 3),
             "programs_per_s": round(len(jobs) / elapsed, 1), "pool_start_s": round(ready - started, 3),
             "statuses": statuses, "cache_hits": sum(r.cached for r in results),
             "cpu_ms_per_program": round(1000 * cpu / len(jobs), 2),
             "caller_cpu_ms_per_program": round(1000 * caller / len(jobs), 3),
-            "server_cpu_ms_per_program": round(1000 * server / len(jobs), 3)}
+            "server_cpu_ms_per_program": round(1000 * server / len(jobs), 3),
+            "worker_wall_ms_per_program": round(1000 * sum(worker_s) / len(jobs), 2),
+            "worker_wall_ms_median": round(1000 * worker_s[len(worker_s) // 2], 2) if worker_s else 0.0,
+            "slowest_program": {"key": repr(jobs[results.index(slowest)].key), "seconds": slowest.duration_s}}
 
 
 def main() -> None:
@@ -191,7 +201,9 @@ def main() -> None:
             runs.append(measure(jobs, cfg, workers))
             print(f"{method:>10}  workers {workers:>3}  {runs[-1]['programs_per_s']:>8.1f} programs/s  "
                   f"({runs[-1]['programs']} in {runs[-1]['seconds']} s; {runs[-1]['cpu_ms_per_program']} CPU ms each; "
-                  f"caller {runs[-1]['caller_cpu_ms_per_program']}, server {runs[-1]['server_cpu_ms_per_program']}; "
+                  f"caller {runs[-1]['caller_cpu_ms_per_program']}, server {runs[-1]['server_cpu_ms_per_program']}, "
+                  f"worker wall {runs[-1]['worker_wall_ms_per_program']} ms (slowest "
+                  f"{runs[-1]['slowest_program']['key']}: {runs[-1]['slowest_program']['seconds']:g} s); "
                   f"{runs[-1]['statuses']})", flush=True)
     if args.cache:
         folder = tempfile.mkdtemp(prefix="pva-bench-cache-")

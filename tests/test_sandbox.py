@@ -15,6 +15,7 @@ import dataclasses
 import errno
 import importlib.util
 import json
+import marshal
 import os
 import pwd
 import random
@@ -30,11 +31,13 @@ from pathlib import Path
 import pytest
 
 from pva_sae.config import ConfigError, SandboxConfig
+from pva_sae.execution import sandbox as sandbox_module
 from pva_sae.execution.sandbox import (
     CHILD_PATH,
     ERROR_TYPES,
     FORKSERVER_PATH,
     PROCESS_TAG,
+    SLOTS_PER_SERVER,
     STATUSES,
     BatchStats,
     ExecJob,
@@ -341,7 +344,9 @@ def test_input_sees_a_closed_stdin():
 
 
 @needs_root
-def test_files_outside_the_working_directory_are_out_of_reach(tmp_path, protections):
+@pytest.mark.parametrize("host_dir", [True, False], ids=["host directory", "tmpfs on /tmp"])
+def test_files_outside_the_working_directory_are_out_of_reach(tmp_path, protections, host_dir, monkeypatch):
+    monkeypatch.setitem(sandbox_module._private_tmp, "works", None if host_dir else True)
     canary = Path(f"/tmp/pva_canary_{uuid.uuid4().hex}")
     canary.write_text("keep")
     canary.chmod(0o644)
@@ -369,6 +374,48 @@ def test_files_outside_the_working_directory_are_out_of_reach(tmp_path, protecti
         created.unlink(missing_ok=True)
 
 
+@needs_root
+def test_once_the_private_tmpfs_worked_a_job_gets_no_directory_on_the_host(leaves_nothing_behind, protections,
+                                                                            monkeypatch):
+    if not protections["private_tmp"]:
+        pytest.skip("no private tmpfs on this machine")
+    monkeypatch.setitem(sandbox_module._private_tmp, "works", None)  # as in a new process
+    program = ("import os, time\nopen('mine.txt', 'w').write('x')\nprint(os.getcwd(), sorted(os.listdir('.')))\n"
+               "time.sleep(0.5)\n" + GOOD)
+    seen, results = [], []
+    with Sandbox(CFG, workers=1) as sandbox:
+        for key in range(2):
+            running = sandbox.submit([ExecJob(key, program, TESTS)])
+            time.sleep(0.3)
+            seen.append([p.name for p in leaves_nothing_behind.iterdir() if p.name.startswith(PROCESS_TAG)])
+            results += running.result()
+            assert sandbox_module._private_tmp["works"] is True
+    assert [r.stdout_tail for r in results] == ["/tmp ['mine.txt']\n"] * 2 and all(r.passed for r in results)
+    assert [len(names) for names in seen] == [1, 0]  # the first job had a directory, the second none
+
+
+@needs_root
+def test_a_job_whose_tmpfs_on_tmp_fails_runs_again_with_a_host_directory(monkeypatch, protections):
+    if not protections["private_tmp"]:
+        pytest.skip("no private tmpfs on this machine")
+    real_payload, kinds = sandbox_module._payload, []
+
+    def payload(job, cfg, identity, host_dir=True):
+        kinds.append(host_dir)
+        data = marshal.loads(real_payload(job, cfg, identity, host_dir))
+        if not host_dir:
+            data["tmpfs_mb"] = -1  # the kernel refuses to mount this tmpfs
+        return marshal.dumps(data)
+
+    monkeypatch.setattr(sandbox_module, "_payload", payload)
+    monkeypatch.setitem(sandbox_module._private_tmp, "works", True)
+    result = run("import os\nprint(os.getcwd())\n" + GOOD)
+    assert result.passed and result.stdout_tail == "/tmp\n"
+    assert kinds == [False, True]  # the second attempt had a directory, on which its tmpfs was mounted
+    assert sandbox_module._private_tmp["works"] is False  # and the jobs after it get one too
+    assert run(GOOD).passed and kinds == [False, True, True]
+
+
 @pytest.mark.parametrize("program", [
     "import sys\nwhile True:\n    sys.stdout.write('x' * 65536)\n",
     "import os\nwhile True:\n    os.write(2, b'e' * 65536)\n",
@@ -390,7 +437,8 @@ def test_moderate_output_is_kept_and_does_not_fail_the_program():
 
 
 def test_killing_its_parent_fails():
-    # In its pid namespace the worker's parent is outside (getppid() is 0); pid 1 is its root-owned reaper.
+    # In its pid namespace the worker's parent is pid 1, the root-owned supervisor (with the fork server), or
+    # outside the namespace (spawn: getppid() is 0) with pid 1 a root-owned reaper.
     program = "import os, signal\nos.kill(os.getppid() or 1, signal.SIGKILL)\n"
     if IS_ROOT:
         program += f"os.kill({os.getpid()}, signal.SIGKILL)\n"
@@ -402,6 +450,32 @@ def test_killing_its_parent_fails():
                    "        os.kill(pid, signal.SIGKILL)\n    except (PermissionError, ProcessLookupError):\n"
                    "        DENIED.append(pid)\n")
         assert run(program + GOOD, tests=("assert len(DENIED) == 2",)).passed
+
+
+@needs_root
+def test_orphans_are_reaped_while_the_program_runs():
+    # Each round leaves an exited grandchild to the job's reaper; as zombies they would count against
+    # max_processes (RLIMIT_NPROC) until the job ended.
+    program = f"""import os, time
+for _ in range(3 * {CFG.max_processes}):
+    pid = os.fork()
+    if pid == 0:
+        if os.fork() == 0:
+            os._exit(0)
+        os._exit(0)
+    os.waitpid(pid, 0)
+time.sleep(0.2)
+ZOMBIES = 0
+for name in filter(str.isdigit, os.listdir('/proc')):
+    try:
+        stat, owner = open('/proc/' + name + '/stat').read(), os.stat('/proc/' + name).st_uid
+    except OSError:
+        continue
+    ZOMBIES += stat.rsplit(')', 1)[1].split()[0] == 'Z' and owner == os.getuid()
+print(ZOMBIES)
+"""
+    result = run(program, tests=("assert ZOMBIES == 0",))
+    assert result.passed, (result.detail, result.stdout_tail)
 
 
 def test_recursion_bomb():
@@ -571,7 +645,7 @@ def test_a_killed_caller_leaves_no_process_and_its_directories_go_at_the_next_st
               f"run_jobs([ExecJob(i, {program!r}, ()) for i in range(2)], SandboxConfig(timeout_s=5, workers=2))\n")
     env = {"PATH": os.environ["PATH"], "TMPDIR": str(scratch), "PYTHONPATH": str(REPO / "src")}
     caller = subprocess.Popen([sys.executable, "-c", script], env=env)
-    expected = 2 * (3 + (3 if IS_ROOT else 2))  # supervisor, pid 1 (as root), worker and 3 children per job
+    expected = 2 * (2 + 3)  # supervisor (as root also pid 1 of the job's pid namespace), worker, 3 children per job
     deadline = time.monotonic() + 15
     while len(sandbox_processes_below(caller.pid)) < expected and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -830,14 +904,56 @@ def test_both_start_methods_give_the_same_labels():
 
 def test_a_pool_keeps_its_fork_server_across_batches_and_replaces_a_dead_one():
     with Sandbox(CFG, workers=2) as sandbox:
-        first = sandbox._server.pid
+        [first] = [server.pid for server in sandbox._servers]
         batch = [ExecJob(i, GOOD, TESTS) for i in range(3)]
         assert all(r.passed for r in sandbox.map(batch))
         assert all(r.passed for r in sandbox.submit(batch).result())
-        assert sandbox._server.pid == first
+        assert [server.pid for server in sandbox._servers] == [first]
         os.kill(first, 9)
         assert all(r.passed for r in sandbox.map(batch))
-        assert sandbox._server.pid != first
+        assert [server.pid for server in sandbox._servers] != [first]
+
+
+@pytest.mark.parametrize("start_method", ["forkserver", "spawn"])
+def test_each_job_has_a_pid_namespace_of_its_own_and_the_fork_server_keeps_its_own(start_method, protections):
+    if not protections["pid_namespace"]:
+        pytest.skip("no pid namespaces on this machine")
+    cfg = dataclasses.replace(CFG, start_method=start_method)
+    program = ("import os, time\nprint(os.getpid(), os.getppid(), os.readlink('/proc/self/ns/pid'))\n"
+               "time.sleep(0.3)\n" + GOOD)  # the two jobs run at the same time: their namespaces both exist
+    with Sandbox(cfg, workers=2) as sandbox:
+        results = sandbox.map([ExecJob(i, program, TESTS) for i in range(2)])
+        servers = [server.pid for server in sandbox._servers if server is not None]
+        for pid in servers:  # it unshared a pid namespace for every supervisor and returned to its own
+            assert os.readlink(f"/proc/{pid}/ns/pid_for_children") == os.readlink(f"/proc/{pid}/ns/pid")
+    printed = [r.stdout_tail.split() for r in results]
+    assert all(r.passed for r in results)
+    # The worker is pid 2; its parent is the supervisor as pid 1 (fork server) or outside the namespace (spawn).
+    assert {(pid, ppid) for pid, ppid, _ in printed} == {("2", "1" if start_method == "forkserver" else "0")}
+    namespaces = {namespace for _, _, namespace in printed}
+    assert len(namespaces) == 2 and os.readlink("/proc/self/ns/pid") not in namespaces
+    assert bool(servers) == (start_method == "forkserver")
+
+
+def test_a_large_pool_spreads_its_threads_over_several_fork_servers_and_replaces_each():
+    workers = 2 * SLOTS_PER_SERVER + 1
+    with Sandbox(CFG, workers=workers) as sandbox:
+        pids = [server.pid for server in sandbox._servers]
+        assert len(set(pids)) == 3
+        batch = [ExecJob(i, "import time\ntime.sleep(0.2)\n" + GOOD, TESTS) for i in range(workers)]
+        assert all(r.passed for r in sandbox.map(batch))
+        assert all(_forked_since_start(pid) for pid in pids)  # every server forked supervisors
+        os.kill(pids[1], 9)
+        assert all(r.passed for r in sandbox.map(batch))
+        after = [server.pid for server in sandbox._servers]
+        assert after[0] == pids[0] and after[2] == pids[2] and after[1] != pids[1]
+
+
+def _forked_since_start(pid: int) -> bool:
+    """Whether process ``pid`` has reaped a child (its children's cumulative minor faults are above 0)."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    return int(fields[8]) > 0  # cminflt: minor faults of its reaped children
 
 
 @pytest.mark.slow

@@ -56,6 +56,8 @@ NET_TABLES = ("unix", "ip6_flowlabel", "fib_trie", "if_inet6")
 NET_LISTS = ("fib_trie", "if_inet6")
 SHARED_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
 RESULT_BUFFER = 65536
+# Above every descriptor a process can hold (descriptors are C ints).
+MAX_FD = 2**31 - 1
 DETAIL_CHARS = 300
 TRACEBACK_FRAMES = 20
 EXIT_WORKER_SETUP, EXIT_RESULT_LOST, EXIT_HARNESS_BUG = 70, 71, 72
@@ -66,6 +68,8 @@ ERROR_TYPES = {
     EOFError: "eof", SystemExit: "exit",
 }
 STATUSES = ("passed", "failed", "error", "setup_error")
+LIBC_FUNCTIONS = ("prctl", "unshare", "setns", "mount")
+_LOADED = {"libc": None, "packages": None}
 
 
 def main():
@@ -75,18 +79,20 @@ def main():
     run_supervisor(int(sys.argv[1]), int(sys.argv[2]))
 
 
-def run_supervisor(payload_fd, report_fd, network_fd=None):
+def run_supervisor(payload_fd, report_fd, network_fd=None, pid_init=False):
     """Read the job, supervise it, write the report for the caller.
 
     The whole life of a supervisor after start-up, the same whether this file is the script of a new
     interpreter (:func:`main`) or was loaded by the fork server, which forks a process per job and
     calls this in it (see :mod:`pva_sae.execution.forkserver`). ``network_fd`` (fork server only) is
-    the worker slot's network namespace, entered instead of a new one. Returns True when the job
-    left state in that namespace (see :func:`network_namespace_used`): it must not be entered again.
+    the worker slot's network namespace, entered instead of a new one. ``pid_init`` (fork server
+    only): this process is pid 1 of a new pid namespace already, so it is the namespace's reaper
+    itself and forks no separate pid 1. Returns True when the job left state in the slot's network
+    namespace (see :func:`network_namespace_used`): it must not be entered again.
     """
     with os.fdopen(payload_fd, "rb") as f:
         job = marshal.loads(f.read())
-    report = supervise(job, report_fd, network_fd)
+    report = supervise(job, report_fd, network_fd, pid_init)
     try:
         write_all(report_fd, marshal.dumps(report))
     except BrokenPipeError:  # the caller is gone
@@ -108,24 +114,30 @@ def write_all(fd, data):
 
 # ---------------------------------------------------------------- supervisor
 
-def supervise(job, report_fd, network_fd=None):
+def supervise(job, report_fd, network_fd=None, pid_init=False):
     """Isolate, fork the worker, watch it, kill everything it left; return the report for the caller.
 
     With ``network_fd`` (a worker slot's network namespace) the report's ``network_used`` says
-    whether the job left anything in it, checked once every process of the job is dead.
+    whether the job left anything in it, checked once every process of the job is dead. With
+    ``pid_init`` this process is pid 1 of the job's pid namespace (see :func:`run_supervisor`).
     """
     report = {"drops_privileges": job["uid"] is not None, "private_tmp": False, "no_network": False,
               "network_namespace": "none", "private_ipc": False, "pid_namespace": False}
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
+        libc = load_libc()
         prctl(libc, PR_SET_CHILD_SUBREAPER, 1)
         if job["uid"] is not None:
-            path_fds = isolate(libc, job, report, network_fd)
+            path_fds = isolate(libc, job, report, network_fd, pid_init)
         else:
             path_fds = {}
+            report["pid_namespace"] = pid_init
             if network_fd is not None:
                 os.close(network_fd)
-        init_pid = start_namespace_init(libc) if report["pid_namespace"] else None
+        if not (job["host_dir"] or report["private_tmp"]):
+            # No directory on the host to run the program in: the caller runs the job again with one.
+            report["private_tmp_refused"] = True
+            return report
+        init_pid = start_namespace_init(libc) if report["pid_namespace"] and not pid_init else None
         nonce = os.urandom(16).hex().encode()
         result_r, result_w = os.pipe()
     except Exception as exc:
@@ -150,6 +162,14 @@ def supervise(job, report_fd, network_fd=None):
         # reaped, those whose parent is this process (the worker; a clone with CLONE_PARENT) by us.
         os.kill(init_pid, signal.SIGKILL)
         reap_children()
+    elif pid_init and os.getpid() == 1:
+        # As pid 1 of the namespace, kill(-1) reaches every other process in it (and in any pid
+        # namespace below it), and nothing outside; as its reaper, this process then reaps them all.
+        try:
+            os.kill(-1, signal.SIGKILL)
+        except ProcessLookupError:  # no process is left
+            pass
+        reap_children()
     kill_descendants()
     if report["network_namespace"] == "per worker slot":
         report["network_used"] = network_namespace_used()
@@ -164,11 +184,12 @@ def supervise(job, report_fd, network_fd=None):
     return report
 
 
-def isolate(libc, job, report, network_fd=None):
+def isolate(libc, job, report, network_fd=None, pid_init=False):
     """As root: enter new network, IPC, mount and pid namespaces (where the kernel allows them).
 
     With ``network_fd`` the network namespace is the worker slot's (entered with ``setns``; a new one
-    only if that fails), otherwise a new one. Returns descriptors of the import path's directories,
+    only if that fails), otherwise a new one. With ``pid_init`` this process is in a new pid namespace
+    already (its pid 1) and unshares none. Returns descriptors of the import path's directories,
     opened in the new mount namespace before the private tmpfs hides /tmp (an interpreter installed
     there stays reachable through them).
     """
@@ -183,9 +204,22 @@ def isolate(libc, job, report, network_fd=None):
     own_mounts = enter_mount_namespace(libc)
     path_fds = open_path_dirs()
     report["private_tmp"] = own_mounts and make_private_tmp(libc, job)
-    # Only the children forked from now on are in the new pid namespace; this process stays outside.
-    report["pid_namespace"] = libc.unshare(CLONE_NEWPID) == 0
+    # Only the children forked from now on are in a new pid namespace; this process stays outside
+    # (unless it is pid 1 of one already: pid_init).
+    report["pid_namespace"] = pid_init or libc.unshare(CLONE_NEWPID) == 0
     return path_fds
+
+
+def read_file(path):
+    """The whole content of a (small, /proc) file, with plain system calls."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def network_namespace_used():
@@ -200,21 +234,30 @@ def network_namespace_used():
     """
     for name in NET_COUNTS:
         try:
-            with open(f"/proc/thread-self/net/{name}", "rb") as f:
-                fields = f.read().split()
+            fields = read_file(f"/proc/thread-self/net/{name}").split()
         except FileNotFoundError:  # no IPv6 in this kernel
             continue
         if any(fields[i] in NET_COUNTERS and fields[i + 1] != b"0" for i in range(len(fields) - 1)):
             return True
     for name in NET_TABLES:
         try:
-            with open(f"/proc/thread-self/net/{name}", "rb") as f:
-                lines = f.read().splitlines()
+            lines = read_file(f"/proc/thread-self/net/{name}").splitlines()
         except FileNotFoundError:
             continue
         if any(line.strip() for line in lines[0 if name in NET_LISTS else 1:]):
             return True
     return False
+
+
+def load_libc():
+    """The C library with the functions the supervisor calls resolved; loaded once per process (the
+    fork server loads it before forking, so its supervisors inherit it)."""
+    if _LOADED["libc"] is None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        for name in LIBC_FUNCTIONS:
+            getattr(libc, name)
+        _LOADED["libc"] = libc
+    return _LOADED["libc"]
 
 
 def prctl(libc, option, value):
@@ -245,9 +288,11 @@ def enter_mount_namespace(libc):
 def make_private_tmp(libc, job):
     """Give the program a private, size-limited tmpfs as its directory and as every shared scratch directory.
 
-    Returns False (and changes nothing visible) when the tmpfs cannot be mounted.
+    The tmpfs is mounted on the job's directory on the host (the working directory), or on ``/tmp``
+    itself when the job has none (``host_dir`` False). Returns False (and changes nothing visible)
+    when the tmpfs cannot be mounted.
     """
-    workdir = os.getcwd()
+    workdir = os.getcwd() if job["host_dir"] else "/tmp"
     options = f"size={job['tmpfs_mb']}m,mode=0700,uid={job['uid']},gid={job['gid']}"
     try:
         mount(libc, "tmpfs", workdir, "tmpfs", MS_NOSUID | MS_NODEV, options)
@@ -255,7 +300,7 @@ def make_private_tmp(libc, job):
         return False
     os.chdir(workdir)
     for path in SHARED_DIRS:
-        if os.path.isdir(path):
+        if path != workdir and os.path.isdir(path):
             mount(libc, ".", path, None, MS_BIND)
     try:
         mount(libc, None, "/", None, MS_REMOUNT | MS_BIND | MS_RDONLY)
@@ -315,15 +360,28 @@ def reap_children():
 
 def own_pid(pid):
     """The pid that process ``pid`` sees for itself: the last NSpid entry (its own pid namespace)."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("NSpid:"):
-                return int(line.split()[-1])
+    for line in read_file(f"/proc/{pid}/status").splitlines():
+        if line.startswith(b"NSpid:"):
+            return int(line.split()[-1])
     return pid
 
 
 def close_fds_except(keep):
-    """Close every inherited descriptor above stderr but those in ``keep``."""
+    """Close every inherited descriptor above stderr but those in ``keep``.
+
+    The gaps between the kept descriptors go with one ``close_range`` system call each; where the
+    kernel or C library lacks it, every open descriptor listed in ``/proc/self/fd`` is closed one by
+    one (never a loop over the whole descriptor space)."""
+    libc = load_libc()
+    close_range = getattr(libc, "close_range", None)
+    low, ranges = 3, []
+    for fd in sorted(fd for fd in keep if fd >= low):
+        if fd > low:
+            ranges.append((low, fd - 1))
+        low = fd + 1
+    ranges.append((low, MAX_FD))
+    if close_range is not None and all(close_range(a, b, 0) == 0 for a, b in ranges):
+        return
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
         if fd > 2 and fd not in keep:
@@ -336,17 +394,27 @@ def close_fds_except(keep):
 def watch(pid, result_r, report_fd, deadline):
     """Wait for the worker until the deadline, collecting what it writes to the result pipe.
 
-    Stops early when the caller is gone (its end of the report pipe closed). Returns (how it ended:
-    'exited', 'timeout' or 'caller_gone'; the worker's wait status; the collected bytes).
+    Meanwhile reaps every other child as soon as it exits: the orphans of the job this process
+    adopted (as subreaper, or as pid 1 of the job's pid namespace), so that they do not count
+    against the job's RLIMIT_NPROC as zombies. Stops early when the caller is gone (its end of the
+    report pipe closed). Returns (how it ended: 'exited', 'timeout' or 'caller_gone'; the worker's
+    wait status; the collected bytes).
     """
     os.set_blocking(result_r, False)
     try:
         pidfd = os.pidfd_open(pid)
     except (AttributeError, OSError):
         pidfd = None
+    # SIGCHLD wakes the poll below through this pipe (the worker was forked before the handler is set).
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    signal.signal(signal.SIGCHLD, _wake)
+    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
     poller = select.poll()
     poller.register(result_r, select.POLLIN)
     poller.register(report_fd, 0)  # POLLERR only: the caller closed the read end
+    poller.register(wake_r, select.POLLIN)
     if pidfd is not None:
         poller.register(pidfd, select.POLLIN)
     data = bytearray()
@@ -356,6 +424,7 @@ def watch(pid, result_r, report_fd, deadline):
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
             break
+        reap_others(pid)
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             ended = "timeout"
@@ -371,11 +440,41 @@ def watch(pid, result_r, report_fd, deadline):
                     poller.unregister(result_r)
             elif fd == report_fd:
                 ended = "caller_gone"
+            elif fd == wake_r:
+                drain(wake_r)
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    os.close(wake_r)
+    os.close(wake_w)
     while reading:
         reading = read_some(result_r, data, stop_when_empty=True)
     if pidfd is not None:
         os.close(pidfd)
     return ended, status, data
+
+
+def _wake(signum, frame):
+    """SIGCHLD only wakes the watch (through the wakeup descriptor)."""
+
+
+def drain(fd):
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass
+
+
+def reap_others(worker):
+    """Reap every child that has exited, except the worker (whose status the watch collects)."""
+    while True:
+        try:
+            info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return
+        if info is None or not info.si_pid or info.si_pid == worker:
+            return
+        os.waitpid(info.si_pid, 0)
 
 
 def read_some(fd, data, stop_when_empty=False):
@@ -415,7 +514,7 @@ def kill_descendants():
     pid 1 does), so once it has no children at all, no descendant exists. Processes forked while a
     sweep runs are caught by the next one.
     """
-    me = os.getpid()
+    me = int(os.readlink("/proc/self"))  # the host's pid (os.getpid() is 1 for a namespace's pid 1)
     while True:
         try:
             while os.waitpid(-1, os.WNOHANG)[0]:
@@ -498,10 +597,21 @@ def reach_path_dirs(fds):
     if not moved:
         return
     sys.path[:] = [relocate(entry, moved) for entry in sys.path]
-    for module in list(sys.modules.values()):
-        path = getattr(module, "__dict__", {}).get("__path__")
-        if isinstance(path, list):
-            path[:] = [relocate(entry, moved) for entry in path]
+    for path in package_paths():
+        path[:] = [relocate(entry, moved) for entry in path]
+
+
+def package_paths():
+    """The ``__path__`` lists of the imported packages.
+
+    Found once per set of imported modules: the fork server finds them before it forks, so that
+    each worker touches only these few lists rather than every module (each page a forked process
+    writes to is copied for it)."""
+    found = _LOADED["packages"]
+    if found is None or found[0] != len(sys.modules):
+        paths = [getattr(module, "__dict__", {}).get("__path__") for module in list(sys.modules.values())]
+        found = _LOADED["packages"] = (len(sys.modules), [path for path in paths if isinstance(path, list)])
+    return found[1]
 
 
 def relocate(path, moved):

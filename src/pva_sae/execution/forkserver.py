@@ -1,16 +1,19 @@
-"""The sandbox's fork server: one trusted process per pool that forks a fresh supervisor for every job.
+"""The sandbox's fork server: a trusted process that forks a fresh supervisor for every job of its worker slots.
 
 Starting a new interpreter for every program (``sandbox.start_method = "spawn"``) costs most of a
 job's time: the interpreter starts, compiles ``child.py`` and imports what it needs. The fork server
-does that once. :class:`ForkServer` (the caller's side, in this file too) starts this file by path
-with the same interpreter, flags and environment as a spawned child::
+does that once. A pool starts one server per group of worker slots (see sandbox.py).
+:class:`ForkServer` (the caller's side, in this file too) starts this file by path with the same
+interpreter, flags and environment as a spawned child::
 
     python -S -s -P .../pva_sae/execution/forkserver.py CONTROL_FD .../child.py pva-sandbox
 
 The server loads ``child.py`` (without site, as the spawned child does), adds the builtins ``site``
 would add, becomes a child subreaper and answers on ``CONTROL_FD``, one end of a ``SOCK_SEQPACKET``
 socket pair whose other end the caller holds. It runs trusted code only and never a program: for
-each job it **forks** a process, the supervisor, which
+each job it **forks** a process, the supervisor, as pid 1 of a new pid namespace (the server
+unshares one for that fork and enters its own again right after; where the kernel refuses, the
+supervisor makes the namespace and its pid 1 as a spawned one does), which
 
 1. starts a new session (``setsid``), restores the signal dispositions the server changed, puts the
    job's stdout and stderr files on descriptors 1 and 2 (stdin stays ``/dev/null``), closes every
@@ -18,9 +21,11 @@ each job it **forks** a process, the supervisor, which
    so a program cannot reach the server), enters the job's working directory and replaces the whole
    environment by the job's;
 2. then does exactly what a spawned supervisor does (:func:`child.run_supervisor`): namespaces,
-   pid 1, the worker that limits itself and drops to the job's uid after the fork, the watch, the
-   kill of every descendant, the report; but it enters its connection's network namespace instead
-   of making a new one.
+   the worker that limits itself and drops to the job's uid after the fork, the watch, the kill of
+   every descendant, the report; but it enters its connection's network namespace instead of making
+   a new one, and, being pid 1 of the job's pid namespace, it is the namespace's reaper itself (no
+   separate pid 1 is forked) and kills the namespace's other processes with ``kill(-1, SIGKILL)``.
+   When it exits, for whatever reason, the kernel kills whatever is left in the namespace.
 
 Each connection (a worker slot: it runs one job at a time) has a network namespace of its own,
 made by the server on the connection's first job and held by a descriptor only; the server forks a
@@ -84,6 +89,7 @@ EXIT_SUPERVISOR_SETUP = 73
 # A supervisor exits with this when its job left state in the slot's network namespace (not an error).
 EXIT_NETWORK_USED = 74
 CLONE_NEWNET = 0x40000000
+CLONE_NEWPID = 0x20000000
 
 
 class ServerGone(OSError):
@@ -227,11 +233,14 @@ class Server:
 
     def __init__(self, child, control, argv):
         self.child, self.control, self.argv = child, control, argv
-        self.libc = child.ctypes.CDLL(None, use_errno=True)
+        self.libc = child.load_libc()
+        child.package_paths()  # found once here, not in every worker
         self.connections = {}  # fd -> socket
         self.jobs = {}  # supervisor pid -> [connection socket, deadline, stuck]
         self.busy = set()  # connection sockets with a running supervisor
         self.networks = {}  # connection socket -> descriptor of its slot's network namespace, or None
+        # Restores the pid namespace of the server's children after each supervisor's fork.
+        self.own_pids = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         os.set_blocking(self.wake_w, False)
@@ -336,16 +345,34 @@ class Server:
             os.close(fd)
 
     def fork_supervisor(self, job, fds, network):
-        pid = os.fork()
+        """Fork the supervisor as pid 1 of a new pid namespace (where the kernel allows one)."""
+        pid_init = self.libc.unshare(CLONE_NEWPID) == 0
+        try:
+            pid = os.fork()
+        except BaseException:
+            if pid_init:
+                self.restore_pid_namespace()
+            raise
         if pid == 0:
             code = EXIT_SUPERVISOR_SETUP
             try:
-                code = EXIT_NETWORK_USED if self.become_supervisor(job, fds, network) else 0
+                code = EXIT_NETWORK_USED if self.become_supervisor(job, fds, network, pid_init) else 0
             except BaseException as exc:
                 self.report_setup_error(fds, exc)
             finally:
                 os._exit(code)
+        if pid_init:
+            try:
+                self.restore_pid_namespace()
+            except OSError:
+                _kill(pid)  # reaped as a stray child: what it started is killed
+                raise
         return pid
+
+    def restore_pid_namespace(self):
+        """Fork the next children into the server's own pid namespace again (undo ``unshare``)."""
+        if self.libc.setns(self.own_pids, CLONE_NEWPID) != 0:
+            raise OSError(self.child.ctypes.get_errno(), "the fork server could not return to its pid namespace")
 
     def report_setup_error(self, fds, exc):
         """Tell the caller (through the job's report pipe) why the supervisor could not start."""
@@ -356,10 +383,11 @@ class Server:
             except OSError:
                 pass
 
-    def become_supervisor(self, job, fds, network):
+    def become_supervisor(self, job, fds, network, pid_init):
         """In the forked process: the state a spawned supervisor starts in, then the supervisor's work.
 
-        Returns True when the job left state in the slot's network namespace ``network``."""
+        ``pid_init``: this process is pid 1 of a new pid namespace. Returns True when the job left
+        state in the slot's network namespace ``network``."""
         os.setsid()
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -368,10 +396,9 @@ class Server:
         os.dup2(err, 2)
         self.child.close_fds_except({payload, report, *fds[4:], *([] if network is None else [network])})
         os.chdir(job["cwd"])
-        os.environ.clear()
-        os.environ.update(job["env"])
+        set_environment(job["env"])
         sys.argv[:] = job["argv"] or self.argv
-        return self.child.run_supervisor(payload, report, network)
+        return self.child.run_supervisor(payload, report, network, pid_init)
 
     def reap(self):
         """Reap every child that exited: a supervisor's group is killed first and its connection answered."""
@@ -428,6 +455,20 @@ class Server:
             conn.send(marshal.dumps(result))
         except OSError:  # the caller's thread is gone
             pass
+
+
+def set_environment(env):
+    """Make ``os.environ`` (and the C environment) exactly ``env``, in its order.
+
+    The server's own environment is a job's but for a value or two (it was made by the same
+    function), so where the names and their order agree only the values that differ are set."""
+    if list(os.environ) == list(env):
+        for name, value in env.items():
+            if os.environ[name] != value:
+                os.environ[name] = value
+    else:
+        os.environ.clear()
+        os.environ.update(env)
 
 
 def _ignore(signum, frame):

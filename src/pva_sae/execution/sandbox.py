@@ -12,7 +12,10 @@ Processes
 ---------
 For every job the caller starts ``python -S -s -P .../child.py`` (``-P`` on Python 3.11+) in a new
 session (``start_new_session``), in a fresh temporary directory, stdin from ``/dev/null``, stdout and
-stderr to two anonymous temporary files, and a minimal environment. ``child.py`` is run by path: the
+stderr to two anonymous temporary files, and a minimal environment. As root, once a job's private
+tmpfs (step 3) was mounted in this process, jobs get no directory on the host: the supervisor starts
+in ``/`` and mounts the tmpfs on ``/tmp`` itself (should that fail, nothing runs, and the job runs
+again with a directory, as do the jobs after it). ``child.py`` is run by path: the
 interpreter reads and compiles the whole file at start-up, with the caller's credentials, so the
 later uid drop never needs to read it. That process is the **supervisor**; it runs trusted code only:
 
@@ -22,28 +25,37 @@ later uid drop never needs to read it. That process is the **supervisor**; it ru
 3. as root, it enters a network namespace (a new one; with the fork server, its worker slot's, see
    "Network namespaces") and new IPC and mount namespaces (where the kernel allows them): the
    program has no network and no System V IPC shared with anyone, a size-limited tmpfs is mounted on
-   the working directory and bound over ``/tmp``, ``/var/tmp``, ``/dev/shm`` and ``/run/lock``, and
-   ``/`` is remounted read-only. It then unshares the pid namespace and forks **pid 1** of the new
-   namespace, a trusted process that only reaps orphans and dies with the supervisor
-   (``PR_SET_PDEATHSIG``); when pid 1 dies the kernel kills every process of the namespace;
+   the working directory (or on ``/tmp``, see above) and bound over ``/tmp``, ``/var/tmp``,
+   ``/dev/shm`` and ``/run/lock``, and ``/`` is remounted read-only. It then unshares the pid
+   namespace and forks **pid 1** of the new namespace, a trusted process that only reaps orphans and
+   dies with the supervisor (``PR_SET_PDEATHSIG``); when pid 1 dies the kernel kills every process of
+   the namespace. (With the fork server the supervisor is forked as pid 1 of a new pid namespace and
+   is that reaper itself, see below);
 4. it forks the **worker** (pid 2 of the namespace, so the program gets ordinary signal semantics),
    which sets the resource limits (``RLIMIT_AS``, ``RLIMIT_CPU``, ``RLIMIT_FSIZE``,
    ``RLIMIT_NOFILE``, ``RLIMIT_NPROC``, ``RLIMIT_CORE=0``) on itself, drops to the job's uid when
    running as root (``setgroups([])``, ``setgid``, ``setuid``, then ``PR_SET_NO_NEW_PRIVS``), and only
    then runs the program;
-5. it waits for the worker at most ``cfg.timeout_s``, SIGKILLs the worker on timeout, kills pid 1 of
-   the namespace, then kills and reaps every remaining descendant (found through ``/proc``, which
-   stays the host's, so its pids are the supervisor's) and writes its report to the caller through a
-   second inherited pipe. It also stops at once when the caller dies (its end of that pipe closes).
+5. it waits for the worker at most ``cfg.timeout_s`` (reaping meanwhile every orphan of the job it
+   adopted, so that exited ones do not count against ``RLIMIT_NPROC``), SIGKILLs the worker on
+   timeout, kills pid 1 of the namespace (as pid 1 itself: ``kill(-1, SIGKILL)``, which reaches
+   every other process of the namespace, and reaps them), then kills and reaps every remaining
+   descendant (found through ``/proc``, which stays the host's, so its pids are the supervisor's)
+   and writes its report to the caller through a second inherited pipe. It also stops at once when
+   the caller dies (its end of that pipe closes).
 
 The caller waits for the supervisor (with a margin, in case the supervisor itself is stuck), sends
-SIGKILL to the whole process group, reaps, reads the report, and deletes the temporary directory.
+SIGKILL to the whole process group, reaps, reads the report, and deletes the temporary directory, if
+the job had one.
 
 Start methods (``cfg.start_method``): with ``"spawn"`` the supervisor is a new interpreter, as just
-described. With ``"forkserver"`` (the default) a pool (:class:`Sandbox`) starts one trusted server
-process, ``python -S -s -P .../forkserver.py``, with the same interpreter, flags and environment,
-which loads ``child.py`` once; for every job it forks a fresh supervisor that takes the job's
-descriptors, session, directory and environment and then runs the same code from step 1 (see
+described. With ``"forkserver"`` (the default) a pool (:class:`Sandbox`) starts trusted server
+processes, ``python -S -s -P .../forkserver.py``, with the same interpreter, flags and environment,
+one per ``SLOTS_PER_SERVER`` worker threads (each thread uses one; a single server, which forks
+every supervisor of its slots one after another, would limit a large pool). Each loads ``child.py``
+once; for every job it forks a fresh supervisor, as pid 1 of a new pid namespace (it unshares one
+just for that fork and returns to its own), that takes the job's descriptors, session, directory and
+environment and then runs the same code from step 1, without a separate pid 1 (see
 :mod:`pva_sae.execution.forkserver`). The server never runs a program and never reads a job: each
 program still gets a new process, new IPC, mount and pid namespaces (and its worker slot's network
 namespace, see "Network namespaces"), limits and uid set after the fork in its own worker, and
@@ -119,8 +131,9 @@ process or another, never share a uid. Kill and ptrace permission and ``RLIMIT_N
 ``os.kill(-1, SIGKILL)`` reaches only the job's own processes and a fork or thread bomb exhausts only
 its own ``max_processes``; a pid namespace alone would not separate ``RLIMIT_NPROC``. The pid
 namespace adds that the program cannot name a process outside its job (its pids are 1, 2, ...;
-``os.getppid()`` of the worker is 0) and that nothing it started outlives pid 1, even when the
-supervisor is killed. ``uid_pool_size = 0`` runs every job as ``cfg.sandbox_user`` itself (jobs can
+``os.getppid()`` of the worker is 0, or 1 with the fork server, whose supervisor is pid 1 and owned
+by root) and that nothing it started outlives pid 1, even when the supervisor is killed.
+``uid_pool_size = 0`` runs every job as ``cfg.sandbox_user`` itself (jobs can
 then signal each other and share ``RLIMIT_NPROC``). A pool uid has no passwd entry, so
 ``pwd.getpwuid(os.getuid())`` (and ``getpass.getuser()``) fails inside the sandbox.
 
@@ -233,6 +246,7 @@ Linux only (``/proc``, ``prctl``, namespaces, ``os.fork``).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import fcntl
 import functools
 import hashlib
@@ -287,11 +301,18 @@ REPORT_LIMIT_BYTES = 1 << 20
 UID_LOCK_PARENTS = ("/run/lock", "/tmp")
 UID_LOCK_FOLDER = "pva-sandbox-uids"
 UID_CLAIM_POLL_S = 0.01
+# A pool starts one fork server per this many worker threads, so that no single server process (which
+# forks every supervisor of its slots, one after another) limits a large pool.
+SLOTS_PER_SERVER = 8
 # The highest uid the pool may reach (2**31 - 2; -1 as a 32-bit uid means "unchanged").
 MAX_UID = 2**31 - 2
 _WORKDIR_NAME = re.compile(re.escape(PROCESS_TAG) + r"-(\d+)-(\d+)-")
 _cleaned_folders: set[str] = set()
 _cleaning = threading.Lock()
+_claims = threading.local()  # .uid: the pool uid this thread claimed last
+# As root, once a job's private tmpfs was mounted (True), jobs get no working directory on the host
+# (see "Processes"); once a supervisor could not mount it on /tmp (False), every job gets one again.
+_private_tmp: dict[str, bool | None] = {"works": None}
 
 
 class SandboxError(RuntimeError):
@@ -388,7 +409,8 @@ def run_jobs(jobs: Sequence[ExecJob], cfg: SandboxConfig, progress: Callable[[Ex
 
 class Sandbox:
     """A pool that runs jobs, kept alive across batches: ``workers`` threads and, with
-    ``cfg.start_method == "forkserver"``, one fork server started (pre-warmed) when the pool is made.
+    ``cfg.start_method == "forkserver"``, one fork server per :data:`SLOTS_PER_SERVER` threads, started
+    (pre-warmed) when the pool is made; each thread sends its jobs to one of them.
 
     Use it as a context manager, or call :meth:`close`. :meth:`map` (blocking) and :meth:`submit`
     (a :class:`~concurrent.futures.Future`) label a batch with :func:`run_jobs`' semantics, and may be
@@ -408,11 +430,14 @@ class Sandbox:
         self._gate = _Gate()
         self._lock = threading.Lock()  # the server, the connections, stats
         self._local = threading.local()
-        self._server: ForkServer | None = None
+        # One fork server per SLOTS_PER_SERVER threads; a thread keeps the server it was given first.
+        self._servers: list[ForkServer | None] = [None] * math.ceil(self.workers / SLOTS_PER_SERVER)
+        self._thread_count = 0
         self._connections: list[forkserver.Connection] = []
         self._closed = False
         if cfg.start_method == "forkserver":
-            self._fork_server()
+            for index in range(len(self._servers)):
+                self._fork_server(index)
 
     def __enter__(self) -> Self:
         return self
@@ -475,7 +500,7 @@ class Sandbox:
         try:
             return _execute(job, self.cfg, self._user, self._connection())
         except ServerGone:
-            self._drop_server(getattr(self._local, "server", None))
+            self._drop_server(getattr(self._local, "index", 0), getattr(self._local, "server", None))
         try:
             return _execute(job, self.cfg, self._user, self._connection())
         except ServerGone as exc:
@@ -493,9 +518,10 @@ class Sandbox:
             for connection in self._connections:
                 connection.close()
             self._connections.clear()
-            if self._server is not None:
-                self._server.close()
-                self._server = None
+            for index, server in enumerate(self._servers):
+                if server is not None:
+                    server.close()
+                    self._servers[index] = None
 
     def _run_parallel(self, jobs: dict, finish: Callable[[object, ExecResult], None]) -> tuple[dict, list]:
         """Run each job once; ``finish`` every result but the wall-clock timeouts of jobs that ran beside
@@ -524,42 +550,51 @@ class Sandbox:
             result, report = self.run_once(job)
         return result, report, beside[0]
 
-    def _fork_server(self) -> ForkServer:
-        """The running fork server; a new one when there is none or it died."""
+    def _fork_server(self, index: int) -> ForkServer:
+        """The running fork server number ``index``; a new one when there is none or it died."""
         with self._lock:
             if self._closed:
                 raise SandboxError("the sandbox pool is closed")
-            if self._server is None or not self._server.alive():
-                if self._server is not None:
-                    self._server.close()
+            server = self._servers[index]
+            if server is None or not server.alive():
+                if server is not None:
+                    server.close()
                 command = [interpreter(), *_interpreter_flags()]
                 try:
-                    self._server = ForkServer(command, CHILD_PATH, PROCESS_TAG, _child_env(tempfile.gettempdir()))
+                    server = ForkServer(command, CHILD_PATH, PROCESS_TAG, _child_env(tempfile.gettempdir()))
                 except ServerGone as exc:
-                    self._server = None
+                    self._servers[index] = None
                     raise SandboxError(f"{exc}; set sandbox.start_method=spawn to run without it") from None
-            return self._server
+                self._servers[index] = server
+            return server
 
-    def _drop_server(self, server: ForkServer | None) -> None:
-        """Forget ``server``, which stopped answering (it is killed and reaped), unless another thread
-        already replaced it; the next job starts a new one."""
+    def _drop_server(self, index: int, server: ForkServer | None) -> None:
+        """Forget fork server ``index``, ``server``, which stopped answering (it is killed and reaped),
+        unless another thread already replaced it; the next job starts a new one."""
         with self._lock:
-            if self._server is server:
+            if server is not None and self._servers[index] is server:
                 server.close(wait_s=0)
-                self._server = None
+                self._servers[index] = None
 
     def _connection(self) -> forkserver.Connection | None:
-        """This thread's connection to the fork server (None with start_method 'spawn')."""
+        """This thread's connection to its fork server (None with start_method 'spawn').
+
+        Threads are spread over the servers in the order they first run a job (pool threads, and
+        the threads that call :meth:`map` for re-runs)."""
         if self.cfg.start_method != "forkserver":
             return None
-        server = self._fork_server()
         local = self._local
+        if not hasattr(local, "index"):
+            with self._lock:
+                local.index = self._thread_count % len(self._servers)
+                self._thread_count += 1
+        server = self._fork_server(local.index)
         if getattr(local, "server", None) is not server:
             try:
                 connection = server.connect()
             except ServerGone:  # it died since the last job: start another
-                self._drop_server(server)
-                server = self._fork_server()
+                self._drop_server(local.index, server)
+                server = self._fork_server(local.index)
                 connection = server.connect()
             with self._lock:
                 self._connections.append(connection)
@@ -754,22 +789,38 @@ def _job_identity(cfg: SandboxConfig, user: tuple[int, int] | None) -> Iterator[
 
 
 def _claim_uid(cfg: SandboxConfig) -> tuple[int, int]:
-    """A pool uid no running job has, with the descriptor of its exclusive lock; waits while all are taken."""
+    """A pool uid no running job has, with the descriptor of its exclusive lock; waits while all are taken.
+
+    The search starts at the uid this thread claimed last (free again once its job ended, unless
+    another job took it), so that a pool thread does not try the uids of every running job first.
+    """
     folder = _uid_lock_folder()
+    pool = range(cfg.uid_pool_start, cfg.uid_pool_start + cfg.uid_pool_size)
+    last = getattr(_claims, "uid", None)
+    first = pool.index(last) if last in pool else 0
     while True:
-        for uid in range(cfg.uid_pool_start, cfg.uid_pool_start + cfg.uid_pool_size):
-            fd = os.open(os.path.join(folder, f"{uid}.lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         0o600)
+        for uid in (*pool[first:], *pool[:first]):
+            try:
+                fd = os.open(os.path.join(folder, f"{uid}.lock"),
+                             os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            except FileNotFoundError:  # the folder was removed (a temp cleaner): make and check it again
+                _uid_lock_folder.cache_clear()
+                folder = _uid_lock_folder()
+                fd = os.open(os.path.join(folder, f"{uid}.lock"),
+                             os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
                 continue
+            _claims.uid = uid
             return uid, fd
         time.sleep(UID_CLAIM_POLL_S)
 
 
+@functools.cache
 def _uid_lock_folder() -> str:
+    """The uid locks' folder, made and checked once per process (it is root's: no one else can change it)."""
     parent = next((p for p in UID_LOCK_PARENTS if os.path.isdir(p)), UID_LOCK_PARENTS[-1])
     folder = os.path.join(parent, UID_LOCK_FOLDER)
     try:
@@ -826,7 +877,7 @@ def _remove_stale_workdirs(user: tuple[int, int] | None, cfg: SandboxConfig) -> 
 
 # --------------------------------------------------------------------------- one job
 
-def _payload(job: ExecJob, cfg: SandboxConfig, identity: tuple[int, int] | None) -> bytes:
+def _payload(job: ExecJob, cfg: SandboxConfig, identity: tuple[int, int] | None, host_dir: bool = True) -> bytes:
     mb = 1024 * 1024
     limits = {
         "AS": (cfg.memory_limit_mb * mb,) * 2,
@@ -845,6 +896,7 @@ def _payload(job: ExecJob, cfg: SandboxConfig, identity: tuple[int, int] | None)
         "uid": identity[0] if identity else None,
         "gid": identity[1] if identity else None,
         "tmpfs_mb": max(16, TMPFS_FILES * cfg.file_size_limit_mb),
+        "host_dir": host_dir,
     })
 
 
@@ -879,23 +931,34 @@ def _execute(job: ExecJob, cfg: SandboxConfig, user: tuple[int, int] | None,
     """Run one job; return its result and the supervisor's report (empty when there was none).
 
     With ``connection`` the fork server forks the supervisor, otherwise a new interpreter starts.
+    Everything here runs in a pool thread under the interpreter lock, for every job, so it uses
+    descriptors and plain system calls rather than file objects.
     """
     started = time.monotonic()
     with _job_identity(cfg, user) as (identity, lock_fd):
-        workdir = tempfile.mkdtemp(prefix=_workdir_prefix(os.getpid()))
+        host_dir = identity is None or _private_tmp["works"] is not True
+        workdir = tempfile.mkdtemp(prefix=_workdir_prefix(os.getpid())) if host_dir else None
+        files: list[int] = []
         try:
-            if identity is not None:
+            if identity is not None and workdir is not None:
                 os.chown(workdir, *identity)
-            with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, tempfile.TemporaryFile() as payload:
-                payload.write(_payload(job, cfg, identity))
-                payload.flush()
-                payload.seek(0)
-                inherited = (payload.fileno(),) + ((lock_fd,) if lock_fd is not None else ())
-                report, supervisor_stuck, exit_code = _run_supervisor(inherited, out, err, workdir, cfg, connection)
-                stderr_tail = _tail(err, min(STDERR_TAIL_BYTES, cfg.output_limit_kb * 1024))
-                stdout_tail = _tail(out, cfg.output_limit_kb * 1024)
+            out, err, payload = files = [_anonymous_file() for _ in range(3)]
+            _write_all(payload, _payload(job, cfg, identity, host_dir))
+            os.lseek(payload, 0, os.SEEK_SET)
+            inherited = (payload,) + ((lock_fd,) if lock_fd is not None else ())
+            report, supervisor_stuck, exit_code = _run_supervisor(inherited, out, err, workdir, cfg, connection)
+            stderr_tail = _tail(err, min(STDERR_TAIL_BYTES, cfg.output_limit_kb * 1024))
+            stdout_tail = _tail(out, cfg.output_limit_kb * 1024)
         finally:
-            _remove_tree(workdir)
+            for fd in files:
+                os.close(fd)
+            if workdir is not None:
+                _remove_workdir(workdir)
+    if report.get("private_tmp_refused"):  # nothing ran: run it again with a working directory on the host
+        _private_tmp["works"] = False
+        return _execute(job, cfg, user, connection)
+    if identity is not None and report.get("private_tmp") and _private_tmp["works"] is None:
+        _private_tmp["works"] = True
     if report.get("setup_error"):
         raise SandboxError(f"the sandbox could not be set up: {report['setup_error']}\n{stderr_tail}")
     status, error_type, detail = _classify(report, supervisor_stuck, exit_code, cfg)
@@ -904,11 +967,34 @@ def _execute(job: ExecJob, cfg: SandboxConfig, user: tuple[int, int] | None,
     return result, report
 
 
-def _run_supervisor(inherited: tuple[int, ...], out, err, workdir: str, cfg: SandboxConfig,
+def _anonymous_file() -> int:
+    """A descriptor of a new unnamed file in the temporary folder (``O_TMPFILE``; a named file
+    unlinked at once where the file system lacks it)."""
+    folder = tempfile.gettempdir()
+    try:
+        return os.open(folder, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    except OSError as exc:  # EISDIR: a kernel without O_TMPFILE; EOPNOTSUPP: a file system without it
+        if exc.errno not in (errno.EISDIR, errno.EOPNOTSUPP):
+            raise
+    fd, path = tempfile.mkstemp(dir=folder)
+    os.unlink(path)
+    return fd
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _run_supervisor(inherited: tuple[int, ...], out: int, err: int, workdir: str | None, cfg: SandboxConfig,
                     connection: forkserver.Connection | None = None) -> tuple[dict, bool, int | None]:
     """Start the supervisor, wait for it, kill its process group, reap it; (report, stuck, exit code).
 
-    ``inherited[0]`` is the payload; the supervisor also keeps the uid lock's descriptor, if any, open
+    ``out`` and ``err`` are the descriptors of the job's stdout and stderr files; ``workdir`` the job's
+    directory on the host (None: the supervisor starts in ``/`` and mounts the private tmpfs on
+    ``/tmp``); ``inherited[0]`` is the payload; the supervisor also keeps the uid lock's descriptor, if
+    any, open
     until it exits. The exit code is None when the fork server was lost before it could tell.
     """
     report_r, report_w = os.pipe()
@@ -918,7 +1004,7 @@ def _run_supervisor(inherited: tuple[int, ...], out, err, workdir: str, cfg: San
         try:
             proc = subprocess.Popen(
                 _child_command(inherited[0], report_w), stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                cwd=workdir, env=_child_env(workdir), start_new_session=True, close_fds=True,
+                cwd=workdir or "/", env=_child_env(workdir or "/tmp"), start_new_session=True, close_fds=True,
                 pass_fds=(*inherited, report_w),
             )
         finally:
@@ -927,33 +1013,34 @@ def _run_supervisor(inherited: tuple[int, ...], out, err, workdir: str, cfg: San
         # The supervisor is still unreaped here, so its pid (= the group id) cannot have been reused.
         _kill_group(proc.pid)
         exit_code = proc.wait()
-        return _read_report(report_r), stuck, exit_code
+        return _read_report(report_r, writers_closed=not stuck), stuck, exit_code
     finally:
         os.close(report_r)
 
 
-def _run_forked_supervisor(connection: forkserver.Connection, inherited: tuple[int, ...], out, err, workdir: str,
+def _run_forked_supervisor(connection: forkserver.Connection, inherited: tuple[int, ...], out: int, err: int,
+                           workdir: str | None,
                            cfg: SandboxConfig, report_r: int, report_w: int) -> tuple[dict, bool, int | None]:
     """The same through the fork server, which forks the supervisor, kills its group and reaps it."""
-    fds = (inherited[0], out.fileno(), err.fileno(), report_w, *inherited[1:])
+    fds = (inherited[0], out, err, report_w, *inherited[1:])
     argv = [CHILD_PATH, str(inherited[0]), str(report_w), PROCESS_TAG]
     try:
-        exit_code, stuck = connection.run(workdir, _child_env(workdir), argv, fds, cfg.timeout_s + SUPERVISOR_GRACE_S,
-                                          cfg.timeout_s + 2 * SUPERVISOR_GRACE_S)
+        exit_code, stuck = connection.run(workdir or "/", _child_env(workdir or "/tmp"), argv, fds,
+                                          cfg.timeout_s + SUPERVISOR_GRACE_S, cfg.timeout_s + 2 * SUPERVISOR_GRACE_S)
     except ServerGone:
         # The supervisor, if it started, still reports through its pipe and exits by its own deadline;
         # without a report the job is started again on a new server (see Sandbox.run_once).
         os.close(report_w)
         report_w = -1
         stuck = not _wait_closed(report_r, cfg.timeout_s + SUPERVISOR_GRACE_S)
-        report = _read_report(report_r)
+        report = _read_report(report_r, writers_closed=not stuck)
         if not report:
             raise
         return report, stuck, None
     finally:
         if report_w >= 0:
             os.close(report_w)
-    return _read_report(report_r), stuck, exit_code
+    return _read_report(report_r, writers_closed=not stuck), stuck, exit_code
 
 
 def _wait_closed(fd: int, timeout: float) -> bool:
@@ -1002,10 +1089,15 @@ def _kill_group(pgid: int) -> None:
         pass
 
 
-def _read_report(fd: int) -> dict:
+def _read_report(fd: int, writers_closed: bool = True) -> dict:
     """The supervisor's report (a marshal dump of a dict; only trusted code writes the pipe), or {} when
-    it wrote none or garbage."""
-    os.set_blocking(fd, False)
+    it wrote none or garbage.
+
+    ``writers_closed``: every process that held the pipe's write end has exited (the supervisor was
+    reaped; no other process keeps it), so reading until the end of the stream cannot block;
+    otherwise only what is there now is read."""
+    if not writers_closed:
+        os.set_blocking(fd, False)
     data = bytearray()
     while len(data) < REPORT_LIMIT_BYTES:
         try:
@@ -1022,10 +1114,20 @@ def _read_report(fd: int) -> dict:
     return report if isinstance(report, dict) else {}
 
 
-def _tail(f, limit: int) -> str:
-    size = f.seek(0, os.SEEK_END)
-    f.seek(max(0, size - limit))
-    return f.read(limit).decode("utf-8", errors="replace")
+def _tail(fd: int, limit: int) -> str:
+    """The last ``limit`` bytes of file ``fd``, decoded."""
+    size = os.fstat(fd).st_size
+    if not size:
+        return ""
+    return os.pread(fd, limit, max(0, size - limit)).decode("utf-8", errors="replace")
+
+
+def _remove_workdir(path: str) -> None:
+    """Delete a job's working directory: an empty directory where the private tmpfs covered it."""
+    try:
+        os.rmdir(path)
+    except OSError:
+        _remove_tree(path)
 
 
 def _remove_tree(path: str) -> None:
