@@ -499,6 +499,7 @@ def test_gpu_queue_with_per_prompt_steering_equals_each_prompt_alone():
 # --------------------------------------------------------------------------- FlexAttention
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 @pytest.mark.parametrize("window", [None, 5])
 def test_flex_attention_masks_and_soft_cap_equal_eager(tiny_loaded, monkeypatch, window):
     """The FlexAttention path's score_mod (soft-cap) and mask_mod (left padding, causality, sliding window, per-row
