@@ -980,3 +980,19 @@ def test_the_fork_server_imports_only_the_standard_library():
 
 def test_a_bad_start_method_is_rejected():
     fails_fast(SandboxConfig(start_method="thread"), "sandbox.start_method")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the uid locks' folder is root's")
+def test_the_uid_lock_folder_is_checked_on_every_claim(tmp_path, monkeypatch):
+    """The folder's parent may be world-writable: one removed and made again by another user is refused at the next
+    claim, not trusted from an earlier check."""
+    from pva_sae.execution import sandbox as sb
+
+    monkeypatch.setattr(sb, "UID_LOCK_PARENTS", (str(tmp_path),))
+    folder = sb._uid_lock_folder()
+    assert os.path.isdir(folder) and os.lstat(folder).st_uid == 0
+    os.rmdir(folder)
+    os.makedirs(folder)
+    os.chown(folder, 65534, 65534)
+    with pytest.raises(sb.SandboxError, match="owned by root"):
+        sb._uid_lock_folder()

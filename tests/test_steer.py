@@ -318,7 +318,7 @@ def test_queue_schedule_gives_the_batches_outcomes(analysed, tmp_path_factory):
     assert any(target[t]["program"] != baseline[t]["program"] for t in baseline)
     again, steerer = _run_many(cfg, run)
     assert again == queued and steerer.n_generated == 0 and steerer.n_done == 5
-    with pytest.raises(ValueError, match="'queue' needs the fast backend"):
+    with pytest.raises(ValueError, match=r"'queue' \(continuous batching\) needs the fast backend"):
         _run_many(resolve_config(base=cfg.to_dict(), overrides=["generation.backend=hf"]), run, "queue")
 
 

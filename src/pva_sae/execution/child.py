@@ -465,9 +465,13 @@ def drain(fd):
         pass
 
 
+REAP_PER_PASS = 64
+
+
 def reap_others(worker):
-    """Reap every child that has exited, except the worker (whose status the watch collects)."""
-    while True:
+    """Reap children that have exited, except the worker (whose status the watch collects): at most
+    ``REAP_PER_PASS`` per call, so a job making orphans fast cannot keep the watch from its deadline."""
+    for _ in range(REAP_PER_PASS):
         try:
             info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
         except ChildProcessError:

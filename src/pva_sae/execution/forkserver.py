@@ -17,8 +17,8 @@ supervisor makes the namespace and its pid 1 as a spawned one does), which
 
 1. starts a new session (``setsid``), restores the signal dispositions the server changed, puts the
    job's stdout and stderr files on descriptors 1 and 2 (stdin stays ``/dev/null``), closes every
-   other descriptor but the job's payload, report pipe and uid lock (the server's sockets included,
-   so a program cannot reach the server), enters the job's working directory and replaces the whole
+   other descriptor but the job's payload, report pipe, uid lock and its slot's network namespace
+   (the server's sockets included, so a program cannot reach the server), enters the job's working directory and replaces the whole
    environment by the job's;
 2. then does exactly what a spawned supervisor does (:func:`child.run_supervisor`): namespaces,
    the worker that limits itself and drops to the job's uid after the fork, the watch, the kill of
@@ -78,6 +78,11 @@ import sys
 import time
 
 READY = b"ready"
+
+
+class ServerBroken(Exception):
+    """The server can no longer fork supervisors correctly (it exits; its pool starts another)."""
+
 CONNECT = b"connect"
 MESSAGE_BYTES = 1 << 16
 MAX_FDS = 8
@@ -309,6 +314,9 @@ class Server:
             pid = self.fork_supervisor(job, fds, self.network_of(conn))
         except Exception as exc:
             self.answer(conn, {"exit_code": EXIT_SUPERVISOR_SETUP, "stuck": False, "error": repr(exc)})
+            if isinstance(exc, ServerBroken):
+                # Every later child would start in the wrong pid namespace: exit, so the pool starts a new server.
+                raise SystemExit(1) from exc
             return
         finally:
             for fd in fds:
@@ -364,9 +372,9 @@ class Server:
         if pid_init:
             try:
                 self.restore_pid_namespace()
-            except OSError:
+            except OSError as exc:
                 _kill(pid)  # reaped as a stray child: what it started is killed
-                raise
+                raise ServerBroken(str(exc)) from exc
         return pid
 
     def restore_pid_namespace(self):

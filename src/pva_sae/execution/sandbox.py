@@ -39,9 +39,9 @@ later uid drop never needs to read it. That process is the **supervisor**; it ru
 5. it waits for the worker at most ``cfg.timeout_s`` (reaping meanwhile every orphan of the job it
    adopted, so that exited ones do not count against ``RLIMIT_NPROC``), SIGKILLs the worker on
    timeout, kills pid 1 of the namespace (as pid 1 itself: ``kill(-1, SIGKILL)``, which reaches
-   every other process of the namespace, and reaps them), then kills and reaps every remaining
-   descendant (found through ``/proc``, which stays the host's, so its pids are the supervisor's)
-   and writes its report to the caller through a second inherited pipe. It also stops at once when
+   every other process of the namespace, and reaps them), then, when it is not pid 1 of the job's
+   namespace (spawn), kills and reaps every remaining descendant (found through ``/proc``, which
+   stays the host's, so its pids are the supervisor's), and writes its report to the caller through a second inherited pipe. It also stops at once when
    the caller dies (its end of that pipe closes).
 
 The caller waits for the supervisor (with a margin, in case the supervisor itself is stuck), sends
@@ -84,7 +84,8 @@ the program holds it. No job can see or change what another job did to the netwo
    a slot's next supervisor only after it has reaped the previous one (it refuses a second job on a
    connection whose job still runs).
 2. No process of a job is alive when the next job of its slot starts: a supervisor that ends
-   normally has killed pid 1 of the job's pid namespace and reaped every descendant (step 5), and a
+   normally has killed every process of the job's pid namespace (it is pid 1 of it under the fork
+   server) and reaped every descendant (step 5), and a
    process has released its descriptors, sockets included, before it can be reaped. When a
    supervisor ends otherwise (killed, stuck, failed), processes of its job may still be dying: the
    server discards the slot's namespace and the next job gets a new one.
@@ -125,9 +126,10 @@ Jobs cannot touch each other
 As root, every running job has a uid of its own, from a pool (``cfg.uid_pool_start`` to
 ``uid_pool_start + uid_pool_size - 1``: uids without a passwd entry, with the group of
 ``cfg.sandbox_user``). A job claims a free uid with an exclusive ``flock`` on
-``/run/lock/pva-sandbox-uids/<uid>.lock`` (under ``/tmp`` without ``/run/lock``), held by the caller
-and the supervisor until every process of the job is dead, so concurrent ``run_jobs`` calls, in this
-process or another, never share a uid. Kill and ptrace permission and ``RLIMIT_NPROC`` go by uid, so
+``/run/lock/pva-sandbox-uids/<uid>.lock`` (under ``/tmp`` without ``/run/lock``; the folder is checked
+to be root's on every claim), held by the caller until the supervisor has been reaped (by then every
+process of the job is dead: a pid namespace dies with its pid 1) and by the supervisor, so concurrent
+``run_jobs`` calls, in this process or another, never share a uid. Kill and ptrace permission and ``RLIMIT_NPROC`` go by uid, so
 ``os.kill(-1, SIGKILL)`` reaches only the job's own processes and a fork or thread bomb exhausts only
 its own ``max_processes``; a pid namespace alone would not separate ``RLIMIT_NPROC``. The pid
 namespace adds that the program cannot name a process outside its job (its pids are 1, 2, ...;
@@ -250,6 +252,7 @@ import errno
 import fcntl
 import functools
 import hashlib
+import logging
 import marshal
 import math
 import os
@@ -273,6 +276,8 @@ from typing import Protocol, Self
 from pva_sae.config import ConfigError, SandboxConfig
 from pva_sae.execution import child, forkserver
 from pva_sae.execution.forkserver import ForkServer, ServerGone
+
+log = logging.getLogger(__name__)
 
 STATUSES = ("passed", "failed", "error", "timeout")
 
@@ -313,6 +318,7 @@ _claims = threading.local()  # .uid: the pool uid this thread claimed last
 # As root, once a job's private tmpfs was mounted (True), jobs get no working directory on the host
 # (see "Processes"); once a supervisor could not mount it on /tmp (False), every job gets one again.
 _private_tmp: dict[str, bool | None] = {"works": None}
+_private_tmp_lock = threading.Lock()
 
 
 class SandboxError(RuntimeError):
@@ -804,7 +810,6 @@ def _claim_uid(cfg: SandboxConfig) -> tuple[int, int]:
                 fd = os.open(os.path.join(folder, f"{uid}.lock"),
                              os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             except FileNotFoundError:  # the folder was removed (a temp cleaner): make and check it again
-                _uid_lock_folder.cache_clear()
                 folder = _uid_lock_folder()
                 fd = os.open(os.path.join(folder, f"{uid}.lock"),
                              os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -818,9 +823,9 @@ def _claim_uid(cfg: SandboxConfig) -> tuple[int, int]:
         time.sleep(UID_CLAIM_POLL_S)
 
 
-@functools.cache
 def _uid_lock_folder() -> str:
-    """The uid locks' folder, made and checked once per process (it is root's: no one else can change it)."""
+    """The uid locks' folder, made if missing and checked on every claim: its parent may be world-writable
+    (/run/lock, /tmp), so a folder removed and made again by another user must not be used."""
     parent = next((p for p in UID_LOCK_PARENTS if os.path.isdir(p)), UID_LOCK_PARENTS[-1])
     folder = os.path.join(parent, UID_LOCK_FOLDER)
     try:
@@ -955,10 +960,16 @@ def _execute(job: ExecJob, cfg: SandboxConfig, user: tuple[int, int] | None,
             if workdir is not None:
                 _remove_workdir(workdir)
     if report.get("private_tmp_refused"):  # nothing ran: run it again with a working directory on the host
-        _private_tmp["works"] = False
+        with _private_tmp_lock:
+            if _private_tmp["works"] is not False:
+                log.warning("the sandbox could not mount a private tmpfs on /tmp; jobs run in a directory on the "
+                            "host from now on")
+            _private_tmp["works"] = False                     # for good: a True set later never undoes it
         return _execute(job, cfg, user, connection)
     if identity is not None and report.get("private_tmp") and _private_tmp["works"] is None:
-        _private_tmp["works"] = True
+        with _private_tmp_lock:
+            if _private_tmp["works"] is None:
+                _private_tmp["works"] = True
     if report.get("setup_error"):
         raise SandboxError(f"the sandbox could not be set up: {report['setup_error']}\n{stderr_tail}")
     status, error_type, detail = _classify(report, supervisor_stuck, exit_code, cfg)
@@ -973,8 +984,8 @@ def _anonymous_file() -> int:
     folder = tempfile.gettempdir()
     try:
         return os.open(folder, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
-    except OSError as exc:  # EISDIR: a kernel without O_TMPFILE; EOPNOTSUPP: a file system without it
-        if exc.errno not in (errno.EISDIR, errno.EOPNOTSUPP):
+    except OSError as exc:  # EISDIR: a kernel without O_TMPFILE; EOPNOTSUPP: a file system without it; ...
+        if exc.errno in (errno.ENOENT, errno.EACCES):
             raise
     fd, path = tempfile.mkstemp(dir=folder)
     os.unlink(path)
