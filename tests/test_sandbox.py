@@ -970,6 +970,24 @@ def test_a_rerun_in_a_pool_runs_alone_even_beside_another_batch():
                for r in others)
 
 
+@pytest.mark.slow
+def test_the_reruns_of_batches_labelled_beside_each_other_share_one_round_alone():
+    """Two batches in one pool, each with an endless loop: both loops are run again together (their second
+    attempts overlap), not one round after the other, and no job of either batch runs beside the round."""
+    slow = "import time\ntime.sleep(0.2)\nprint(time.time(), flush=True)\n" + GOOD
+    with Sandbox(SandboxConfig(timeout_s=1.0), workers=6) as sandbox:
+        first = sandbox.submit([ExecJob("a", LOOP, TESTS), ExecJob(0, slow, TESTS)])
+        second = sandbox.map([ExecJob("b", LOOP, TESTS), ExecJob(1, slow, TESTS), ExecJob(2, LOOP + "# 2\n", TESTS)])
+        first = first.result()
+    loops = [first[0], second[0], second[2]]
+    assert [(r.status, r.attempts) for r in loops] == [("timeout", 2)] * 3
+    assert first[1].passed and second[1].passed
+    again = sorted(float(r.stdout_tail.split()[0]) for r in loops)   # when each second attempt started
+    assert again[-1] - again[0] < 0.9, again                          # one round (at most 3 = half of 6 at once)
+    goods = [float(r.stdout_tail.split()[0]) for r in (first[1], second[1])]
+    assert all(t < again[0] for t in goods)
+
+
 def test_the_fork_server_imports_only_the_standard_library():
     tree = ast.parse(Path(FORKSERVER_PATH).read_text())
     names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}

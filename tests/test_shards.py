@@ -54,10 +54,13 @@ def without_timing(records):
 
 
 def metadata_without_timing(metadata):
-    """Without timing, and without the sandbox counters of the session (a resumed build, sharded or not,
-    counts only the jobs it ran itself)."""
+    """Without timing, without the sandbox counters of the session (a resumed build, sharded or not, counts
+    only the jobs it ran itself) and without the process's torch thread count (torchrun sets OMP_NUM_THREADS=1
+    in each rank; the records do not depend on it)."""
     out = {k: v for k, v in metadata.items() if k != "timing"}
     out["sandbox"] = {k: v for k, v in out["sandbox"].items() if k != "this_session"}
+    if "model" in out:
+        out["model"] = {k: v for k, v in out["model"].items() if k != "torch_threads"}
     return out
 
 

@@ -31,6 +31,7 @@ import os
 import signal
 import statistics
 import sys
+import threading
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -358,24 +359,32 @@ def overlap_labelling(setting: str, device) -> bool:
     return setting == "on"
 
 
+LABEL_THREADS = 4  # batches a BackgroundLabeller has in the sandbox at once
+
+
 class BackgroundLabeller:
-    """Labels generated batches (extract, run the tests in the sandbox, make the records) one at a time, in
-    submission order, on one thread that lives as long as the stage, so the caller can generate the next
-    batch meanwhile. Without ``overlap`` each batch is labelled at once in the caller's thread.
+    """Labels generated batches (extract, run the tests in the sandbox, make the records) on threads that live
+    as long as the stage, so the caller can generate the next batch meanwhile. Up to ``threads`` batches are in
+    the one sandbox pool at once, so a batch waiting on a slow program (a wall-clock timeout and its re-run)
+    does not hold up the ones after it; callers take the results in submission order. Without ``overlap``
+    each batch is labelled at once in the caller's thread.
 
     ``submit`` returns a Future of the records; a labelling error is raised by its ``result()``.
     """
 
-    def __init__(self, by_id, split_of, cfg: Config, stats: BatchStats | None, overlap: bool):
+    def __init__(self, by_id, split_of, cfg: Config, stats: BatchStats | None, overlap: bool,
+                 threads: int = LABEL_THREADS):
         self.by_id, self.split_of, self.cfg, self.stats = by_id, split_of, cfg, stats
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="label") if overlap else None
+        self._thread = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="label") if overlap else None
         self._pool: ExitStack | None = None     # one sandbox pool (fork server, label cache) for the stage
         self._sandbox = None
+        self._start = threading.Lock()
 
     def label(self, samples) -> list[dict[str, Any]]:
-        if self._sandbox is None:                # started on the first batch, so a refused stage starts none
-            self._pool = ExitStack()
-            self._sandbox = self._pool.enter_context(labelling_pool(self.cfg, self.stats))
+        with self._start:
+            if self._sandbox is None:            # started on the first batch, so a refused stage starts none
+                self._pool = ExitStack()
+                self._sandbox = self._pool.enter_context(labelling_pool(self.cfg, self.stats))
         return label_samples(samples, self.by_id, self.split_of, self.cfg, sandbox=self._sandbox)
 
     @property

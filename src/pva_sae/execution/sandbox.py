@@ -192,8 +192,10 @@ test) is ``error``/``runtime``: the program crashed, it did not return a wrong a
 Timeouts under load: in :func:`run_jobs` (and :meth:`Sandbox.map`), a job that hit the wall-clock
 limit while other jobs of the pool ran beside it is run once more, alone (no other job of the pool
 beside it), after the parallel batch; its result then has ``attempts == 2`` and the second
-attempt's outcome is the label. Re-runs go one at a time, so every genuine endless
-loop of a batch costs another ``timeout_s`` of wall-clock time. A ``RLIMIT_CPU`` timeout is not
+attempt's outcome is the label. The re-runs waiting when a round starts (those of this batch, and of
+other batches labelled beside it in the same pool) run together in that round, at most half the pool's
+workers at once, so that each has a core to itself: a round of endless loops costs one more ``timeout_s``
+of wall-clock time, whatever their number (up to half the workers). A ``RLIMIT_CPU`` timeout is not
 re-run (load does not consume the program's CPU time). :class:`BatchStats` counts the re-runs.
 
 Output
@@ -421,7 +423,8 @@ class Sandbox:
     Use it as a context manager, or call :meth:`close`. :meth:`map` (blocking) and :meth:`submit`
     (a :class:`~concurrent.futures.Future`) label a batch with :func:`run_jobs`' semantics, and may be
     called any number of times, also from several threads: jobs of one pool run beside each other,
-    and the re-run of a wall-clock timeout runs alone (no other job of this pool beside it).
+    and the re-runs of wall-clock timeouts run alone (no other job of this pool beside them; the re-runs
+    waiting at that time, from every batch, run together, at most half the workers at once).
     ``cache`` (a :class:`LabelStore`) serves known labels and stores new final ones; ``stats`` is
     added to by every batch. ``workers`` defaults to ``cfg.workers`` (0 = one per CPU core).
     """
@@ -434,7 +437,10 @@ class Sandbox:
         self._threads = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="sandbox")
         self._batches: ThreadPoolExecutor | None = None
         self._gate = _Gate()
-        self._lock = threading.Lock()  # the server, the connections, stats
+        # Re-runs of wall-clock timeouts, waiting for a round alone: [job, result or None] (see _rerun_alone).
+        self._reruns: list[list] = []
+        self._rerun_threads = ThreadPoolExecutor(max_workers=max(1, self.workers // 2), thread_name_prefix="rerun")
+        self._lock = threading.Lock()  # the server, the connections, stats, the re-runs waiting
         self._local = threading.local()
         # One fork server per SLOTS_PER_SERVER threads; a thread keeps the server it was given first.
         self._servers: list[ForkServer | None] = [None] * math.ceil(self.workers / SLOTS_PER_SERVER)
@@ -478,10 +484,11 @@ class Sandbox:
                     progress(results[index])
 
         fresh, timed_out = self._run_parallel({key: jobs[indices[0]] for key, indices in groups.items()}, finish)
-        for key in timed_out:  # one at a time: nothing else of this pool runs beside it
-            with self._gate.alone():
-                finish(key, dataclasses.replace(self.run_once(jobs[groups[key][0]])[0], attempts=2))
-            fresh[key] = results[groups[key][0]]
+        if timed_out:  # nothing else of this pool runs beside the re-runs
+            again = self._rerun_alone([jobs[groups[key][0]] for key in timed_out])
+            for key, result in zip(timed_out, again):
+                finish(key, dataclasses.replace(result, attempts=2))
+                fresh[key] = results[groups[key][0]]
         if self.cache is not None:
             self.cache.put_many([(key, result) for key, result in fresh.items() if cacheable(result)])
         if self.stats is not None:
@@ -520,6 +527,7 @@ class Sandbox:
         if self._batches is not None:
             self._batches.shutdown(wait=True)
         self._threads.shutdown(wait=True, cancel_futures=True)
+        self._rerun_threads.shutdown(wait=True, cancel_futures=True)
         with self._lock:
             for connection in self._connections:
                 connection.close()
@@ -550,6 +558,29 @@ class Sandbox:
             raise
         order = {key: n for n, key in enumerate(jobs)}
         return fresh, sorted(timed_out, key=order.__getitem__)
+
+    def _rerun_alone(self, jobs: list[ExecJob]) -> list[ExecResult]:
+        """Run ``jobs`` (wall-clock timeouts of a batch) again with no other job of this pool beside them.
+
+        Every re-run waiting when a round starts goes into it, from whichever batches (threads) asked, so
+        batches labelled beside each other share the pause; in a round at most half the pool's workers run
+        at once, so each re-run has a core to itself (two re-runs on one core would be load again)."""
+        entries = [[job, None] for job in jobs]
+        with self._lock:
+            self._reruns.extend(entries)
+        with self._gate.alone():       # one round at a time; a later round finds its entries already run
+            with self._lock:
+                round_, self._reruns = self._reruns, []
+            futures = [(entry, self._rerun_threads.submit(self.run_once, entry[0])) for entry in round_]
+            for entry, future in futures:
+                try:
+                    entry[1] = future.result()[0]
+                except BaseException as exc:  # noqa: BLE001 - the batch that asked for it raises it
+                    entry[1] = exc
+        for entry in entries:
+            if isinstance(entry[1], BaseException):
+                raise entry[1]
+        return [entry[1] for entry in entries]
 
     def _attempt(self, job: ExecJob) -> tuple[ExecResult, dict, bool]:
         with self._gate.beside() as beside:
@@ -609,7 +640,7 @@ class Sandbox:
 
 
 class _Gate:
-    """Jobs of one pool run beside each other; a re-run runs alone (no other job of the pool beside it)."""
+    """Jobs of one pool run beside each other; a round of re-runs runs alone (no other job of the pool beside it)."""
 
     def __init__(self):
         self._cond = threading.Condition()

@@ -288,11 +288,11 @@ def _flex_mask_mod(valid, qpos, window):
 
 
 def _flex_attend_mlp(h, q, keys, values, block_mask, w, eps: float, scaling: float, score_mod, n_heads: int,
-                     n_kv: int, hd: int):  # noqa: ARG001
+                     n_kv: int, hd: int, options=None):  # noqa: ARG001
     """As :func:`_attend_mlp`, the attention through FlexAttention."""
     b, t, _ = h.shape
     o = flex_attention(q, keys, values, score_mod=score_mod, block_mask=block_mask, scale=scaling,
-                       enable_gqa=n_heads != n_kv)
+                       enable_gqa=n_heads != n_kv, kernel_options=options)
     return _post(h, o.transpose(1, 2).reshape(b, t, -1), w, eps)
 
 
@@ -302,7 +302,9 @@ def _flex_decode(*args):
 
 
 def _flex_prefill(*args):
-    return _flex_attend_mlp(*args)
+    # A prefill shorter than 128 tokens would otherwise be lowered to the decoding kernel, whose block sizes
+    # do not fit a 128-position query block (torch 2.11: "No choices to select"); the main kernel serves every length.
+    return _flex_attend_mlp(*args, options={"FORCE_USE_FLEX_ATTENTION": True})
 
 
 def _qkv_prefill(*args):
