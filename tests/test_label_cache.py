@@ -95,6 +95,25 @@ def test_a_pool_serves_hits_across_batches_and_submit(cache):
     assert stats.as_dict() == {"jobs": 8, "reruns": 0, "rerun_timeouts": 0, "timeouts": 0, "cache_hits": 6}
 
 
+def test_a_program_two_batches_label_at_once_runs_once(cache):
+    """Batches labelled beside each other in one pool (the background labeller's threads): a program the other
+    batch is running is not run again; this batch takes that run's result, as a cache hit."""
+    import threading
+
+    slow = "import time\ntime.sleep(0.5)\n" + PID + GOOD
+    out = {}
+    with Sandbox(CFG, workers=4, cache=cache) as pool:
+        threads = [threading.Thread(target=lambda n=n: out.__setitem__(n, pool.map([ExecJob(n, slow, TESTS)])[0]))
+                   for n in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert all(r.passed for r in out.values())
+    assert sorted(r.cached for r in out.values()) == [False, True]
+    assert out[0].stdout_tail == out[1].stdout_tail          # the one run's pid, twice
+
+
 def test_the_cache_lives_in_the_run_directory_and_sub_runs_share_it(tmp_path):
     cfg = Config()
     cfg.output.run_dir = str(tmp_path / "run")

@@ -971,21 +971,45 @@ def test_a_rerun_in_a_pool_runs_alone_even_beside_another_batch():
 
 
 @pytest.mark.slow
-def test_the_reruns_of_batches_labelled_beside_each_other_share_one_round_alone():
-    """Two batches in one pool, each with an endless loop: both loops are run again together (their second
-    attempts overlap), not one round after the other, and no job of either batch runs beside the round."""
+def test_the_timeouts_of_a_batch_are_run_again_in_one_round_alone():
+    """Three endless loops beside other jobs in a pool of 6: the three re-runs start together (at most 3 = half of
+    6 at once), after every other job of the batch, not one round after another; a pool of 2 (one re-run at a
+    time) runs them one after the other."""
     slow = "import time\ntime.sleep(0.2)\nprint(time.time(), flush=True)\n" + GOOD
-    with Sandbox(SandboxConfig(timeout_s=1.0), workers=6) as sandbox:
-        first = sandbox.submit([ExecJob("a", LOOP, TESTS), ExecJob(0, slow, TESTS)])
-        second = sandbox.map([ExecJob("b", LOOP, TESTS), ExecJob(1, slow, TESTS), ExecJob(2, LOOP + "# 2\n", TESTS)])
-        first = first.result()
-    loops = [first[0], second[0], second[2]]
-    assert [(r.status, r.attempts) for r in loops] == [("timeout", 2)] * 3
-    assert first[1].passed and second[1].passed
-    again = sorted(float(r.stdout_tail.split()[0]) for r in loops)   # when each second attempt started
-    assert again[-1] - again[0] < 0.9, again                          # one round (at most 3 = half of 6 at once)
-    goods = [float(r.stdout_tail.split()[0]) for r in (first[1], second[1])]
-    assert all(t < again[0] for t in goods)
+    jobs = [ExecJob(n, LOOP + f"# {n}\n", TESTS) for n in range(3)] + [ExecJob(10 + i, slow, TESTS) for i in range(3)]
+    for workers, spread in ((6, (0.0, 0.9)), (2, (1.5, 60.0))):
+        with Sandbox(SandboxConfig(timeout_s=1.0), workers=workers) as sandbox:
+            results = sandbox.map(jobs)
+        loops, goods = results[:3], results[3:]
+        assert [(r.status, r.attempts) for r in loops] == [("timeout", 2)] * 3 and all(r.passed for r in goods)
+        again = sorted(float(r.stdout_tail.split()[0]) for r in loops)   # when each second attempt started
+        assert spread[0] <= again[-1] - again[0] < spread[1], (workers, again)
+        assert max(float(r.stdout_tail.split()[0]) for r in goods) < again[0]
+
+
+def test_the_reruns_of_two_batches_waiting_at_once_share_one_round():
+    """Re-runs asked for by two batches while the pool is busy run in one round: the round's leader runs the
+    other batch's re-run too (their second attempts overlap), and each batch gets its own result."""
+    import threading
+
+    with Sandbox(SandboxConfig(timeout_s=1.0), workers=4) as sandbox:
+        busy = sandbox._gate.beside()             # a job of the pool still running: rounds wait for it
+        busy.__enter__()
+        out = {}
+        threads = [threading.Thread(target=lambda n=n: out.__setitem__(
+            n, sandbox._rerun_alone([ExecJob(n, LOOP + f"# {n}\n", TESTS)])[0])) for n in range(2)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 10
+        while len(sandbox._reruns) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(sandbox._reruns) == 2
+        busy.__exit__(None, None, None)
+        for t in threads:
+            t.join()
+    assert [out[n].status for n in range(2)] == ["timeout", "timeout"]
+    starts = sorted(float(out[n].stdout_tail.split()[0]) for n in range(2))
+    assert starts[1] - starts[0] < 0.9, starts
 
 
 def test_the_fork_server_imports_only_the_standard_library():

@@ -439,6 +439,7 @@ class Sandbox:
         self._gate = _Gate()
         # Re-runs of wall-clock timeouts, waiting for a round alone: [job, result or None] (see _rerun_alone).
         self._reruns: list[list] = []
+        self._running: dict = {}  # cache key -> Future of its final result, for programs a batch is running now
         self._rerun_threads = ThreadPoolExecutor(max_workers=max(1, self.workers // 2), thread_name_prefix="rerun")
         self._lock = threading.Lock()  # the server, the connections, stats, the re-runs waiting
         self._local = threading.local()
@@ -460,9 +461,10 @@ class Sandbox:
     def map(self, jobs: Iterable[ExecJob], progress: Callable[[ExecResult], None] | None = None) -> list[ExecResult]:
         """Label ``jobs``; results in job order. ``progress`` gets each final result in the calling thread.
 
-        With a cache, jobs whose key is stored are not run and of identical jobs of the batch only one
-        runs; those results have ``cached`` True and count as ``cache_hits``. Timeouts and sandbox
-        failures are never stored, so they run again next time.
+        With a cache, jobs whose key is stored are not run, of identical jobs of the batch only one
+        runs, and a job identical to one another batch of this pool is running now waits for that run's
+        final result instead of running again; those results have ``cached`` True and count as
+        ``cache_hits``. Timeouts and sandbox failures are never stored, so they run again next time.
         """
         jobs = list(jobs)
         results: list[ExecResult | None] = [None] * len(jobs)
@@ -476,25 +478,56 @@ class Sandbox:
                     progress(results[index])
             else:
                 groups.setdefault(key, []).append(index)
+        # With a cache, a program another batch of this pool is running now is not run twice: this batch takes
+        # that run's final result (identical programs agree, as with the cache).
+        owned: dict = {}
+        elsewhere: dict = {}
+        if self.cache is not None:
+            with self._lock:
+                for key in groups:
+                    if key in self._running:
+                        elsewhere[key] = self._running[key]
+                    else:
+                        owned[key] = self._running[key] = Future()
+        mine = {key: indices for key, indices in groups.items() if key not in elsewhere}
 
-        def finish(key, result: ExecResult) -> None:
+        def finish(key, result: ExecResult, shared: bool = False) -> None:
             for n, index in enumerate(groups[key]):
-                results[index] = result if n == 0 else dataclasses.replace(result, cached=True)
+                results[index] = result if n == 0 and not shared else dataclasses.replace(result, cached=True)
                 if progress is not None:
                     progress(results[index])
 
-        fresh, timed_out = self._run_parallel({key: jobs[indices[0]] for key, indices in groups.items()}, finish)
-        if timed_out:  # nothing else of this pool runs beside the re-runs
-            again = self._rerun_alone([jobs[groups[key][0]] for key in timed_out])
-            for key, result in zip(timed_out, again):
-                finish(key, dataclasses.replace(result, attempts=2))
-                fresh[key] = results[groups[key][0]]
-        if self.cache is not None:
-            self.cache.put_many([(key, result) for key, result in fresh.items() if cacheable(result)])
+        timed_out: list = []
+        try:
+            fresh, timed_out = self._run_parallel({key: jobs[indices[0]] for key, indices in mine.items()}, finish)
+            if timed_out:  # nothing else of this pool runs beside the re-runs
+                again = self._rerun_alone([jobs[groups[key][0]] for key in timed_out])
+                for key, result in zip(timed_out, again):
+                    finish(key, dataclasses.replace(result, attempts=2))
+                    fresh[key] = results[groups[key][0]]
+            if self.cache is not None:
+                self.cache.put_many([(key, result) for key, result in fresh.items() if cacheable(result)])
+        except BaseException as exc:
+            self._release_running(owned, {}, exc)
+            raise
+        self._release_running(owned, fresh, None)
+        for key, future in elsewhere.items():
+            finish(key, future.result(), shared=True)
         if self.stats is not None:
             with self._lock:
                 self.stats.add(results, reruns=len(timed_out))
         return results  # type: ignore[return-value]
+
+    def _release_running(self, owned: dict, fresh: dict, error: BaseException | None) -> None:
+        """Hand the final results of this batch's own runs to batches waiting on them, and forget them."""
+        with self._lock:
+            for key in owned:
+                self._running.pop(key, None)
+        for key, future in owned.items():
+            if key in fresh:
+                future.set_result(fresh[key])
+            else:
+                future.set_exception(error or SandboxError("the batch running this program ended without it"))
 
     def submit(self, jobs: Iterable[ExecJob], progress: Callable[[ExecResult], None] | None = None) -> Future:
         """:meth:`map` in the background: a Future of the results. Batches submitted run one after
@@ -571,12 +604,24 @@ class Sandbox:
         with self._gate.alone():       # one round at a time; a later round finds its entries already run
             with self._lock:
                 round_, self._reruns = self._reruns, []
-            futures = [(entry, self._rerun_threads.submit(self.run_once, entry[0])) for entry in round_]
-            for entry, future in futures:
-                try:
-                    entry[1] = future.result()[0]
-                except BaseException as exc:  # noqa: BLE001 - the batch that asked for it raises it
-                    entry[1] = exc
+            futures: list[Future] = []
+            try:
+                for entry in round_:
+                    futures.append(self._rerun_threads.submit(self.run_once, entry[0]))
+                for entry, future in zip(round_, futures):
+                    try:
+                        entry[1] = future.result()[0]
+                    except Exception as exc:  # noqa: BLE001 - the batch that asked for it raises it
+                        entry[1] = exc
+            finally:
+                # Interrupted (Ctrl+C in the thread leading the round): the re-runs still running end before
+                # the pool runs anything else, and every batch waiting on this round gets an answer.
+                for future in futures:
+                    future.cancel()
+                wait(futures)
+                for entry in round_:
+                    if entry[1] is None:
+                        entry[1] = SandboxError("the re-run of a timed-out program was interrupted")
         for entry in entries:
             if isinstance(entry[1], BaseException):
                 raise entry[1]
@@ -617,7 +662,7 @@ class Sandbox:
         """This thread's connection to its fork server (None with start_method 'spawn').
 
         Threads are spread over the servers in the order they first run a job (pool threads, and
-        the threads that call :meth:`map` for re-runs)."""
+        the threads that run the rounds of re-runs)."""
         if self.cfg.start_method != "forkserver":
             return None
         local = self._local

@@ -260,6 +260,7 @@ def _attend_mlp(h, q, keys, values, mask, w, eps: float, scaling: float, cap, n_
 # one query per row); the scores stay in float32 inside the kernel (eager rounds them to the weight dtype first).
 
 FLEX_BLOCK = 128
+FLEX_RECOMPILE_LIMIT = 64  # compiled decode-step shapes allowed per sliding-window setting
 
 
 def _flex_score_mod(cap):
@@ -483,10 +484,13 @@ class StaticDecoder:
             self._decode_fns = (qkv, torch.compile(_flex_decode, dynamic=False), head)
             self._prefill_fns = (torch.compile(_qkv_prefill), torch.compile(_flex_prefill), _head)
             self._cap_arg = _flex_score_mod(cfg.attn_logit_softcapping)
+            # The decode step compiles once per (batch shape, cache length, window); past torch's recompile limit
+            # dynamo runs the step uncompiled, and uncompiled FlexAttention cannot be captured in a CUDA graph
+            # (measured on torch 2.11: a failed capture after 16 shapes). Allow many shapes.
             windows = {cfg.sliding_window if s else None for s in self.sliding}
             limit = getattr(torch._dynamo.config, "recompile_limit", None)
-            if limit is not None and limit < 8 * len(windows):
-                torch._dynamo.config.recompile_limit = 8 * len(windows)
+            if limit is not None and limit < FLEX_RECOMPILE_LIMIT * len(windows):
+                torch._dynamo.config.recompile_limit = FLEX_RECOMPILE_LIMIT * len(windows)
         if verify:
             self.verify()
 
@@ -705,8 +709,24 @@ class StaticDecoder:
             # One memory pool for the graphs of a state (one per attention length): they replay one at a time on
             # one stream and keep nothing between replays outside the state's own buffers.
             self._pool, self._pool_state = torch.cuda.graph_pool_handle(), id(st)
-        with torch.cuda.graph(graph, pool=self._pool):
-            step()
+        try:
+            with torch.cuda.graph(graph, pool=self._pool):
+                step()
+        except RuntimeError as exc:
+            self._forget_graphs()                     # nothing of a failed capture is reused
+            for t, s in zip(mutable, saved):
+                t.copy_(s)
+            capture = "graph capture" in str(exc) or "CUDACachingAllocator" in str(exc)
+            if self.attention != "flex" or isinstance(exc, torch.OutOfMemoryError) or not capture:
+                raise
+            raise FastGenError(
+                f"capturing the FlexAttention decode step in a CUDA graph failed ({type(exc).__name__}: "
+                f"{str(exc)[:200]}). A known cause: the step was compiled for more batch shapes and cache lengths "
+                f"than torch._dynamo.config.recompile_limit allows (now "
+                f"{getattr(torch._dynamo.config, 'recompile_limit', '?')}), so dynamo ran it uncompiled, and "
+                "uncompiled FlexAttention cannot be captured (the log then says 'hit config.recompile_limit'). "
+                "Set generation.attention=eager (the default), or raise torch._dynamo.config.recompile_limit "
+                "before generating") from exc
         for t, s in zip(mutable, saved):
             t.copy_(s)                                # undo the warm-up and capture steps
         # Cache writes of those steps land at positions every later step rewrites before it reads them.
@@ -1062,7 +1082,8 @@ class StaticDecoder:
                                       z(slots, 1), z(slots, 1), z(slots), z(slots, max_new + 1),
                                       torch.ones(slots, dtype=torch.bool, device=self.device), z(slots, 2),
                                       torch.zeros((slots, self.cfg.hidden_size), dtype=self.dtype, device=self.device))
-            self._state_key, self._graphs = key, {}
+            self._state_key = key
+            self._forget_graphs()
         return self._state
 
     def _delta(self, steering: Steering | None):
@@ -1086,14 +1107,21 @@ class StaticDecoder:
 
     def release(self) -> None:
         """Free the KV cache and captured graphs (they are rebuilt on the next call)."""
-        self._state, self._state_key, self._graphs = None, None, {}
+        self._state, self._state_key = None, None
+        self._forget_graphs()
+
+    def _forget_graphs(self) -> None:
+        """Drop the captured graphs and their memory pool. The pool is tied to its state by ``id``, which Python
+        reuses once a state is freed: a new state must not inherit the pool of graphs that no longer exist (the
+        CUDA allocator asserts when a graph is captured into a released pool)."""
+        self._graphs, self._pool_state = {}, None
 
     def _state_for(self, b: int, max_len: int, max_new: int) -> "_State":
         # Buffers (and the graphs captured on them) are kept while consecutive batches share a shape.
         key = (b, max_len, max_new)
         current = getattr(self, "_state_key", None)
         if current != key:
+            self._forget_graphs()                     # before the new state takes a (possibly reused) id
             self._state, self._state_key = self._allocate(b, max_len, max_new), key
-            self._graphs = {}
         return self._state
 

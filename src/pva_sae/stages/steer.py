@@ -238,9 +238,17 @@ class Steerer:
             self.condition_key(a, v, alpha, tuple(sorted(ids))) for a, v, alpha, ids in conditions], self.shard)
         # ---
         if self.schedule == "queue":
-            for group in self._queue_groups(todo):
-                for wave in self._waves(group):
-                    self._run_queue(wave, out)
+            # Labelling runs on across waves: a wave's generation starts while the last one's rows are labelled.
+            labelling: list[tuple[Any, list]] = []   # (future, condition of each row), in submission order
+            records: dict[int, list[dict[str, Any]]] = {}
+            try:
+                for group in self._queue_groups(todo):
+                    for wave in self._waves(group):
+                        self._run_queue(wave, labelling, records, out)
+                self._collect(labelling, records, out, wait=True)
+            except KeyboardInterrupt:
+                self._collect(labelling, records, out, wait=False, interrupted=True)  # keep what is labelled
+                raise
         else:
             self._run_batches(todo, out)
         distributed.barrier(self.shard)   # --- shards: every rank's conditions are written; read the others'
@@ -329,30 +337,21 @@ class Steerer:
             waves.append(current)
         return waves
 
-    def _run_queue(self, wave: list, out) -> None:
+    def _run_queue(self, wave: list, labelling: list, records: dict, out) -> None:
         """One continuous-batching queue of every (condition, task) row of ``wave`` (tasks longest prompt
         first within a condition, conditions in call order); rows are labelled in chunks of ``batch_size`` as
-        they end, and each condition is written when its last row is labelled."""
+        they end, and each condition is written when its last row is labelled. ``labelling`` (chunks with the
+        labeller) and ``records`` (labelled rows by condition) carry over from wave to wave, so the labelling of
+        a wave's last rows goes on while the next wave generates."""
         items, steerings, owner = [], [], []
-        for n, (_, _, arm, alpha, ids, vector) in enumerate(wave):
+        for item in wave:
+            _, _, arm, alpha, ids, vector = item
             steering = self._steering(arm, vector, alpha)
             for t in sorted(ids, key=lambda t: (-len(self.generator.prompt_ids(self.prompts[t])), t)):
                 items.append((t, 0, self.prompts[t]))
                 steerings.append(steering)
-                owner.append(n)
-        records: list[list[dict[str, Any]]] = [[] for _ in wave]
+                owner.append(item)
         ready: list[tuple[int, Any]] = []     # finished rows not yet submitted for labelling
-        labelling: list[tuple[Any, list[int]]] = []   # (future, owner of each row), in submission order
-
-        def collect(wait: bool) -> None:
-            while labelling and (wait or labelling[0][0].done()):
-                future, owners = labelling.pop(0)
-                new = future.result()
-                self._count(len(new))
-                for n, record in zip(owners, new):
-                    records[n].append(record)
-                    if len(records[n]) == len(wave[n][4]):
-                        self._write(wave[n], records[n], out)
 
         def submit() -> None:
             chunk = ready[:]
@@ -363,7 +362,7 @@ class Steerer:
             ready.extend(rows)
             if len(ready) >= self.batch_size:
                 submit()
-            collect(wait=False)
+            self._collect(labelling, records, out, wait=False)
 
         labels = sorted({a.label for _, _, a, _, _, _ in wave})
         self.bar.set_postfix_str(f"queue of {len(wave)} conditions ({', '.join(labels[:3])}"
@@ -371,7 +370,24 @@ class Steerer:
         self.generator.generate_queue(items, 0, steering=steerings, slots=self.batch_size, on_samples=finished)
         if ready:
             submit()
-        collect(wait=True)
+        self._collect(labelling, records, out, wait=False)
+
+    def _collect(self, labelling: list, records: dict, out, wait: bool, interrupted: bool = False) -> None:
+        """Take every labelled chunk of ``labelling`` (with ``wait``, all of them, waiting); write each condition
+        whose every row is labelled (its outcomes in task order, whatever order its chunks came back in).
+        ``interrupted``: take only the chunks labelled without error, so an interrupted stage writes what it can."""
+        for entry in list(labelling):
+            future, owners = entry
+            if not (wait or future.done()) or (interrupted and (future.cancelled() or future.exception())):
+                continue
+            labelling.remove(entry)       # before its rows are used: an interrupt below never takes it twice
+            new = future.result()
+            self._count(len(new))
+            for item, record in zip(owners, new):
+                rows = records.setdefault(item[0], [])
+                rows.append(record)
+                if len(rows) == len(item[4]):
+                    self._write(item, records.pop(item[0]), out)
 
     def close(self) -> None:
         """Stop the labelling thread (after the batch it labels) and close the bar, trimmed to what ran."""
