@@ -165,3 +165,27 @@ def test_labelling_a_stage_reuses_the_labels_of_identical_programs(tmp_path):
     again = label_samples(samples_of([GOOD]), by_id, split_of, cfg, stats=later)
     assert again[0]["passed"] and later.cache_hits == 1
     assert RunDir.at(cfg.output.run_dir).label_cache.is_file()
+
+
+def test_a_labeller_deferring_reruns_gives_every_batch_its_labels(tmp_path):
+    """Steering's labeller: timeouts' re-runs deferred to shared rounds; waiting on a batch starts its round, so
+    every batch comes back (endless loops as timeouts after two attempts, the rest labelled) well before the
+    longest deferral."""
+    import time
+
+    from pva_sae.execution.dataset import BackgroundLabeller
+    from pva_sae.execution.sandbox import DEFER_MAX_S
+
+    cfg = Config()
+    cfg.output.run_dir = str(tmp_path / "run")
+    cfg.sandbox = dataclasses.replace(CFG, workers=4, timeout_s=1.0)
+    task = SimpleNamespace(task_id=1, test_list=list(TESTS), test_setup_code="", complexity=1, difficulty="easy")
+    endless = "def f(x):\n    while True:\n        pass\n"
+    slow = "def f(x):\n    import time\n    time.sleep(0.15)\n    return x + 1\n"
+    started = time.monotonic()
+    with BackgroundLabeller({1: task}, {1: "sae"}, cfg, None, overlap=True, defer_reruns=True) as labeller:
+        futures = [labeller.submit(samples_of([endless + f"# {n}\n", slow + f"# {n}\n"])) for n in range(3)]
+        batches = [labeller.wait(f) for f in futures]
+    assert time.monotonic() - started < DEFER_MAX_S
+    for records in batches:
+        assert [(r["status"], r["exec_attempts"]) for r in records] == [("timeout", 2), ("passed", 1)]

@@ -1012,6 +1012,51 @@ def test_the_reruns_of_two_batches_waiting_at_once_share_one_round():
     assert starts[1] - starts[0] < 0.9, starts
 
 
+def waits_for(condition, seconds: float = 20.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_deferred_reruns_wait_to_share_a_round_and_a_flush_or_close_starts_it():
+    """defer_reruns: a batch's timeout waits for another's (half of 4 workers = 2 re-runs start a round), both
+    second attempts then start together; a lone deferred re-run waits until flush_reruns, or close."""
+    import threading
+
+    slow = "import time\ntime.sleep(0.3)\n" + GOOD
+
+    def loop(n):  # with a job beside it, so its timeout is re-run
+        return [ExecJob(n, LOOP + f"# {n}\n", TESTS), ExecJob(10 + n, slow + f"# {n}\n", TESTS)]
+
+    with Sandbox(SandboxConfig(timeout_s=1.0), workers=4) as sandbox:
+        out = {}
+        first = threading.Thread(target=lambda: out.__setitem__(0, sandbox.map(loop(0), defer_reruns=True)[0]))
+        first.start()
+        waits_for(lambda: len(sandbox._reruns) == 1)     # its first attempt timed out; its re-run waits
+        time.sleep(0.3)
+        assert first.is_alive() and len(sandbox._reruns) == 1
+        out[1] = sandbox.map(loop(1), defer_reruns=True)[0]
+        first.join()
+        starts = sorted(float(out[n].stdout_tail.split()[0]) for n in range(2))
+        assert [(out[n].status, out[n].attempts) for n in range(2)] == [("timeout", 2)] * 2
+        assert starts[1] - starts[0] < 0.9, starts      # one round, not one each
+        lone = threading.Thread(target=lambda: out.__setitem__(2, sandbox.map(loop(2), defer_reruns=True)[0]))
+        lone.start()
+        waits_for(lambda: len(sandbox._reruns) == 1)
+        time.sleep(0.3)
+        assert lone.is_alive()                           # waiting for company
+        sandbox.flush_reruns()
+        lone.join(timeout=10)
+        assert not lone.is_alive() and (out[2].status, out[2].attempts) == ("timeout", 2)
+        last = threading.Thread(target=lambda: out.__setitem__(3, sandbox.map(loop(3), defer_reruns=True)[0]))
+        last.start()
+        waits_for(lambda: len(sandbox._reruns) == 1)
+    last.join(timeout=10)                                # close() gave it its round
+    assert not last.is_alive() and (out[3].status, out[3].attempts) == ("timeout", 2)
+
+
 def test_the_fork_server_imports_only_the_standard_library():
     tree = ast.parse(Path(FORKSERVER_PATH).read_text())
     names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}

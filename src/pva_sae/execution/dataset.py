@@ -35,6 +35,7 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import ExitStack, contextmanager
 from typing import Any, Iterator
 
@@ -370,22 +371,44 @@ class BackgroundLabeller:
     each batch is labelled at once in the caller's thread.
 
     ``submit`` returns a Future of the records; a labelling error is raised by its ``result()``.
+    ``defer_reruns`` (with overlap): the re-runs of wall-clock timeouts wait to share rounds alone with those
+    of later batches (:meth:`Sandbox.map`); wait on a batch through :meth:`wait`, which starts the round its
+    re-runs may be waiting for. A batch submitted while every thread is busy starts one too.
     """
 
     def __init__(self, by_id, split_of, cfg: Config, stats: BatchStats | None, overlap: bool,
-                 threads: int = LABEL_THREADS):
+                 threads: int = LABEL_THREADS, defer_reruns: bool = False):
         self.by_id, self.split_of, self.cfg, self.stats = by_id, split_of, cfg, stats
         self._thread = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="label") if overlap else None
+        self._threads = threads
+        self._defer = defer_reruns and overlap
         self._pool: ExitStack | None = None     # one sandbox pool (fork server, label cache) for the stage
         self._sandbox = None
         self._start = threading.Lock()
+        self._futures: list[Future] = []
 
     def label(self, samples) -> list[dict[str, Any]]:
         with self._start:
             if self._sandbox is None:            # started on the first batch, so a refused stage starts none
                 self._pool = ExitStack()
                 self._sandbox = self._pool.enter_context(labelling_pool(self.cfg, self.stats))
-        return label_samples(samples, self.by_id, self.split_of, self.cfg, sandbox=self._sandbox)
+        return label_samples(samples, self.by_id, self.split_of, self.cfg, sandbox=self._sandbox,
+                             defer_reruns=self._defer)
+
+    def flush(self) -> None:
+        """Start a round for the deferred re-runs waiting now."""
+        if self._sandbox is not None:
+            self._sandbox.flush_reruns()
+
+    def wait(self, future: Future) -> list[dict[str, Any]]:
+        """The records of a submitted batch, its deferred re-runs' round started first if it is not done."""
+        while self._defer and not future.done():
+            self.flush()
+            try:
+                return future.result(timeout=1.0)
+            except FutureTimeout:
+                continue
+        return future.result()
 
     @property
     def overlapped(self) -> bool:
@@ -394,13 +417,24 @@ class BackgroundLabeller:
 
     def submit(self, samples) -> Future:
         if self._thread is not None:
-            return self._thread.submit(self.label, samples)
+            if self._defer:
+                self._futures = [f for f in self._futures if not f.done()]
+                if len(self._futures) >= self._threads:   # every thread busy, perhaps waiting on re-runs
+                    self.flush()
+            future = self._thread.submit(self.label, samples)
+            if self._defer:
+                self._futures.append(future)
+            return future
         done: Future = Future()
         done.set_result(self.label(samples))
         return done
 
     def close(self) -> None:
         """Wait for the batch being labelled (its sandboxed processes end with it) and stop the thread."""
+        with self._start:
+            sandbox = self._sandbox
+        if sandbox is not None:
+            sandbox.drain_reruns()             # a batch waiting on deferred re-runs gets its round now
         if self._thread is not None:
             self._thread.shutdown(wait=True, cancel_futures=True)
         if self._pool is not None:

@@ -33,17 +33,17 @@ def labelling_pool(cfg: Config, stats: BatchStats | None = None) -> Iterator[San
 
 
 def label_samples(samples, by_id, split_of, cfg: Config, stats: BatchStats | None = None,
-                  sandbox: Sandbox | None = None) -> list[dict[str, Any]]:
+                  sandbox: Sandbox | None = None, defer_reruns: bool = False) -> list[dict[str, Any]]:
     """Extract each sample's program, run its task's tests in the sandbox, and make the records.
 
     ``sandbox`` (from :func:`labelling_pool`) runs them in a pool that outlives this batch (its stats
-    and cache are the pool's); without it a pool is made for this batch, with the run's label cache,
-    and ``stats`` counts jobs, cache hits, timeouts and re-runs.
+    and cache are the pool's; ``defer_reruns`` as in :meth:`Sandbox.map`); without it a pool is made for
+    this batch, with the run's label cache, and ``stats`` counts jobs, cache hits, timeouts and re-runs.
     """
     programs = [program_of(s.completion, by_id[s.task_id], cfg) for s in samples]
     jobs = [exec_job((s.task_id, s.sample_index), by_id[s.task_id], p) for s, p in zip(samples, programs)]
     if sandbox is not None:
-        results = sandbox.map(jobs)
+        results = sandbox.map(jobs, defer_reruns=defer_reruns)
     else:
         cache = LabelCache.for_run(cfg)
         try:

@@ -195,7 +195,10 @@ beside it), after the parallel batch; its result then has ``attempts == 2`` and 
 attempt's outcome is the label. The re-runs waiting when a round starts (those of this batch, and of
 other batches labelled beside it in the same pool) run together in that round, at most half the pool's
 workers at once, so that each has a core to itself: a round of endless loops costs one more ``timeout_s``
-of wall-clock time, whatever their number (up to half the workers). A ``RLIMIT_CPU`` timeout is not
+of wall-clock time, whatever their number (up to half the workers). A caller that labels many batches
+beside other work and can wait (steering) passes ``defer_reruns``: its re-runs then wait until half the
+workers' worth have gathered, the caller flushes, or ``DEFER_MAX_S`` passes, so that endless loops spread
+over a stage share a few rounds instead of pausing the pool once each. A ``RLIMIT_CPU`` timeout is not
 re-run (load does not consume the program's CPU time). :class:`BatchStats` counts the re-runs.
 
 Output
@@ -311,6 +314,7 @@ UID_CLAIM_POLL_S = 0.01
 # A pool starts one fork server per this many worker threads, so that no single server process (which
 # forks every supervisor of its slots, one after another) limits a large pool.
 SLOTS_PER_SERVER = 8
+DEFER_MAX_S = 30.0  # longest a deferred re-run waits for others to share its round (Sandbox.map)
 # The highest uid the pool may reach (2**31 - 2; -1 as a 32-bit uid means "unchanged").
 MAX_UID = 2**31 - 2
 _WORKDIR_NAME = re.compile(re.escape(PROCESS_TAG) + r"-(\d+)-(\d+)-")
@@ -437,8 +441,15 @@ class Sandbox:
         self._threads = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="sandbox")
         self._batches: ThreadPoolExecutor | None = None
         self._gate = _Gate()
-        # Re-runs of wall-clock timeouts, waiting for a round alone: [job, result or None] (see _rerun_alone).
+        # Re-runs of wall-clock timeouts, waiting for a round alone: [job, result or None, done Event] (see
+        # _rerun_alone); deferred ones wait for a round that the coordinator thread starts (see map).
         self._reruns: list[list] = []
+        self._rerun_cond = threading.Condition()
+        self._deferred_since: float | None = None  # when the oldest deferred re-run waiting asked
+        self._flush = False      # run a round for the deferred re-runs now
+        self._draining = False   # closing: no re-run is deferred any more
+        self._coordinator: threading.Thread | None = None
+        self._in_round = False
         self._running: dict = {}  # cache key -> Future of its final result, for programs a batch is running now
         self._rerun_threads = ThreadPoolExecutor(max_workers=max(1, self.workers // 2), thread_name_prefix="rerun")
         self._lock = threading.Lock()  # the server, the connections, stats, the re-runs waiting
@@ -448,6 +459,7 @@ class Sandbox:
         self._thread_count = 0
         self._connections: list[forkserver.Connection] = []
         self._closed = False
+        self._closing = False
         if cfg.start_method == "forkserver":
             for index in range(len(self._servers)):
                 self._fork_server(index)
@@ -458,8 +470,14 @@ class Sandbox:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
-    def map(self, jobs: Iterable[ExecJob], progress: Callable[[ExecResult], None] | None = None) -> list[ExecResult]:
+    def map(self, jobs: Iterable[ExecJob], progress: Callable[[ExecResult], None] | None = None, *,
+            defer_reruns: bool = False) -> list[ExecResult]:
         """Label ``jobs``; results in job order. ``progress`` gets each final result in the calling thread.
+
+        ``defer_reruns``: the re-runs of this batch's wall-clock timeouts wait to share a round alone with
+        those of later batches: the round starts once half the workers' worth of re-runs wait, when
+        :meth:`flush_reruns` is called, or after ``DEFER_MAX_S``. For callers that label many batches beside
+        each other and can wait (steering); without it the round starts as soon as the pool is free.
 
         With a cache, jobs whose key is stored are not run, of identical jobs of the batch only one
         runs, and a job identical to one another batch of this pool is running now waits for that run's
@@ -501,7 +519,7 @@ class Sandbox:
         try:
             fresh, timed_out = self._run_parallel({key: jobs[indices[0]] for key, indices in mine.items()}, finish)
             if timed_out:  # nothing else of this pool runs beside the re-runs
-                again = self._rerun_alone([jobs[groups[key][0]] for key in timed_out])
+                again = self._rerun_alone([jobs[groups[key][0]] for key in timed_out], defer=defer_reruns)
                 for key, result in zip(timed_out, again):
                     finish(key, dataclasses.replace(result, attempts=2))
                     fresh[key] = results[groups[key][0]]
@@ -511,6 +529,8 @@ class Sandbox:
             self._release_running(owned, {}, exc)
             raise
         self._release_running(owned, fresh, None)
+        if any(not future.done() for future in elsewhere.values()):
+            self.flush_reruns()          # the batch running them may wait on a deferred round
         for key, future in elsewhere.items():
             finish(key, future.result(), shared=True)
         if self.stats is not None:
@@ -554,11 +574,25 @@ class Sandbox:
 
     def close(self) -> None:
         """Wait for the running batches, then end the threads and the fork server."""
-        if self._closed:
+        if self._closing:
             return
-        self._closed = True
+        self._closing = True
+        self.drain_reruns()
         if self._batches is not None:
             self._batches.shutdown(wait=True)
+        while True:                                  # the rounds of re-runs asked for so far end first
+            with self._rerun_cond:
+                if not (self._reruns or self._in_round):
+                    self._closed = True
+                    self._rerun_cond.notify_all()
+                    break
+                coordinated = self._coordinator is not None and self._coordinator.is_alive()
+                if self._in_round or coordinated:
+                    self._rerun_cond.wait(timeout=0.5)
+                    continue
+            self._round()
+        if self._coordinator is not None:
+            self._coordinator.join()
         self._threads.shutdown(wait=True, cancel_futures=True)
         self._rerun_threads.shutdown(wait=True, cancel_futures=True)
         with self._lock:
@@ -592,20 +626,76 @@ class Sandbox:
         order = {key: n for n, key in enumerate(jobs)}
         return fresh, sorted(timed_out, key=order.__getitem__)
 
-    def _rerun_alone(self, jobs: list[ExecJob]) -> list[ExecResult]:
+    def _rerun_alone(self, jobs: list[ExecJob], defer: bool = False) -> list[ExecResult]:
         """Run ``jobs`` (wall-clock timeouts of a batch) again with no other job of this pool beside them.
 
         Every re-run waiting when a round starts goes into it, from whichever batches (threads) asked, so
         batches labelled beside each other share the pause; in a round at most half the pool's workers run
-        at once, so each re-run has a core to itself (two re-runs on one core would be load again)."""
-        entries = [[job, None] for job in jobs]
-        with self._lock:
+        at once, so each re-run has a core to itself (two re-runs on one core would be load again). With
+        ``defer`` the round is left to the coordinator thread (see :meth:`map`)."""
+        entries = [[job, None, threading.Event()] for job in jobs]
+        with self._rerun_cond:
             self._reruns.extend(entries)
+            defer = defer and not self._draining and not self._closed
+            if defer:
+                if self._deferred_since is None:
+                    self._deferred_since = time.monotonic()
+                if self._coordinator is None or not self._coordinator.is_alive():
+                    self._coordinator = threading.Thread(target=self._coordinate, name="sandbox-reruns", daemon=True)
+                    self._coordinator.start()
+                self._rerun_cond.notify_all()
+        if not defer:
+            self._round()
+        for entry in entries:
+            entry[2].wait()
+        for entry in entries:
+            if isinstance(entry[1], BaseException):
+                raise entry[1]
+        return [entry[1] for entry in entries]
+
+    def flush_reruns(self) -> None:
+        """Start a round for the deferred re-runs waiting now, or for the next one deferred if none waits (a
+        caller about to wait on a batch whose first attempts are still running)."""
+        with self._rerun_cond:
+            self._flush = True
+            self._rerun_cond.notify_all()
+
+    def drain_reruns(self) -> None:
+        """From now on no re-run is deferred, and those waiting get their round at once (closing)."""
+        with self._rerun_cond:
+            self._draining = True
+            if self._reruns:
+                self._flush = True
+            self._rerun_cond.notify_all()
+
+    def _round_due(self) -> bool:
+        if not self._reruns:
+            return False
+        return (self._flush or self._draining or len(self._reruns) >= max(1, self.workers // 2)
+                or (self._deferred_since is not None and time.monotonic() - self._deferred_since >= DEFER_MAX_S))
+
+    def _coordinate(self) -> None:
+        """The coordinator thread: starts a round for the deferred re-runs when one is due (see :meth:`map`)."""
+        while True:
+            with self._rerun_cond:
+                while not self._round_due():
+                    if self._closed and not self._reruns:
+                        return
+                    self._rerun_cond.wait(timeout=0.5 if self._reruns else None)
+            try:
+                self._round()
+            except Exception:  # noqa: BLE001 - its entries got their errors; keep serving the others
+                log.exception("a round of sandbox re-runs failed")
+
+    def _round(self) -> None:
+        """One round of re-runs alone: every entry waiting when it starts, each done (result or error) after it."""
         with self._gate.alone():       # one round at a time; a later round finds its entries already run
-            with self._lock:
-                round_, self._reruns = self._reruns, []
+            round_: list[list] = []
             futures: list[Future] = []
             try:
+                with self._rerun_cond:
+                    round_, self._reruns = self._reruns, []
+                    self._deferred_since, self._flush, self._in_round = None, False, True
                 for entry in round_:
                     futures.append(self._rerun_threads.submit(self.run_once, entry[0]))
                 for entry, future in zip(round_, futures):
@@ -615,17 +705,20 @@ class Sandbox:
                         entry[1] = exc
             finally:
                 # Interrupted (Ctrl+C in the thread leading the round): the re-runs still running end before
-                # the pool runs anything else, and every batch waiting on this round gets an answer.
-                for future in futures:
-                    future.cancel()
-                wait(futures)
-                for entry in round_:
-                    if entry[1] is None:
-                        entry[1] = SandboxError("the re-run of a timed-out program was interrupted")
-        for entry in entries:
-            if isinstance(entry[1], BaseException):
-                raise entry[1]
-        return [entry[1] for entry in entries]
+                # the pool runs anything else, and every batch waiting on this round gets an answer, also
+                # when a second interrupt stops the wait.
+                try:
+                    for future in futures:
+                        future.cancel()
+                    wait(futures)
+                finally:
+                    for entry in round_:
+                        if entry[1] is None:
+                            entry[1] = SandboxError("the re-run of a timed-out program was interrupted")
+                        entry[2].set()
+                    with self._rerun_cond:
+                        self._in_round = False
+                        self._rerun_cond.notify_all()
 
     def _attempt(self, job: ExecJob) -> tuple[ExecResult, dict, bool]:
         with self._gate.beside() as beside:
@@ -715,9 +808,12 @@ class _Gate:
     def alone(self) -> Iterator[None]:
         with self._cond:
             self._waiting += 1
-            while self._active or self._alone:
-                self._cond.wait()
-            self._waiting -= 1
+            try:
+                while self._active or self._alone:
+                    self._cond.wait()
+            finally:                   # also when interrupted while waiting: jobs must not wait for it for ever
+                self._waiting -= 1
+                self._cond.notify_all()
             self._alone = True
         try:
             yield

@@ -171,8 +171,10 @@ class Steerer:
         self.budget = batch_token_budget(cfg.generation.max_batch_tokens, self.loaded.device)
         self.site = cfg.steering.site or cfg.analysis.site
         self.n_generated = 0
+        # Steering labels many batches beside generation and can wait: its timeouts' re-runs share rounds alone.
         self.labeller = BackgroundLabeller(self.by_id, self.split_of, with_sandbox_workers(cfg), None,
-                                           overlap_labelling(cfg.generation.overlap, self.loaded.device))
+                                           overlap_labelling(cfg.generation.overlap, self.loaded.device),
+                                           defer_reruns=True)
         self.n_conditions = self.n_done = 0      # conditions planned (see expect) and finished, cached ones included
         self.bar = tqdm(total=0, desc="steer", unit="sample", disable=not progress, dynamic_ncols=True)
 
@@ -286,7 +288,7 @@ class Steerer:
     def _finish(self, item, future, last: bool, records, out) -> None:
         """Add one labelled batch to its condition; after its last batch write the condition."""
         i = item[0]
-        new = future.result()
+        new = self.labeller.wait(future)
         records[i] += new
         self._count(len(new))
         if last:
@@ -381,7 +383,7 @@ class Steerer:
             if not (wait or future.done()) or (interrupted and (future.cancelled() or future.exception())):
                 continue
             labelling.remove(entry)       # before its rows are used: an interrupt below never takes it twice
-            new = future.result()
+            new = self.labeller.wait(future)
             self._count(len(new))
             for item, record in zip(owners, new):
                 rows = records.setdefault(item[0], [])
