@@ -18,20 +18,17 @@ every stage. A notebook has no prompt to answer, so an interrupted build resumes
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from pva_sae.config import Config, config_from_dict, resolve_config
+from pva_sae.config import DIRECTIONS, Config, config_from_dict, resolve_config
 from pva_sae.errors import InputError, MissingInputError
-from pva_sae.model.registry import resolve_for_model
-from pva_sae.pipeline import analyze as _analyze
-from pva_sae.pipeline import build_dataset as _build
-from pva_sae.pipeline import run_pipeline, steering_summary, validation_summary, write_report
-from pva_sae.pipeline import steer as _steer
-from pva_sae.pipeline import validate as _validate
+from pva_sae.execution.dataset import announce
+from pva_sae.model.registry import load_once, resolve_for_model
 from pva_sae.rundir.artifacts import (
     load_ranked,
     load_records,
@@ -43,8 +40,56 @@ from pva_sae.rundir.artifacts import (
 )
 from pva_sae.rundir.atomic import read_json
 from pva_sae.rundir.paths import AnalysisPaths, RunDir, SteeringPaths, ValidationPaths
+from pva_sae.stages.analyze import analyze as _analyze
+from pva_sae.stages.build import build_dataset as _build
+from pva_sae.stages.report import steering_summary, validation_summary, write_report
+from pva_sae.stages.steer import steer as _steer
+from pva_sae.stages.validate import validate as _validate
 
 STAGES = ("build", "analyze", "validate", "steer")
+
+
+# --------------------------------------------------------------------------- `pva-sae run`
+
+def run_pipeline(cfg: Config, progress: bool = True, *, loaded=None) -> list[str]:
+    """Run the stages; return human-readable summary lines (where the results are). ``loaded`` (a LoadedModel,
+    or a callable returning one) is the model every stage uses; by default it is loaded once, when first needed."""
+
+    run = RunDir.at(cfg.output.run_dir)
+    model = load_once(cfg.model) if loaded is None else loaded
+    lines = []
+    started = time.perf_counter()
+    records = _build(cfg, progress=progress, loaded=model)
+    n_pass = sum(r["passed"] for r in records)
+    lines.append(f"build:   {len(records)} samples, {n_pass} passed ({n_pass / max(len(records), 1):.1%}) "
+                 f"-> {run.datasets}")
+    t0 = time.perf_counter()
+    summary = _analyze(cfg, progress=progress, loaded=model)
+    paths = AnalysisPaths.of(run)
+    lines.append(f"analyze: {summary['n_tasks']} SAE-split tasks ({summary['n_correct']} correct), "
+                 f"{len(summary['layers'])} layers, release {summary['release']} ({time.perf_counter() - t0:.0f} s)")
+    for direction in DIRECTIONS:
+        top = summary["top"][direction][:1]
+        if top:
+            r = top[0]
+            lines.append(f"         top {direction}-predicting latent: layer {r['layer']} latent {r['latent']} "
+                         f"(separation {r['sep_' + direction]:.3f}, t {r['t_' + direction]:.2f})")
+    lines.append(f"         ranked latents: {paths.ranked_parquet}; plots: {paths.plots}")
+    t0 = time.perf_counter()
+    results = _validate(cfg, progress=progress, loaded=model)
+    lines += ["validate: " + line for line in validation_summary(results)]
+    lines.append(f"         temperatures {', '.join(results['temperature'])}; {time.perf_counter() - t0:.0f} s")
+    t0 = time.perf_counter()
+    steering = _steer(cfg, progress=progress, loaded=model)
+    lines += [("steer:   " if line.startswith(tuple(steering["experiments"])) else "         ") + line
+              for line in steering_summary(steering)]
+    lines.append(f"         noise floor {steering['noise_floor']['flips']}/{steering['noise_floor']['n']} flips; "
+                 f"{time.perf_counter() - t0:.0f} s")
+    announce("report", f"writing {run.report_html}", progress)
+    html_path, _ = write_report(run.root)
+    lines.append(f"report:  {html_path}")
+    lines.append(f"finished in {time.perf_counter() - started:.0f} s; results in {run.root}")
+    return lines
 
 
 def make_config(model: str | None = None, *, start_idx: int | None = None, end_idx: int | None = None,

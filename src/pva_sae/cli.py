@@ -122,7 +122,7 @@ def _run_config(args: argparse.Namespace, stage: str):
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from pva_sae.pipeline import build_dataset
+    from pva_sae.stages.build import build_dataset
 
     cfg = _config(args)
     records = build_dataset(cfg, progress=not args.quiet)
@@ -133,7 +133,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from pva_sae.pipeline import merge
+    from pva_sae.stages.merge import merge
 
     run_dir = args.run_dir_arg or args.run_dir
     if run_dir is None:
@@ -148,8 +148,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from pva_sae.pipeline import analyze
     from pva_sae.rundir.paths import AnalysisPaths, RunDir
+    from pva_sae.stages.analyze import analyze
 
     cfg = _run_config(args, "analyze")
     summary = analyze(cfg, progress=not args.quiet)
@@ -160,8 +160,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from pva_sae.pipeline import validate, validation_summary, write_report
     from pva_sae.rundir.paths import RunDir, ValidationPaths
+    from pva_sae.stages.report import validation_summary, write_report
+    from pva_sae.stages.validate import validate
 
     cfg = _run_config(args, "validate")
     results = validate(cfg, progress=not args.quiet)
@@ -172,8 +173,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_steer(args: argparse.Namespace) -> int:
-    from pva_sae.pipeline import steer, steering_summary, write_report
     from pva_sae.rundir.paths import RunDir, SteeringPaths
+    from pva_sae.stages.report import steering_summary, write_report
+    from pva_sae.stages.steer import steer
 
     cfg = _run_config(args, "steer")
     results = steer(cfg, progress=not args.quiet)
@@ -184,8 +186,8 @@ def cmd_steer(args: argparse.Namespace) -> int:
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    from pva_sae.pipeline import ablate
     from pva_sae.rundir.paths import AblationPaths, RunDir
+    from pva_sae.stages.ablate import ablate
 
     cfg = _run_config(args, "ablate")
     results = ablate(cfg, progress=not args.quiet)
@@ -198,8 +200,8 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
 
 def cmd_attention(args: argparse.Namespace) -> int:
-    from pva_sae.pipeline import attention
     from pva_sae.rundir.paths import AttentionPaths, RunDir
+    from pva_sae.stages.attention import attention
 
     cfg = _run_config(args, "attention")
     results = attention(cfg, progress=not args.quiet)
@@ -212,7 +214,7 @@ def cmd_attention(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from pva_sae.pipeline import write_report
+    from pva_sae.stages.report import write_report
 
     cfg = _config(args)
     html_path, md_path = write_report(cfg.output.run_dir)
@@ -221,7 +223,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pva_sae.pipeline import run_pipeline
+    from pva_sae.api import run_pipeline
 
     cfg = _config(args)
     summary = run_pipeline(cfg, progress=not args.quiet)
