@@ -300,6 +300,21 @@ def test_continuous_batching_stop_strings_and_steering(tiny_loaded):
     assert steered_alone != [t for t, _ in plain]
 
 
+def test_queue_check_interval_is_fixed_by_model_size_and_does_not_change_outputs(tiny_loaded, monkeypatch):
+    """A small model checks its queue every 2 x check_every steps, a large one every check_every (by parameter
+    count, so a run's schedule is fixed); the interval changes when slots are refilled, never a row's tokens."""
+    import pva_sae.model.fastgen as fastgen
+
+    pad = tiny_loaded.tokenizer.pad_token_id
+    ids = prompt_ids(tiny_loaded, QUEUE)
+    small = StaticDecoder(tiny_loaded.model, [1], pad, check_every=3)
+    assert small.queue_check_every == 6
+    monkeypatch.setattr(fastgen, "SMALL_MODEL_PARAMS", 1)
+    large = StaticDecoder(tiny_loaded.model, [1], pad, check_every=3)
+    assert large.queue_check_every == 3
+    assert large.generate_queue(ids, 20, slots=2) == small.generate_queue(ids, 20, slots=2)
+
+
 def test_generator_queue_matches_generate_batch_greedy(tiny_loaded):
     """The Generator's continuous-batching entry point gives generate_batch's samples (greedy, stop strings)."""
     batch = mbpp_batch(6)

@@ -128,7 +128,7 @@ class GenerationConfig:
     max_new_tokens: int = doc(384, "Hard cap on generated tokens per sample.")
     batch_size: int = doc(
         0, "Most prompts per generation batch; 0 = automatic: on CUDA with the fast backend as many as fit in 80% of "
-        "free GPU memory (KV cache and prefill for the longest prompt, at most 256), else 16. The size used is saved "
+        "free GPU memory (KV cache and prefill for the longest prompt, at most 1,024), else 16. The size used is saved "
         "with the batch plan; a resumed build keeps it.")
     max_batch_tokens: int = doc(
         0,
