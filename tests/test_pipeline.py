@@ -1,5 +1,7 @@
 """`pva-sae run` end to end on the embedded default (a small task range): every stage, then the report."""
 
+import contextlib
+import io
 import json
 
 import pytest
@@ -13,7 +15,9 @@ SMALL = ["data.end_idx=79", "analysis.general_n_docs=200", "validation.temperatu
          "steering.alpha_grid=[0.1, 1.0]", "steering.refine_steps=0", "steering.tuning_max_tasks=6",
          "steering.max_tasks=8", "steering.n_controls=4", "steering.tuning_controls=2",
          "steering.n_permutations=200", "steering.bootstrap_resamples=200",
-         "steering.control_max_separation=0.2"]
+         "steering.control_max_separation=0.2",
+         # shorter runaway completions and endless loops: the checks here are of the stages, not of the labels
+         "generation.max_new_tokens=160", "sandbox.timeout_s=3"]
 STAGES = ("build", "analyze", "validate", "steer")
 
 
@@ -37,16 +41,24 @@ def run_counting_loads(run_dir, cache, monkeypatch, *extra):
     return loads
 
 
+@pytest.fixture(scope="module")
+def default_study(tmp_path_factory):
+    """`pva-sae run --quiet` on the embedded default (small task range), labelling after generation (overlap off);
+    returns (run dir, analysis cache, models loaded, stdout, stderr). Shared: the study takes minutes on 2 cores."""
+    root = tmp_path_factory.mktemp("default_study")
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        loads = run_counting_loads(root / "run", root / "cache", mp, "--quiet", "--set", "generation.overlap=off")
+    return root / "run", root / "cache", loads, out.getvalue(), err.getvalue()
+
+
 @pytest.mark.slow
-def test_run_every_stage_on_the_default(tmp_path, capsys, monkeypatch):
-    run_dir = tmp_path / "run"
-    loads = run_counting_loads(run_dir, tmp_path / "cache", monkeypatch, "--quiet")
+def test_run_every_stage_on_the_default(default_study):
+    run_dir, _, loads, out, err = default_study
     assert loads == ["pva-tiny"]          # one load, handed to every stage and the temperature sub-build
-    captured = capsys.readouterr()
-    out = captured.out
     for stage in ("build:", "analyze:", "validate:", "steer:", "report:"):
         assert stage in out
-    assert "[build]" not in captured.err and "conditions" not in captured.err        # --quiet
+    assert "[build]" not in err and "conditions" not in err        # --quiet
     run = RunDir.at(run_dir)
     assert all(run.is_done(s) for s in STAGES)
     saved = json.loads(run.config.read_text())
@@ -70,15 +82,15 @@ def _without(d, keys=("seconds",)):
 
 
 @pytest.mark.slow
-def test_overlap_changes_no_output_of_the_default_study(tmp_path, capsys, monkeypatch):
-    for name, overlap in (("off", "off"), ("on", "on")):
-        assert run_counting_loads(tmp_path / name, tmp_path / "cache", monkeypatch, "--set",
-                                  f"generation.overlap={overlap}") == ["pva-tiny"]
+def test_overlap_changes_no_output_of_the_default_study(default_study, tmp_path, capsys, monkeypatch):
+    """The same study with labelling overlapped with generation (and progress shown) writes the same outputs."""
+    off, cache = default_study[:2]
+    assert run_counting_loads(tmp_path / "on", cache, monkeypatch, "--set", "generation.overlap=on") == ["pva-tiny"]
     err = capsys.readouterr().err
     for step in ("[build] ", "[analyze] ", "[validate] ", "[build t=1] ", "[steer] ", "[report] "):
         assert step in err
     timing = {"gen_time_s", "exec_time_s"}
-    first, second = tmp_path / "off", tmp_path / "on"
+    first, second = off, tmp_path / "on"
     assert ([_without(r, timing) for r in load_records(str(first))]
             == [_without(r, timing) for r in load_records(str(second))])
     for name in ("validation/results.json", "steering/results.json"):
