@@ -10,6 +10,7 @@ from scipy import stats
 from pva_sae.config import GenerationConfig, resolve_config
 from pva_sae.rundir.paths import RunDir, SteeringPaths
 from pva_sae.stages.steer import (
+    AlphaSearch,
     Arm,
     add_holm,
     choose_alpha,
@@ -18,6 +19,7 @@ from pva_sae.stages.steer import (
     pick_control_latents,
     random_direction,
     rates,
+    search_alphas,
     selective,
     steer,
 )
@@ -92,6 +94,46 @@ def test_experiment_pairs_target_and_controls_on_the_same_tasks():
     experiments = {"a": e, "b": experiment(base, target, controls, ids, baseline_passed=True, cfg=cfg)}
     add_holm(experiments)
     assert experiments["a"]["holm_p"]["rank_p"] == pytest.approx(min(1.0, 2 * e["rank_p"]["p"]))
+
+
+class _FakeSteerer:
+    """run_many's calls recorded; an arm's outcome on a task is a fixed function of (arm, alpha, task)."""
+
+    def __init__(self, cfg):
+        self.cfg, self.calls = cfg, []
+
+    def run_many(self, conditions):
+        self.calls.append([(arm.label, round(alpha, 6)) for arm, _, alpha, _ in conditions])
+        return [{t: {"task_id": t, "passed": (hash((arm.label, round(alpha, 6), t)) % 3 == 0) if arm.latent is not None
+                     or arm.kind == "random" else t % 2 == 0} for t in ids} for arm, _, alpha, ids in conditions]
+
+
+def test_alpha_searches_of_all_directions_share_each_step_and_equal_searching_alone():
+    """The directions' alpha searches run step by step in shared calls (the baselines in the first): one call per
+    step (the grid, then each refinement), and each direction's table and choice equal its search run alone."""
+    cfg = resolve_config(None, ["steering.alpha_grid=[0.5, 1.0, 4.0]", "steering.refine_steps=2"])
+    ids = list(range(12))
+    base = (Arm("baseline", None, None, None, "alpha=0"), None, 0.0, ids)
+
+    def searches():
+        out = {}
+        for d, layer in (("correct", 3), ("incorrect", 1)):
+            target = Arm("target", d, layer, 7, f"L{layer}:7")
+            controls = [(Arm("latent", d, layer, 9, f"L{layer}:9"), None), (Arm("random", d, layer, None, f"r{d}"), None)]
+            out[d] = AlphaSearch(cfg, target, None, controls, 2.0, ids)
+        return out
+
+    shared = _FakeSteerer(cfg)
+    (head,), results = search_alphas(shared, searches(), [base])
+    assert len(shared.calls) == 1 + cfg.steering.refine_steps
+    assert shared.calls[0][0] == ("alpha=0", 0.0) and len(shared.calls[0]) == 1 + 2 * 3 * 3
+    assert head == {t: {"task_id": t, "passed": t % 2 == 0} for t in ids}
+    for d, search in searches().items():
+        alone = _FakeSteerer(cfg)
+        while conditions := search.conditions():
+            search.record(alone.run_many(conditions), head)
+        assert search.result() == results[d]
+        assert len(results[d]["table"]) > 3                        # the refinements added alphas
 
 
 def test_batched_steered_generation(tiny_loaded):

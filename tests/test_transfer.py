@@ -59,7 +59,7 @@ def transferred(analysed, base_run, tmp_path_factory):
     cfg = resolve_config(base=cfg.to_dict(), overrides=SMALL_STEER + [f"validation.transfer_from={base.root}"])
     with pytest.MonkeyPatch.context() as mp:
         for module, name in ((validate_stage, "select_latents"), (validate_stage, "fit_predictors"),
-                             (steer_stage, "select_latents"), (steer_stage, "tune")):
+                             (steer_stage, "select_latents"), (steer_stage, "AlphaSearch")):
             mp.setattr(module, name, _refuse)
         validation = validate_stage.validate(cfg, progress=False)
         steering = steer_stage.steer(cfg, progress=False)

@@ -25,6 +25,13 @@ The design (``docs/statistics.md`` has the protocol and the calibration of every
 Each generation condition is cached under ``steering/conditions/`` when it finishes, so an interrupted
 stage resumes at the next condition. Outputs under ``<run>/steering/`` (``SteeringPaths``).
 
+**Calls.** The stage waits for its labels three times (with ``refine_steps`` = 1), whatever the number of
+directions: the baselines and every direction's alpha grid go in one call, each refinement step of every
+direction in the next (:class:`AlphaSearch`, :func:`search_alphas`), and every direction's target and
+controls at its alpha in the last. Within a call generation and labelling are pipelined; between calls the
+stage waits for the call's last labels (a timeout's second attempt included), since what comes next depends
+on them.
+
 **Schedules.** With the 'hf' backend every condition is planned into static batches of the stage's
 batch size and generated batch by batch ('batches'). With the fast backend the conditions of one call
 that steer at the same layer (the stage's site and positions are shared; the alpha = 0 baseline joins
@@ -506,39 +513,81 @@ def choose_alpha(rows: list[dict[str, Any]], direction: str, max_corruption: flo
     return max(feasible, key=lambda r: (r["specificity"], -r["alpha"])), True
 
 
-def tune(steerer: Steerer, target: Arm, vector: torch.Tensor, controls: list[tuple[Arm, torch.Tensor]],
-         unit: float, tuning_ids: list[int], baseline: dict[int, dict]) -> dict[str, Any]:
-    """Evaluate the alpha grid (then refine) on the tuning split for the target and a few controls."""
-    s = steerer.cfg.steering
-    key = objective(target.direction)
-    rows: dict[float, dict[str, Any]] = {}
+class AlphaSearch:
+    """The alpha grid (then its refinement) on the tuning split for the target and a few controls, step by step:
+    :meth:`conditions` names what the next step generates, :meth:`record` takes their outputs, so the searches
+    of several directions (and the baselines) share one pipelined call per step."""
 
-    def evaluate(alphas: list[float]) -> None:
-        """The target and every control at each new alpha, generated in one pipelined call."""
-        new = [a for a in dict.fromkeys(alphas) if a not in rows]
-        outs = iter(steerer.run_many([(arm, v, a * unit, tuning_ids) for a in new
-                                      for arm, v in [(target, vector), *controls]]))
-        for a in new:
-            t = rates(baseline, next(outs), tuning_ids)
-            each = [{"label": arm.label, "kind": arm.kind, **rates(baseline, next(outs), tuning_ids)}
-                    for arm, _ in controls]
+    def __init__(self, cfg: Config, target: Arm, vector: torch.Tensor, controls: list[tuple[Arm, torch.Tensor]],
+                 unit: float, tuning_ids: list[int]):
+        self.s, self.target, self.vector, self.controls = cfg.steering, target, vector, controls
+        self.unit, self.tuning_ids = unit, tuning_ids
+        self.key = objective(target.direction)
+        self.rows: dict[float, dict[str, Any]] = {}
+        self.refined = 0
+        self.wanted = [float(a) for a in self.s.alpha_grid]
+        self.new: list[float] = []
+
+    def conditions(self) -> list[tuple[Arm, torch.Tensor | None, float, list[int]]]:
+        """The target and every control at each alpha of the next step not yet evaluated ([] once done)."""
+        while True:
+            self.new = [a for a in dict.fromkeys(self.wanted) if a not in self.rows]
+            if self.new or not self._refine():
+                break
+        return [(arm, v, a * self.unit, self.tuning_ids) for a in self.new
+                for arm, v in [(self.target, self.vector), *self.controls]]
+
+    def record(self, outs: list[dict[int, dict]], baseline: dict[int, dict]) -> None:
+        """The outputs of :meth:`conditions`' conditions, in its order; then the next refinement is planned."""
+        outs_iter = iter(outs)
+        for a in self.new:
+            t = rates(baseline, next(outs_iter), self.tuning_ids)
+            each = [{"label": arm.label, "kind": arm.kind, **rates(baseline, next(outs_iter), self.tuning_ids)}
+                    for arm, _ in self.controls]
             mean = {k: _mean([c[k] for c in each]) for k in ("correction", "corruption")}
-            rows[a] = {"alpha": a, "alpha_abs": a * unit, "target": t, "controls_mean": mean, "controls": each,
-                       "specificity": (t[key] or 0.0) - (mean[key] or 0.0)}
+            self.rows[a] = {"alpha": a, "alpha_abs": a * self.unit, "target": t, "controls_mean": mean,
+                            "controls": each, "specificity": (t[self.key] or 0.0) - (mean[self.key] or 0.0)}
+        self.new = []
+        if not self._refine():
+            self.wanted = []
 
-    evaluate([float(a) for a in s.alpha_grid])
-    for _ in range(s.refine_steps):
-        grid = sorted(rows)
-        best, _ = choose_alpha(list(rows.values()), target.direction, s.max_corruption)
+    def _refine(self) -> bool:
+        """Plan the next refinement (geometric midpoints between the best alpha and its neighbours); False when
+        every refinement step is spent."""
+        if self.refined >= self.s.refine_steps or not self.rows:
+            return False
+        self.refined += 1
+        grid = sorted(self.rows)
+        best, _ = choose_alpha(list(self.rows.values()), self.target.direction, self.s.max_corruption)
         i = grid.index(best["alpha"])
-        evaluate([float(np.sqrt(grid[i] * grid[j])) for j in (i - 1, i + 1) if 0 <= j < len(grid)])
-    table = [rows[a] for a in sorted(rows)]
-    best, met = choose_alpha(table, target.direction, s.max_corruption)
-    text = f"maximise {key} of the target minus the controls' mean {key}"
-    if target.direction == "correct":
-        text += f", subject to target corruption <= {s.max_corruption:.0%}"
-    return {"table": table, "chosen": best, "constraint_met": met, "objective": text, "n_tasks": len(tuning_ids),
-            "n_controls": len(controls)}
+        self.wanted = [float(np.sqrt(grid[i] * grid[j])) for j in (i - 1, i + 1) if 0 <= j < len(grid)]
+        return True
+
+    def result(self) -> dict[str, Any]:
+        table = [self.rows[a] for a in sorted(self.rows)]
+        best, met = choose_alpha(table, self.target.direction, self.s.max_corruption)
+        text = f"maximise {self.key} of the target minus the controls' mean {self.key}"
+        if self.target.direction == "correct":
+            text += f", subject to target corruption <= {self.s.max_corruption:.0%}"
+        return {"table": table, "chosen": best, "constraint_met": met, "objective": text,
+                "n_tasks": len(self.tuning_ids), "n_controls": len(self.controls)}
+
+
+def search_alphas(steerer: Steerer, searches: dict[str, AlphaSearch], first: list) -> tuple[list, dict[str, Any]]:
+    """Every direction's alpha search, step by step, all directions' conditions of a step in one pipelined call;
+    ``first`` (the baselines) joins the first call, and its outputs are returned with the searches' results
+    (the baseline of the tuning split being ``first``'s first condition)."""
+    conditions = {d: search.conditions() for d, search in searches.items()}
+    outs = steerer.run_many(first + [c for cs in conditions.values() for c in cs])
+    head, outs = outs[:len(first)], outs[len(first):]
+    baseline = head[0]
+    while any(conditions.values()):
+        for d, cs in conditions.items():
+            searches[d].record(outs[:len(cs)], baseline)
+            outs = outs[len(cs):]
+        conditions = {d: search.conditions() for d, search in searches.items()}
+        outs = steerer.run_many([c for cs in conditions.values() for c in cs]) if any(conditions.values()) else []
+    return head, {d: search.result() for d, search in searches.items()}
 
 
 def transferred_alpha(inputs: dict[str, Any], direction: str, row: dict[str, Any], unit: float,
@@ -712,9 +761,9 @@ def steer(cfg: Config, progress: bool = True, *, loaded=None) -> dict[str, Any]:
                     f"conditions, {n_samples} generations (batches of up to {steerer.batch_size})", progress)
     steerer.expect(n_conditions, n_samples)
     try:
-        base_tuning, base_val = steerer.run_many([(BASELINE, None, 0.0, tuning_ids), (BASELINE, None, 0.0, val_ids)])
         results: dict[str, Any] = {"design": _design(cfg), "directions": {}, "experiments": {}}
         outcomes: dict[str, tuple[dict, list]] = {}
+        plans: dict[str, dict[str, Any]] = {}
         for direction, row in inputs["targets"].items():
             layer = int(row["layer"])
             sae = inputs["saes"][layer]
@@ -731,27 +780,43 @@ def steer(cfg: Config, progress: bool = True, *, loaded=None) -> dict[str, Any]:
             controls = control_arms(direction, layer, latents, s.n_controls - len(latents), sae, s.normalize,
                                     float(vector.norm()), s.seed)
             unit = inputs["norms"][layer] if s.alpha_units == "residual_norm" else 1.0
-            tuned = (transferred_alpha(inputs, direction, row, unit, cfg) if inputs["transfer"] else
-                     tune(steerer, arm, vector, interleave_kinds(controls, s.tuning_controls), unit, tuning_ids,
-                          base_tuning) if s.alphas is None else
-                     {"chosen": {"alpha": s.alphas[0 if direction == "correct" else 1]}, "table": [],
+            plans[direction] = {"row": row, "layer": layer, "sae": sae, "arm": arm, "vector": vector,
+                                "latents": latents, "shortfall": shortfall, "controls": controls, "unit": unit}
+        # Alpha: tuned on the tuning split (every direction's search step by step, the baselines in its first
+        # call, so each step's generation and labelling run as one pipelined call), transferred, or fixed.
+        searches = {} if inputs["transfer"] or s.alphas is not None else {
+            d: AlphaSearch(cfg, p["arm"], p["vector"], interleave_kinds(p["controls"], s.tuning_controls),
+                           p["unit"], tuning_ids) for d, p in plans.items()}
+        (base_tuning, base_val), searched = search_alphas(
+            steerer, searches, [(BASELINE, None, 0.0, tuning_ids), (BASELINE, None, 0.0, val_ids)])
+        tuned = {d: (transferred_alpha(inputs, d, p["row"], p["unit"], cfg) if inputs["transfer"] else
+                     searched[d] if s.alphas is None else
+                     {"chosen": {"alpha": s.alphas[0 if d == "correct" else 1]}, "table": [],
                       "objective": "fixed by steering.alphas", "constraint_met": None})
-            alpha = tuned["chosen"]["alpha"] * unit
-            target_out, *outs = steerer.run_many([(arm, vector, alpha, val_ids)] +
-                                                 [(a, v, alpha, val_ids) for a, v in controls])
-            control_out = [(a, out) for (a, _), out in zip(controls, outs)]
+                 for d, p in plans.items()}
+        # Validation: every direction's target and controls at its alpha, in one pipelined call.
+        conditions = {d: [(p["arm"], p["vector"], tuned[d]["chosen"]["alpha"] * p["unit"], val_ids)] +
+                         [(a, v, tuned[d]["chosen"]["alpha"] * p["unit"], val_ids) for a, v in p["controls"]]
+                      for d, p in plans.items()}
+        outs = iter(steerer.run_many([c for cs in conditions.values() for c in cs]))
+        for direction, p in plans.items():
+            arm, controls, latents, layer, sae = p["arm"], p["controls"], p["latents"], p["layer"], p["sae"]
+            alpha = tuned[direction]["chosen"]["alpha"] * p["unit"]
+            target_out = next(outs)
+            control_out = [(a, next(outs)) for a, _ in controls]
             outcomes[direction] = (target_out, control_out)
             results["directions"][direction] = {
-                "target": {**arm.as_dict(), "latent_row": row, "alpha": tuned["chosen"]["alpha"], "alpha_abs": alpha,
-                           "alpha_units": s.alpha_units, "mean_residual_norm": inputs["norms"][layer],
-                           "vector_norm": float(vector.norm()), "decoder_norm": float(sae.W_dec[int(row["latent"])].norm()),
+                "target": {**arm.as_dict(), "latent_row": p["row"], "alpha": tuned[direction]["chosen"]["alpha"],
+                           "alpha_abs": alpha, "alpha_units": s.alpha_units, "mean_residual_norm": inputs["norms"][layer],
+                           "vector_norm": float(p["vector"].norm()),
+                           "decoder_norm": float(sae.W_dec[int(p["row"]["latent"])].norm()),
                            "normalize": s.normalize, "positions": s.positions,
-                           "validation": _validated(inputs["validation"], row)},
-                "tuning": tuned,
+                           "validation": _validated(inputs["validation"], p["row"])},
+                "tuning": tuned[direction],
                 "controls": [{**a.as_dict(), **next((c for c in latents if c["latent"] == a.latent), {})}
                              for a, _ in controls],
                 "control_kinds": {"latent": len(latents), "random": len(controls) - len(latents),
-                                  "latent_shortfall": shortfall},
+                                  "latent_shortfall": p["shortfall"]},
                 "net_effect": net_effects(base_val, target_out, control_out, val_ids, cfg),
             }
         for name, (direction, baseline_passed) in EXPERIMENTS.items():
