@@ -134,6 +134,12 @@ def test_alpha_searches_of_all_directions_share_each_step_and_equal_searching_al
             search.record(alone.run_many(conditions), head)
         assert search.result() == results[d]
         assert len(results[d]["table"]) > 3                        # the refinements added alphas
+    cfg0 = resolve_config(None, ["steering.alpha_grid=[0.5, 1.0, 4.0]", "steering.refine_steps=0"])
+    grid_only = _FakeSteerer(cfg0)
+    target = Arm("target", "correct", 3, 7, "L3:7")
+    _, results = search_alphas(grid_only, {"correct": AlphaSearch(cfg0, target, None, [], 2.0, ids)}, [base])
+    assert len(grid_only.calls) == 1 and [r["alpha"] for r in results["correct"]["table"]] == [0.5, 1.0, 4.0]
+    assert [r["alpha_abs"] for r in results["correct"]["table"]] == [1.0, 2.0, 8.0]
 
 
 def test_batched_steered_generation(tiny_loaded):

@@ -539,6 +539,9 @@ class AlphaSearch:
 
     def record(self, outs: list[dict[int, dict]], baseline: dict[int, dict]) -> None:
         """The outputs of :meth:`conditions`' conditions, in its order; then the next refinement is planned."""
+        if len(outs) != len(self.new) * (1 + len(self.controls)):
+            raise ValueError(f"AlphaSearch.record got {len(outs)} outputs for {len(self.new)} alphas x "
+                             f"{1 + len(self.controls)} arms")
         outs_iter = iter(outs)
         for a in self.new:
             t = rates(baseline, next(outs_iter), self.tuning_ids)
@@ -782,18 +785,21 @@ def steer(cfg: Config, progress: bool = True, *, loaded=None) -> dict[str, Any]:
             unit = inputs["norms"][layer] if s.alpha_units == "residual_norm" else 1.0
             plans[direction] = {"row": row, "layer": layer, "sae": sae, "arm": arm, "vector": vector,
                                 "latents": latents, "shortfall": shortfall, "controls": controls, "unit": unit}
-        # Alpha: tuned on the tuning split (every direction's search step by step, the baselines in its first
-        # call, so each step's generation and labelling run as one pipelined call), transferred, or fixed.
-        searches = {} if inputs["transfer"] or s.alphas is not None else {
+        # Alpha: transferred or fixed (known, or refused, before anything is generated), else tuned on the
+        # tuning split (every direction's search step by step, the baselines in its first call, so each step's
+        # generation and labelling run as one pipelined call).
+        tuned: dict[str, dict[str, Any]] = {}
+        if inputs["transfer"]:
+            tuned = {d: transferred_alpha(inputs, d, p["row"], p["unit"], cfg) for d, p in plans.items()}
+        elif s.alphas is not None:
+            tuned = {d: {"chosen": {"alpha": s.alphas[0 if d == "correct" else 1]}, "table": [],
+                         "objective": "fixed by steering.alphas", "constraint_met": None} for d in plans}
+        searches = {} if tuned else {
             d: AlphaSearch(cfg, p["arm"], p["vector"], interleave_kinds(p["controls"], s.tuning_controls),
                            p["unit"], tuning_ids) for d, p in plans.items()}
         (base_tuning, base_val), searched = search_alphas(
             steerer, searches, [(BASELINE, None, 0.0, tuning_ids), (BASELINE, None, 0.0, val_ids)])
-        tuned = {d: (transferred_alpha(inputs, d, p["row"], p["unit"], cfg) if inputs["transfer"] else
-                     searched[d] if s.alphas is None else
-                     {"chosen": {"alpha": s.alphas[0 if d == "correct" else 1]}, "table": [],
-                      "objective": "fixed by steering.alphas", "constraint_met": None})
-                 for d, p in plans.items()}
+        tuned = tuned or searched
         # Validation: every direction's target and controls at its alpha, in one pipelined call.
         conditions = {d: [(p["arm"], p["vector"], tuned[d]["chosen"]["alpha"] * p["unit"], val_ids)] +
                          [(a, v, tuned[d]["chosen"]["alpha"] * p["unit"], val_ids) for a, v in p["controls"]]
