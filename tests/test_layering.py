@@ -2,8 +2,9 @@
 
 - A module under ``stages/`` never imports another stage module: a stage that needs another's output
   reads the artifact through ``pva_sae.rundir``.
-- Library modules (everything but ``stages/``, ``cli`` and ``api``) never import ``stages/``, ``cli`` or
-  ``api``. The entry points, ``cli`` and ``api`` (which holds ``run_pipeline``, `pva-sae run`), call the stages.
+- Library modules (everything but ``stages/`` and the CLI) never import ``stages/`` or ``cli``. The CLI module is
+  the one entry point that calls the stages: the commands, ``run_pipeline`` (`pva-sae run`) and the Python API's
+  stage calls. ``api`` (configs, reading a run's results) is a library module like the others.
 - Only the package ``__init__`` and the CLI import lazily; elsewhere imports of the package's own
   modules and of torch sit at the top of the module.
 """
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "src" / "pva_sae"
-TOP = {"stages", "cli", "api", "__main__"}   # __main__ is `python -m pva_sae`, i.e. the CLI
+TOP = {"stages", "cli", "__main__"}   # __main__ is `python -m pva_sae`, i.e. the CLI
 LAZY_OK = {("__init__",), ("cli",)}
 
 

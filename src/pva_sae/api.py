@@ -1,4 +1,6 @@
-"""Python API for notebooks: every stage in one call, and a run directory's results as pandas tables.
+"""Python API for notebooks: configs, the config each stage runs with, and a run directory's results as pandas
+tables. The stage calls (``pva_sae.build_dataset``, ``analyze``, ``validate``, ``steer``, ``report``, ``run``) are
+entry points beside the command line, in :mod:`pva_sae.cli`; the package exports both.
 
     >>> import pva_sae
     >>> pva_sae.build_dataset(run_dir="runs/demo", end_idx=79)       # stage 1 on the embedded default
@@ -18,17 +20,15 @@ every stage. A notebook has no prompt to answer, so an interrupted build resumes
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from pva_sae.config import DIRECTIONS, Config, config_from_dict, resolve_config
+from pva_sae.config import Config, config_from_dict, resolve_config
 from pva_sae.errors import InputError, MissingInputError
-from pva_sae.execution.dataset import announce
-from pva_sae.model.registry import load_once, resolve_for_model
+from pva_sae.model.registry import resolve_for_model
 from pva_sae.rundir.artifacts import (
     load_ranked,
     load_records,
@@ -39,57 +39,10 @@ from pva_sae.rundir.artifacts import (
     read_validation_scores,
 )
 from pva_sae.rundir.atomic import read_json
-from pva_sae.rundir.paths import AnalysisPaths, RunDir, SteeringPaths, ValidationPaths
-from pva_sae.stages.analyze import analyze as _analyze
-from pva_sae.stages.build import build_dataset as _build
-from pva_sae.stages.report import steering_summary, validation_summary, write_report
-from pva_sae.stages.steer import steer as _steer
-from pva_sae.stages.validate import validate as _validate
+from pva_sae.rundir.paths import AblationPaths, AnalysisPaths, AttentionPaths, RunDir, SteeringPaths, ValidationPaths
+from pva_sae.summary import steering_summary, validation_summary
 
 STAGES = ("build", "analyze", "validate", "steer")
-
-
-# --------------------------------------------------------------------------- `pva-sae run`
-
-def run_pipeline(cfg: Config, progress: bool = True, *, loaded=None) -> list[str]:
-    """Run the stages; return human-readable summary lines (where the results are). ``loaded`` (a LoadedModel,
-    or a callable returning one) is the model every stage uses; by default it is loaded once, when first needed."""
-
-    run = RunDir.at(cfg.output.run_dir)
-    model = load_once(cfg.model) if loaded is None else loaded
-    lines = []
-    started = time.perf_counter()
-    records = _build(cfg, progress=progress, loaded=model)
-    n_pass = sum(r["passed"] for r in records)
-    lines.append(f"build:   {len(records)} samples, {n_pass} passed ({n_pass / max(len(records), 1):.1%}) "
-                 f"-> {run.datasets}")
-    t0 = time.perf_counter()
-    summary = _analyze(cfg, progress=progress, loaded=model)
-    paths = AnalysisPaths.of(run)
-    lines.append(f"analyze: {summary['n_tasks']} SAE-split tasks ({summary['n_correct']} correct), "
-                 f"{len(summary['layers'])} layers, release {summary['release']} ({time.perf_counter() - t0:.0f} s)")
-    for direction in DIRECTIONS:
-        top = summary["top"][direction][:1]
-        if top:
-            r = top[0]
-            lines.append(f"         top {direction}-predicting latent: layer {r['layer']} latent {r['latent']} "
-                         f"(separation {r['sep_' + direction]:.3f}, t {r['t_' + direction]:.2f})")
-    lines.append(f"         ranked latents: {paths.ranked_parquet}; plots: {paths.plots}")
-    t0 = time.perf_counter()
-    results = _validate(cfg, progress=progress, loaded=model)
-    lines += ["validate: " + line for line in validation_summary(results)]
-    lines.append(f"         temperatures {', '.join(results['temperature'])}; {time.perf_counter() - t0:.0f} s")
-    t0 = time.perf_counter()
-    steering = _steer(cfg, progress=progress, loaded=model)
-    lines += [("steer:   " if line.startswith(tuple(steering["experiments"])) else "         ") + line
-              for line in steering_summary(steering)]
-    lines.append(f"         noise floor {steering['noise_floor']['flips']}/{steering['noise_floor']['n']} flips; "
-                 f"{time.perf_counter() - t0:.0f} s")
-    announce("report", f"writing {run.report_html}", progress)
-    html_path, _ = write_report(run.root)
-    lines.append(f"report:  {html_path}")
-    lines.append(f"finished in {time.perf_counter() - started:.0f} s; results in {run.root}")
-    return lines
 
 
 def make_config(model: str | None = None, *, start_idx: int | None = None, end_idx: int | None = None,
@@ -98,28 +51,31 @@ def make_config(model: str | None = None, *, start_idx: int | None = None, end_i
                 overrides: dict[str, Any] | None = None) -> Config:
     """A validated Config from keyword arguments (None keeps the default or file value), with the model's
     registered defaults under the file and the keywords."""
-    return resolve_for_model(config_file, _items(model=model, start_idx=start_idx, end_idx=end_idx,
-                                                 save_format=save_format, run_dir=run_dir, resume=resume,
-                                                 resume_from=resume_from, overrides=overrides))
+    return resolve_for_model(config_file, config_items(model=model, start_idx=start_idx, end_idx=end_idx,
+                                                       save_format=save_format, run_dir=run_dir, resume=resume,
+                                                       resume_from=resume_from, overrides=overrides))
 
 
 def stage_config(stage: str, config_file: str | None = None, items: list[str] | None = None) -> Config:
     """The config a stage after the build runs with: the config its run directory was made with (the stage's
-    own earlier one, else that of the stage before it), then ``config_file``, then ``items`` (``key=value``).
-    Without a saved config (a new run directory) it is the defaults with the model's registered ones."""
+    own earlier one, else that of the stage before it, back to the build's), then ``config_file``, then ``items``
+    (``key=value``). Without a saved config (a new run directory) it is the defaults with the model's registered
+    ones. A stage refuses an override of a setting its inputs were made with, naming the field."""
+    before = {"build": [], "analyze": [AnalysisPaths], "validate": [ValidationPaths, AnalysisPaths],
+              "steer": [SteeringPaths, ValidationPaths, AnalysisPaths]}
+    before |= {"ablate": [AblationPaths, *before["steer"]], "attention": [AttentionPaths, *before["steer"]]}
+    if stage not in before:
+        raise InputError(f"unknown stage {stage!r}: use one of {', '.join(before)}")
     cfg = resolve_for_model(config_file, items or [])
     run = RunDir.at(cfg.output.run_dir)
-    saved = {"build": run.config, "analyze": AnalysisPaths.of(run).config,
-             "validate": ValidationPaths.of(run).config, "steer": SteeringPaths.of(run).config}
-    if stage not in saved:
-        raise InputError(f"unknown stage {stage!r}: use one of {', '.join(STAGES)}")
-    chain = [saved[s] for s in reversed(STAGES[:STAGES.index(stage) + 1])]
+    chain = [paths.of(run).config for paths in before[stage]] + [run.config]
     base = next((path for path in chain if path.is_file()), None)
     return cfg if base is None else resolve_config(config_file, items or [], base=read_json(base))
 
 
-def _items(*, model=None, start_idx=None, end_idx=None, save_format=None, run_dir=None, resume=None,
-           resume_from=None, overrides=None) -> list[str]:
+def config_items(*, model=None, start_idx=None, end_idx=None, save_format=None, run_dir=None, resume=None,
+                 resume_from=None, overrides=None) -> list[str]:
+    """The named keywords and ``overrides`` as ``key=value`` items (None: not set)."""
     pairs = {"model.name": model, "data.start_idx": start_idx, "data.end_idx": end_idx,
              "output.save_format": save_format, "output.run_dir": run_dir, "checkpoint.resume": resume,
              "checkpoint.resume_from": resume_from, **(overrides or {})}
@@ -130,7 +86,7 @@ def _text(value: Any) -> str:
     return json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
 
 
-def _resolve(stage: str, config: Config | None, config_file: str | None, items: list[str]) -> Config:
+def resolve_stage(stage: str, config: Config | None, config_file: str | None, items: list[str]) -> Config:
     """``config`` with ``items`` on top, or (no config) the stage's config from its run directory."""
     if config is None:
         return resolve_for_model(config_file, items) if stage in ("build", "run") \
@@ -141,69 +97,6 @@ def _resolve(stage: str, config: Config | None, config_file: str | None, items: 
     if config_file is not None:
         raise InputError("pass either a Config or config_file, not both")
     return resolve_config(overrides=items, base=config.to_dict()) if items else config
-
-
-# --------------------------------------------------------------------------- the stages
-
-def build_dataset(model: str | None = None, start_idx: int | None = None, end_idx: int | None = None,
-                  save_format: str | None = None, *, config: Config | None = None,
-                  run_dir: str | Path | None = None, resume: str | None = None, resume_from: str | None = None,
-                  config_file: str | None = None, overrides: dict[str, Any] | None = None, progress: bool = True,
-                  loaded=None) -> list[dict[str, Any]]:
-    """Stage 1: build the labelled dataset for tasks ``start_idx..end_idx`` (inclusive); returns its records.
-
-    ``resume`` None keeps the config's ('ask', which resumes here: there is no prompt to answer).
-    """
-    items = _items(model=model, start_idx=start_idx, end_idx=end_idx, save_format=save_format, run_dir=run_dir,
-                   resume=resume, resume_from=resume_from, overrides=overrides)
-    cfg = _resolve("build", config, config_file, items)
-    return _build(cfg, interactive=False, progress=progress, loaded=loaded)
-
-
-def analyze(config: Config | None = None, *, run_dir: str | Path | None = None, config_file: str | None = None,
-            overrides: dict[str, Any] | None = None, progress: bool = True, loaded=None) -> dict[str, Any]:
-    """Stage 2: SAE latents separating correct from incorrect; returns ``analysis/summary.json``'s content
-    (the ranked latents are ``load_run(run_dir).ranked``)."""
-    cfg = _resolve("analyze", config, config_file, _items(run_dir=run_dir, overrides=overrides))
-    return _analyze(cfg, progress=progress, loaded=loaded)
-
-
-def validate(config: Config | None = None, *, run_dir: str | Path | None = None, config_file: str | None = None,
-             overrides: dict[str, Any] | None = None, progress: bool = True, loaded=None) -> dict[str, Any]:
-    """Stage 3: the chosen latents as predictors on held-out tasks against baselines; returns
-    ``validation/results.json``'s content."""
-    cfg = _resolve("validate", config, config_file, _items(run_dir=run_dir, overrides=overrides))
-    return _validate(cfg, progress=progress, loaded=loaded)
-
-
-def steer(config: Config | None = None, *, run_dir: str | Path | None = None, config_file: str | None = None,
-          overrides: dict[str, Any] | None = None, progress: bool = True, loaded=None) -> dict[str, Any]:
-    """Stage 4: steering along the chosen latents against control directions; returns
-    ``steering/results.json``'s content."""
-    cfg = _resolve("steer", config, config_file, _items(run_dir=run_dir, overrides=overrides))
-    return _steer(cfg, progress=progress, loaded=loaded)
-
-
-def report(run_dir: str | Path | Config | None = None) -> tuple[Path, Path]:
-    """Write ``report.html`` and ``report.md`` of a run directory (or of ``Config.output.run_dir``)."""
-    if isinstance(run_dir, Config):
-        run_dir = run_dir.output.run_dir
-    return write_report(run_dir if run_dir is not None else Config().output.run_dir)
-
-
-def run(config: Config | None = None, *, model: str | None = None, start_idx: int | None = None,
-        end_idx: int | None = None, run_dir: str | Path | None = None, resume: str | None = None,
-        config_file: str | None = None, overrides: dict[str, Any] | None = None, progress: bool = True,
-        loaded=None) -> Run:
-    """Every stage in order, then the report (as `pva-sae run`); returns :func:`load_run` of the run directory.
-    Finished stages whose inputs did not change are not redone."""
-    items = _items(model=model, start_idx=start_idx, end_idx=end_idx, run_dir=run_dir, resume=resume,
-                   overrides=overrides)
-    cfg = _resolve("run", config, config_file, items)
-    lines = run_pipeline(cfg, progress=progress, loaded=loaded)
-    result = load_run(cfg.output.run_dir)
-    result.summary_lines = lines
-    return result
 
 
 # --------------------------------------------------------------------------- reading a run

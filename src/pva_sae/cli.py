@@ -14,11 +14,17 @@ import os
 import signal
 import sys
 import threading
-from typing import Callable, Sequence
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from pva_sae import __version__
 from pva_sae.config import DATASETS, SITES, describe
 from pva_sae.errors import InputError, PvaSaeError
+
+if TYPE_CHECKING:
+    from pva_sae.api import Run
+    from pva_sae.config import Config
 
 EXIT_USER_ERROR = 2
 
@@ -93,32 +99,13 @@ def _config(args: argparse.Namespace):
 
 
 def _run_config(args: argparse.Namespace, stage: str):
-    """For stages after the build, the run directory is the source of truth: the config the previous stage
-    ran with (``config.json`` of the build, then analysis/ and validation/) is the base, then --config and
-    --set. A stage refuses an override of a setting its inputs were made with, naming the field."""
-    from pva_sae.config import resolve_config
-    from pva_sae.rundir.atomic import read_json
-    from pva_sae.rundir.paths import (
-        AblationPaths,
-        AnalysisPaths,
-        AttentionPaths,
-        RunDir,
-        SteeringPaths,
-        ValidationPaths,
-    )
+    """For stages after the build, the run directory is the source of truth (:func:`pva_sae.api.stage_config`):
+    the config the stage, else the stage before it, ran with, then --config and --set."""
+    from pva_sae.api import stage_config
 
-    cfg = _config(args)
-    run = RunDir.at(cfg.output.run_dir)
-    # a stage's own earlier config first (a rerun keeps its settings), then the stages before it
-    chain = {"analyze": [AnalysisPaths.of(run).config, run.config],
-             "validate": [ValidationPaths.of(run).config, AnalysisPaths.of(run).config, run.config],
-             "steer": [SteeringPaths.of(run).config, ValidationPaths.of(run).config, AnalysisPaths.of(run).config,
-                       run.config]}
-    for later, paths in (("ablate", AblationPaths), ("attention", AttentionPaths)):
-        chain[later] = [paths.of(run).config, *chain["steer"]]
-    chain = chain[stage]
-    base = next((path for path in chain if path.is_file()), None)
-    return cfg if base is None else resolve_config(args.config, _overrides(args), base=read_json(base))
+    cfg = stage_config(stage, args.config, _overrides(args))
+    args.resolved_run_dir = cfg.output.run_dir
+    return cfg
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -161,8 +148,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from pva_sae.rundir.paths import RunDir, ValidationPaths
-    from pva_sae.stages.report import validation_summary, write_report
+    from pva_sae.stages.report import write_report
     from pva_sae.stages.validate import validate
+    from pva_sae.summary import validation_summary
 
     cfg = _run_config(args, "validate")
     results = validate(cfg, progress=not args.quiet)
@@ -174,8 +162,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_steer(args: argparse.Namespace) -> int:
     from pva_sae.rundir.paths import RunDir, SteeringPaths
-    from pva_sae.stages.report import steering_summary, write_report
+    from pva_sae.stages.report import write_report
     from pva_sae.stages.steer import steer
+    from pva_sae.summary import steering_summary
 
     cfg = _run_config(args, "steer")
     results = steer(cfg, progress=not args.quiet)
@@ -223,8 +212,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pva_sae.api import run_pipeline
-
     cfg = _config(args)
     summary = run_pipeline(cfg, progress=not args.quiet)
     for line in summary:
@@ -508,6 +495,140 @@ def _latest_save(run) -> str:
     if latest is None:
         return "no record had been saved"
     return f"the latest save holds {read_json(latest)['n_records']} records ({latest})"
+
+
+# --------------------------------------------------------------------------- `pva-sae run` and the Python API's
+# stage calls (exported by the package: pva_sae.build_dataset, analyze, validate, steer, report, run). They sit here,
+# beside the commands, because only the entry points call the stages; pva_sae.api holds what they share with the
+# command line (configs) and the reading of a run's results.
+
+def run_pipeline(cfg: Config, progress: bool = True, *, loaded=None) -> list[str]:
+    """Run the stages; return human-readable summary lines (where the results are). ``loaded`` (a LoadedModel,
+    or a callable returning one) is the model every stage uses; by default it is loaded once, when first needed."""
+    from pva_sae.config import DIRECTIONS
+    from pva_sae.execution.dataset import announce
+    from pva_sae.model.registry import load_once
+    from pva_sae.rundir.paths import AnalysisPaths, RunDir
+    from pva_sae.stages.analyze import analyze as _analyze
+    from pva_sae.stages.build import build_dataset as _build
+    from pva_sae.stages.report import write_report
+    from pva_sae.stages.steer import steer as _steer
+    from pva_sae.stages.validate import validate as _validate
+    from pva_sae.summary import steering_summary, validation_summary
+
+    run = RunDir.at(cfg.output.run_dir)
+    model = load_once(cfg.model) if loaded is None else loaded
+    lines = []
+    started = time.perf_counter()
+    records = _build(cfg, progress=progress, loaded=model)
+    n_pass = sum(r["passed"] for r in records)
+    lines.append(f"build:   {len(records)} samples, {n_pass} passed ({n_pass / max(len(records), 1):.1%}) "
+                 f"-> {run.datasets}")
+    t0 = time.perf_counter()
+    summary = _analyze(cfg, progress=progress, loaded=model)
+    paths = AnalysisPaths.of(run)
+    lines.append(f"analyze: {summary['n_tasks']} SAE-split tasks ({summary['n_correct']} correct), "
+                 f"{len(summary['layers'])} layers, release {summary['release']} ({time.perf_counter() - t0:.0f} s)")
+    for direction in DIRECTIONS:
+        top = summary["top"][direction][:1]
+        if top:
+            r = top[0]
+            lines.append(f"         top {direction}-predicting latent: layer {r['layer']} latent {r['latent']} "
+                         f"(separation {r['sep_' + direction]:.3f}, t {r['t_' + direction]:.2f})")
+    lines.append(f"         ranked latents: {paths.ranked_parquet}; plots: {paths.plots}")
+    t0 = time.perf_counter()
+    results = _validate(cfg, progress=progress, loaded=model)
+    lines += ["validate: " + line for line in validation_summary(results)]
+    lines.append(f"         temperatures {', '.join(results['temperature'])}; {time.perf_counter() - t0:.0f} s")
+    t0 = time.perf_counter()
+    steering = _steer(cfg, progress=progress, loaded=model)
+    lines += [("steer:   " if line.startswith(tuple(steering["experiments"])) else "         ") + line
+              for line in steering_summary(steering)]
+    lines.append(f"         noise floor {steering['noise_floor']['flips']}/{steering['noise_floor']['n']} flips; "
+                 f"{time.perf_counter() - t0:.0f} s")
+    announce("report", f"writing {run.report_html}", progress)
+    html_path, _ = write_report(run.root)
+    lines.append(f"report:  {html_path}")
+    lines.append(f"finished in {time.perf_counter() - started:.0f} s; results in {run.root}")
+    return lines
+
+
+def build_dataset(model: str | None = None, start_idx: int | None = None, end_idx: int | None = None,
+                  save_format: str | None = None, *, config: Config | None = None,
+                  run_dir: str | Path | None = None, resume: str | None = None, resume_from: str | None = None,
+                  config_file: str | None = None, overrides: dict[str, Any] | None = None, progress: bool = True,
+                  loaded=None) -> list[dict[str, Any]]:
+    """Stage 1: build the labelled dataset for tasks ``start_idx..end_idx`` (inclusive); returns its records.
+
+    ``resume`` None keeps the config's ('ask', which resumes here: there is no prompt to answer).
+    """
+    from pva_sae.api import config_items, resolve_stage
+    from pva_sae.stages.build import build_dataset as _build
+
+    items = config_items(model=model, start_idx=start_idx, end_idx=end_idx, save_format=save_format,
+                         run_dir=run_dir, resume=resume, resume_from=resume_from, overrides=overrides)
+    cfg = resolve_stage("build", config, config_file, items)
+    return _build(cfg, interactive=False, progress=progress, loaded=loaded)
+
+
+def analyze(config: Config | None = None, *, run_dir: str | Path | None = None, config_file: str | None = None,
+            overrides: dict[str, Any] | None = None, progress: bool = True, loaded=None) -> dict[str, Any]:
+    """Stage 2: SAE latents separating correct from incorrect; returns ``analysis/summary.json``'s content
+    (the ranked latents are ``load_run(run_dir).ranked``)."""
+    from pva_sae.api import config_items, resolve_stage
+    from pva_sae.stages.analyze import analyze as _analyze
+
+    cfg = resolve_stage("analyze", config, config_file, config_items(run_dir=run_dir, overrides=overrides))
+    return _analyze(cfg, progress=progress, loaded=loaded)
+
+
+def validate(config: Config | None = None, *, run_dir: str | Path | None = None, config_file: str | None = None,
+             overrides: dict[str, Any] | None = None, progress: bool = True, loaded=None) -> dict[str, Any]:
+    """Stage 3: the chosen latents as predictors on held-out tasks against baselines; returns
+    ``validation/results.json``'s content."""
+    from pva_sae.api import config_items, resolve_stage
+    from pva_sae.stages.validate import validate as _validate
+
+    cfg = resolve_stage("validate", config, config_file, config_items(run_dir=run_dir, overrides=overrides))
+    return _validate(cfg, progress=progress, loaded=loaded)
+
+
+def steer(config: Config | None = None, *, run_dir: str | Path | None = None, config_file: str | None = None,
+          overrides: dict[str, Any] | None = None, progress: bool = True, loaded=None) -> dict[str, Any]:
+    """Stage 4: steering along the chosen latents against control directions; returns
+    ``steering/results.json``'s content."""
+    from pva_sae.api import config_items, resolve_stage
+    from pva_sae.stages.steer import steer as _steer
+
+    cfg = resolve_stage("steer", config, config_file, config_items(run_dir=run_dir, overrides=overrides))
+    return _steer(cfg, progress=progress, loaded=loaded)
+
+
+def report(run_dir: str | Path | Config | None = None) -> tuple[Path, Path]:
+    """Write ``report.html`` and ``report.md`` of a run directory (or of ``Config.output.run_dir``)."""
+    from pva_sae.config import Config
+    from pva_sae.stages.report import write_report
+
+    if isinstance(run_dir, Config):
+        run_dir = run_dir.output.run_dir
+    return write_report(run_dir if run_dir is not None else Config().output.run_dir)
+
+
+def run(config: Config | None = None, *, model: str | None = None, start_idx: int | None = None,
+        end_idx: int | None = None, run_dir: str | Path | None = None, resume: str | None = None,
+        config_file: str | None = None, overrides: dict[str, Any] | None = None, progress: bool = True,
+        loaded=None) -> Run:
+    """Every stage in order, then the report (as `pva-sae run`); returns :func:`load_run` of the run directory.
+    Finished stages whose inputs did not change are not redone."""
+    from pva_sae.api import config_items, load_run, resolve_stage
+
+    items = config_items(model=model, start_idx=start_idx, end_idx=end_idx, run_dir=run_dir, resume=resume,
+                         overrides=overrides)
+    cfg = resolve_stage("run", config, config_file, items)
+    lines = run_pipeline(cfg, progress=progress, loaded=loaded)
+    result = load_run(cfg.output.run_dir)
+    result.summary_lines = lines
+    return result
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ from pva_sae.rundir.paths import (
     ValidationPaths,
 )
 from pva_sae.sae.neuronpedia import link_from_sharing, link_latents
+from pva_sae.summary import bounds, fmt, fmt_ci
 
 ALPHA = 0.05  # significance level of the summary's wording (Holm-adjusted p-values)
 
@@ -80,38 +81,11 @@ class Section:
     findings: Callable[[RunDir], list[Finding]] | None = None
 
 
-def fmt(x: Any, digits: int = 3) -> str:
-    if x is None:
-        return "n/a"
-    if isinstance(x, bool):
-        return "yes" if x else "no"
-    if isinstance(x, int):
-        return str(x)
-    if isinstance(x, float):
-        return f"{x:.{digits}f}"
-    return str(x)
-
-
-def fmt_ci(interval: dict[str, Any] | None, digits: int = 3) -> str:
-    """'0.712 [0.650, 0.770]' from an interval dict; 'n/a' where undefined."""
-    if not interval or interval.get("estimate") is None:
-        return "n/a"
-    low, high = _bounds(interval)
-    if low is None:
-        return fmt(interval["estimate"], digits)
-    return f"{fmt(interval['estimate'], digits)} [{fmt(low, digits)}, {fmt(high, digits)}]"
-
-
-def _bounds(interval: dict[str, Any]) -> tuple[float | None, float | None]:
-    low, high = interval["ci"] if "ci" in interval else (interval.get("low"), interval.get("high"))
-    return low, high
-
-
 def _contains(interval: dict[str, Any] | None, value: float) -> bool:
     """Whether the interval contains ``value`` (an undefined interval counts as containing it)."""
     if not interval or interval.get("estimate") is None:
         return True
-    low, high = _bounds(interval)
+    low, high = bounds(interval)
     return low is None or low <= value <= high
 
 
@@ -159,7 +133,7 @@ def _degenerate(row: dict[str, Any]) -> tuple[str, str] | None:
 
 
 def _is_zero(interval: dict[str, Any]) -> bool:
-    low, high = _bounds(interval)
+    low, high = bounds(interval)
     return interval.get("estimate") == 0 and low == 0 and high == 0
 
 
@@ -361,7 +335,7 @@ def latent_finding(lat: dict[str, Any], probe: dict[str, Any] | None) -> Finding
     if null:
         meaning = f"Null result: the interval contains 0.5 (chance), so this latent does not tell held-out '{d}' " \
                   "solutions from the others."
-    elif _bounds(auroc)[1] < 0.5:
+    elif bounds(auroc)[1] < 0.5:
         meaning = f"Below chance: the latent ranks held-out tasks in the reverse order: it is higher on tasks that " \
                   f"are not '{d}'."
     else:
@@ -374,7 +348,7 @@ def latent_finding(lat: dict[str, Any], probe: dict[str, Any] | None) -> Finding
     why = degenerate(lat)
     if why:
         meaning += f" Its thresholded rule is degenerate: it {why}."
-    below = not null and _bounds(auroc)[1] < 0.5
+    below = not null and bounds(auroc)[1] < 0.5
     return Finding(headline, meaning, "null result" if null else "below chance" if below else "degenerate" if why else "")
 
 
@@ -796,45 +770,6 @@ def summary_block(run: RunDir, sections: list[Section]) -> Block:
         findings = [Finding("No stage has finished yet.", "Run `pva-sae run` (or the stages one by one) on this "
                             "run directory, then `pva-sae report` again.", tag="not testable")]
     return Block("summary", "Summary: what this run found", findings=findings, caveats=model_caveats(run))
-
-
-def validation_summary(results: dict[str, Any]) -> list[str]:
-    """One line per validated latent: AUROC and F1 with intervals, the probe's, the best trivial F1, and the
-    verdict of the paired AUROC difference against the probe."""
-    lines = []
-    for direction in DIRECTIONS:
-        rows = results["validation"][direction]
-        by = {r["name"]: r for r in rows}
-        probe = by["probe"]
-        trivial = max((by["majority"], by["always_positive"]), key=lambda r: r["metrics"]["f1"]["estimate"])
-        for lat in [r for r in rows if r["name"] in ("latent", "steered_latent")]:
-            vs = next(q for q in lat["paired"] if q["name"] == "probe")
-            m = lat["metrics"]
-            role = "steered latent" if lat["name"] == "steered_latent" else "latent"
-            lines.append(f"{role} L{lat['layer']}:{lat['latent']} -> {direction}: AUROC {fmt_ci(m['auroc'])}, F1 "
-                         f"{fmt_ci(m['f1'])} (probe AUROC {fmt_ci(probe['metrics']['auroc'])}: {VERSUS[vs['verdict']]} the "
-                         f"probe; {trivial['label']} F1 {fmt_ci(trivial['metrics']['f1'])})")
-    return lines
-
-
-VERSUS = {"better": "better than", "worse": "worse than", "no different": "no different from",
-          "undefined": "not comparable with"}
-
-
-def steering_summary(results: dict[str, Any]) -> list[str]:
-    """One line per experiment (target vs its controls, rank and permutation p) and per direction (net effect)."""
-    lines = []
-    for name, e in results["experiments"].items():
-        rate, cs = e["rate"], e["controls_summary"]
-        control = "n/a" if cs["mean_rate"] is None else f"{cs['mean_rate']:.1%}"
-        share = "n/a" if rate["estimate"] is None else f"{rate['estimate']:.1%}"
-        lines.append(f"{name} ({e['target']}, {e['direction']} direction): {rate['successes']}/{rate['n']} ({share}) "
-                     f"vs {e['n_controls']} controls {control}; rank p {fmt_p(e['rank_p']['p'])}, permutation p "
-                     f"{fmt_p(e['permutation_p']['p'])} (Holm {fmt_p(e['holm_p']['permutation_p'])})")
-    for direction, d in results["directions"].items():
-        lines.append(f"net effect of {d['target']['label']} ({direction} direction): "
-                     f"{fmt_ci(d['net_effect']['target'])} vs controls' mean {fmt(d['net_effect']['controls_mean'])}")
-    return lines
 
 
 def build_blocks(run: RunDir, sections: list[Section] | None = None) -> list[Block]:
