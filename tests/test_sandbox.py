@@ -745,6 +745,37 @@ def test_a_timeout_that_ran_alone_or_hit_the_cpu_limit_is_not_run_again():
     assert stats.as_dict() == {"jobs": 3, "reruns": 0, "rerun_timeouts": 0, "timeouts": 2, "cache_hits": 0}
 
 
+def test_with_a_cpu_limit_within_the_wall_limit_a_busy_loop_beside_others_is_final_without_a_rerun():
+    # cpu_time_s <= timeout_s: beside others the wall limit is longer, so the loops reach their CPU limit (a
+    # label they would get alone too) and no round alone is needed.
+    cfg = SandboxConfig(timeout_s=1.5, cpu_time_s=1, workers=2)
+    stats = BatchStats()
+    started = time.monotonic()
+    loops = run_jobs([ExecJob(i, LOOP, TESTS) for i in range(2)], cfg, stats=stats)
+    assert [(r.status, r.attempts, "CPU" in r.detail) for r in loops] == [("timeout", 1, True)] * 2
+    assert time.monotonic() - started < 2 * cfg.timeout_s
+    assert stats.as_dict() == {"jobs": 2, "reruns": 0, "rerun_timeouts": 0, "timeouts": 2, "cache_hits": 0}
+
+
+@pytest.mark.slow
+def test_beside_others_a_program_past_the_wall_limit_that_is_not_a_cpu_timeout_is_run_again_alone():
+    # Sleeping past timeout_s is not a CPU timeout: beside others its longer attempt is not final, and its run
+    # alone gives it the plain policy's label; a program that finishes within timeout_s keeps its first label.
+    cfg = SandboxConfig(timeout_s=1.0, cpu_time_s=1, workers=2)
+    late = "import time\ntime.sleep(1.4)\n" + GOOD
+    quick = "import time\ntime.sleep(0.2)\n" + GOOD
+    stats = BatchStats()
+    sleeper, *good = run_jobs([ExecJob("late", late, TESTS)] + [ExecJob(i, quick, TESTS) for i in range(3)], cfg,
+                              stats=stats)
+    assert (sleeper.status, sleeper.attempts, sleeper.detail) == ("timeout", 2, "wall-clock limit of 1 s exceeded")
+    assert [(r.status, r.attempts) for r in good] == [("passed", 1)] * 3
+    assert stats.as_dict() == {"jobs": 4, "reruns": 1, "rerun_timeouts": 1, "timeouts": 1, "cache_hits": 0}
+    # Alone in its pool (nothing beside it), the same program ran past timeout_s alone: a timeout, no re-run.
+    [alone] = run_jobs([ExecJob("late", late, TESTS)], cfg, stats=stats)
+    assert (alone.status, alone.attempts, alone.detail) == ("timeout", 1, "wall-clock limit of 1 s exceeded")
+    assert alone.duration_s > cfg.timeout_s and stats.reruns == 1
+
+
 # --------------------------------------------------------------------------- configuration and batches
 
 def fails_fast(cfg: SandboxConfig, match: str) -> None:

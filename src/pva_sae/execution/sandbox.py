@@ -201,6 +201,15 @@ workers' worth have gathered, the caller flushes, or ``DEFER_MAX_S`` passes, so 
 over a stage share a few rounds instead of pausing the pool once each. A ``RLIMIT_CPU`` timeout is not
 re-run (load does not consume the program's CPU time). :class:`BatchStats` counts the re-runs.
 
+When ``cpu_time_s <= timeout_s`` (the default: both 10), a job run in a parallel batch gets a wall-clock
+limit of ``BESIDE_WALL_FACTOR x timeout_s`` instead, so that a busy endless loop reaches its CPU-time limit
+first and its label is final at once: a program that used ``cpu_time_s`` of CPU would take at least that
+long alone too (the CPU limit kills it alone as well), so it needs no second attempt and no round alone.
+Every other attempt that ran longer than ``timeout_s`` (a program that sleeps, one starved by the load, one
+that finished late) is run again alone as above; one that ran with no other job beside it is a timeout
+(it ran past ``timeout_s`` alone). An attempt that ended within ``timeout_s`` is final, as before. The
+labels are those of the plain policy; only the attempts differ.
+
 Output
 ------
 stdout and stderr go to anonymous files (never to memory); ``RLIMIT_FSIZE`` bounds each at
@@ -315,6 +324,7 @@ UID_CLAIM_POLL_S = 0.01
 # forks every supervisor of its slots, one after another) limits a large pool.
 SLOTS_PER_SERVER = 8
 DEFER_MAX_S = 30.0  # longest a deferred re-run waits for others to share its round (Sandbox.map)
+BESIDE_WALL_FACTOR = 2.0  # wall-clock limit of a job beside others, in timeout_s, when cpu_time_s <= timeout_s
 # The highest uid the pool may reach (2**31 - 2; -1 as a 32-bit uid means "unchanged").
 MAX_UID = 2**31 - 2
 _WORKDIR_NAME = re.compile(re.escape(PROCESS_TAG) + r"-(\d+)-(\d+)-")
@@ -557,18 +567,18 @@ class Sandbox:
                 self._batches = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sandbox-batch")
         return self._batches.submit(self.map, list(jobs), progress)
 
-    def run_once(self, job: ExecJob) -> tuple[ExecResult, dict]:
+    def run_once(self, job: ExecJob, wall_s: float | None = None) -> tuple[ExecResult, dict]:
         """One attempt at one job, in the calling thread: (result, the supervisor's report).
 
-        When the fork server dies before the job could report (killed, say), the job starts again
-        once on a new server.
+        ``wall_s``: the attempt's wall-clock limit (default ``cfg.timeout_s``). When the fork server dies
+        before the job could report (killed, say), the job starts again once on a new server.
         """
         try:
-            return _execute(job, self.cfg, self._user, self._connection())
+            return _execute(job, self.cfg, self._user, self._connection(), wall_s)
         except ServerGone:
             self._drop_server(getattr(self._local, "index", 0), getattr(self._local, "server", None))
         try:
-            return _execute(job, self.cfg, self._user, self._connection())
+            return _execute(job, self.cfg, self._user, self._connection(), wall_s)
         except ServerGone as exc:
             raise SandboxError(f"the sandbox fork server failed twice in a row: {exc}") from None
 
@@ -613,11 +623,14 @@ class Sandbox:
             for future in as_completed(futures):
                 key = futures[future]
                 result, report, beside = future.result()
+                if _load_may_decide(result, report, self.cfg, self._beside_wall):
+                    if beside:
+                        fresh[key] = result
+                        timed_out.append(key)
+                        continue
+                    result = _timeout_alone(result, self.cfg)
                 fresh[key] = result
-                if beside and _wall_clock_timeout(result, report):
-                    timed_out.append(key)
-                else:
-                    finish(key, result)
+                finish(key, result)
         except BaseException:
             for future in futures:
                 future.cancel()
@@ -720,9 +733,16 @@ class Sandbox:
                         self._in_round = False
                         self._rerun_cond.notify_all()
 
+    @property
+    def _beside_wall(self) -> float | None:
+        """The wall-clock limit of an attempt in a parallel batch (None: ``timeout_s``), see "Timeouts under load"."""
+        if self.cfg.cpu_time_s <= self.cfg.timeout_s:
+            return BESIDE_WALL_FACTOR * self.cfg.timeout_s
+        return None
+
     def _attempt(self, job: ExecJob) -> tuple[ExecResult, dict, bool]:
         with self._gate.beside() as beside:
-            result, report = self.run_once(job)
+            result, report = self.run_once(job, self._beside_wall)
         return result, report, beside[0]
 
     def _fork_server(self, index: int) -> ForkServer:
@@ -1104,14 +1124,18 @@ def _child_command(payload_fd: int, report_fd: int) -> list[str]:
 
 
 def _execute(job: ExecJob, cfg: SandboxConfig, user: tuple[int, int] | None,
-             connection: forkserver.Connection | None = None) -> tuple[ExecResult, dict]:
+             connection: forkserver.Connection | None = None, wall_s: float | None = None) -> tuple[ExecResult, dict]:
     """Run one job; return its result and the supervisor's report (empty when there was none).
+
+    ``wall_s`` replaces ``cfg.timeout_s`` as this attempt's wall-clock limit; outcomes are still described
+    with ``cfg``'s limits (the caller decides what an attempt past ``timeout_s`` means).
 
     With ``connection`` the fork server forks the supervisor, otherwise a new interpreter starts.
     Everything here runs in a pool thread under the interpreter lock, for every job, so it uses
     descriptors and plain system calls rather than file objects.
     """
     started = time.monotonic()
+    run_cfg = cfg if wall_s is None or wall_s == cfg.timeout_s else dataclasses.replace(cfg, timeout_s=wall_s)
     with _job_identity(cfg, user) as (identity, lock_fd):
         host_dir = identity is None or _private_tmp["works"] is not True
         workdir = tempfile.mkdtemp(prefix=_workdir_prefix(os.getpid())) if host_dir else None
@@ -1120,10 +1144,10 @@ def _execute(job: ExecJob, cfg: SandboxConfig, user: tuple[int, int] | None,
             if identity is not None and workdir is not None:
                 os.chown(workdir, *identity)
             out, err, payload = files = [_anonymous_file() for _ in range(3)]
-            _write_all(payload, _payload(job, cfg, identity, host_dir))
+            _write_all(payload, _payload(job, run_cfg, identity, host_dir))
             os.lseek(payload, 0, os.SEEK_SET)
             inherited = (payload,) + ((lock_fd,) if lock_fd is not None else ())
-            report, supervisor_stuck, exit_code = _run_supervisor(inherited, out, err, workdir, cfg, connection)
+            report, supervisor_stuck, exit_code = _run_supervisor(inherited, out, err, workdir, run_cfg, connection)
             stderr_tail = _tail(err, min(STDERR_TAIL_BYTES, cfg.output_limit_kb * 1024))
             stdout_tail = _tail(out, cfg.output_limit_kb * 1024)
         finally:
@@ -1137,7 +1161,7 @@ def _execute(job: ExecJob, cfg: SandboxConfig, user: tuple[int, int] | None,
                 log.warning("the sandbox could not mount a private tmpfs on /tmp; jobs run in a directory on the "
                             "host from now on")
             _private_tmp["works"] = False                     # for good: a True set later never undoes it
-        return _execute(job, cfg, user, connection)
+        return _execute(job, cfg, user, connection, wall_s)
     if identity is not None and report.get("private_tmp") and _private_tmp["works"] is None:
         with _private_tmp_lock:
             if _private_tmp["works"] is None:
@@ -1339,7 +1363,7 @@ def _classify(report: dict, supervisor_stuck: bool, exit_code: int | None, cfg: 
         status, error_type, detail = report["result"]
         return status, error_type or None, detail
     if report.get("timed_out"):
-        return "timeout", None, f"wall-clock limit of {cfg.timeout_s:g} s exceeded"
+        return "timeout", None, _wall_detail(cfg.timeout_s)
     worker_exit = report.get("exit_code", 0)
     if worker_exit == -signal.SIGXCPU:
         return "timeout", None, f"CPU time limit of {cfg.cpu_time_s} s exceeded (SIGXCPU)"
@@ -1353,6 +1377,31 @@ def _classify(report: dict, supervisor_stuck: bool, exit_code: int | None, cfg: 
 def _wall_clock_timeout(result: ExecResult, report: dict) -> bool:
     """A timeout that load on the machine can cause (not the CPU-time limit, which load does not consume)."""
     return result.status == "timeout" and (not report or bool(report.get("timed_out")))
+
+
+def _cpu_timeout(report: dict) -> bool:
+    return bool(report) and not report.get("result") and not report.get("timed_out") \
+        and report.get("exit_code") == -signal.SIGXCPU
+
+
+def _load_may_decide(result: ExecResult, report: dict, cfg: SandboxConfig, wall_s: float | None) -> bool:
+    """Whether an attempt's outcome may depend on load, so that only a run alone decides the label: a
+    wall-clock timeout, or (with the longer limit ``wall_s`` of a job beside others) any outcome but the
+    CPU-time limit reached after more than ``timeout_s``."""
+    if _wall_clock_timeout(result, report):
+        return True
+    return wall_s is not None and result.duration_s > cfg.timeout_s and not _cpu_timeout(report)
+
+
+def _timeout_alone(result: ExecResult, cfg: SandboxConfig) -> ExecResult:
+    """The label of an attempt that ran alone (no other job of the pool beside it) past ``timeout_s``."""
+    if result.status == "timeout" and result.detail == _wall_detail(cfg.timeout_s):
+        return result
+    return dataclasses.replace(result, status="timeout", error_type=None, detail=_wall_detail(cfg.timeout_s))
+
+
+def _wall_detail(timeout_s: float) -> str:
+    return f"wall-clock limit of {timeout_s:g} s exceeded"
 
 
 def _describe_exit(code: int | None) -> str:
