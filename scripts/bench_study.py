@@ -48,13 +48,17 @@ class Meter:
         self.items: dict[str, int] = {}
         self.lock = threading.Lock()
 
-    def wrap(self, name: str, fn, count):
+    def wrap(self, name: str, fn, count, tally=None):
+        """``fn`` timed under ``name``, counting ``count(args, out)`` items; ``tally(out)``: more named counts."""
         def timed(*args, **kwargs):
             t0 = time.perf_counter()
             out = fn(*args, **kwargs)
+            extra = tally(out) if tally is not None else {}
             with self.lock:
                 self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
                 self.items[name] = self.items.get(name, 0) + count(args, out)
+                for key, n in extra.items():
+                    self.items[key] = self.items.get(key, 0) + n
             return out
         return timed
 
@@ -96,12 +100,19 @@ def instrument(meter: Meter) -> None:
     """Time every model load, generation call and sandbox labelling call of the stages."""
     import pva_sae.execution.dataset as dataset
     import pva_sae.model.registry as registry
+    from pva_sae.execution.sandbox import Sandbox
     from pva_sae.model.generation import Generator
 
     registry.load_model = meter.wrap("load", registry.load_model, lambda args, out: 1)
     Generator.generate_batch = meter.wrap("generate", Generator.generate_batch, lambda args, out: len(out))
     Generator.generate_queue = meter.wrap("generate", Generator.generate_queue, lambda args, out: len(out))
     dataset.label_samples = meter.wrap("label", dataset.label_samples, lambda args, out: len(out))
+    # The sandbox's own counts: programs run (not served by the label cache), timeouts among the labels, second
+    # attempts alone, and the rounds alone (during which nothing else of the pool runs) with their wall time.
+    Sandbox.map = meter.wrap("sandbox", Sandbox.map, lambda args, out: 0, tally=lambda out: {
+        "sandbox_runs": sum(not r.cached for r in out), "sandbox_timeouts": sum(r.status == "timeout" for r in out),
+        "sandbox_reruns": sum(r.attempts == 2 and not r.cached for r in out)})
+    Sandbox._round = meter.wrap("rerun_round", Sandbox._round, lambda args, out: 1)
 
 
 def stage_row(name: str, result, seconds: float, before, after, gpu_busy, cfg) -> dict:
@@ -116,7 +127,11 @@ def stage_row(name: str, result, seconds: float, before, after, gpu_busy, cfg) -
            "gpu_busy_fraction": gpu_busy,
            "label_s": round(spent["label"], 2), "programs": count["label"],
            "programs_per_s": round(count["label"] / spent["label"], 1) if spent["label"] > 0 else None,
-           "label_fraction": round(spent["label"] / seconds, 3) if seconds > 0 else None}
+           "label_fraction": round(spent["label"] / seconds, 3) if seconds > 0 else None,
+           "sandbox": {key: n1.get(f"sandbox_{key}", 0) - n0.get(f"sandbox_{key}", 0)
+                       for key in ("runs", "timeouts", "reruns")},
+           "rerun_rounds": n1.get("rerun_round", 0) - n0.get("rerun_round", 0),
+           "rerun_rounds_s": round(s1.get("rerun_round", 0.0) - s0.get("rerun_round", 0.0), 2)}
     if name == "steer" and result is not None:
         row["controls_per_direction"] = cfg.steering.n_controls
         row["steered_generations"] = result["tasks"]["generated"]
@@ -209,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
             out["stages"][name] = row
             print(f"{name:9s} {row['seconds']:8.1f} s  {row['samples']:7d} samples ({row['samples_per_s']}/s)  "
                   f"generate {row['generate_fraction']}  gpu busy {row['gpu_busy_fraction']}  "
-                  f"sandbox {row['programs']} programs ({row['programs_per_s']}/s)", flush=True)
+                  f"sandbox {row['programs']} programs ({row['programs_per_s']}/s)  {row['sandbox']}  "
+                  f"rounds alone {row['rerun_rounds']} ({row['rerun_rounds_s']} s)", flush=True)
             if args.json:
                 Path(args.json).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
