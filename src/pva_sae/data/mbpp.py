@@ -13,6 +13,7 @@ latents are selected), ``tuning`` (hyperparameters) and ``validation`` (held-out
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import io
 import json
@@ -261,10 +262,12 @@ def _parse_or_raise(source: str) -> ast.Module:
 
 # --------------------------------------------------------------------------- difficulty
 
+@functools.lru_cache(maxsize=8192)
 def cyclomatic_complexity(code: str) -> int:
     """Max cyclomatic complexity over the blocks radon finds (functions, methods, classes).
 
-    Code with no block (module-level statements only) counts as 1, a single straight path.
+    Code with no block (module-level statements only) counts as 1, a single straight path. Remembered per
+    code (a pure function of it): every stage and sub-build loads the tasks again.
     """
 
     with warnings.catch_warnings():
