@@ -302,3 +302,28 @@ def test_stop_checks_skip_only_steps_the_criterion_cannot_flag():
     steps = stop_candidates(criterion)
     candidates = sum(len(steps(n, 0, p[-1])) for p, n in zip(prompt_ids[:40], news[:40]))
     assert candidates < 0.5 * sum(len(n) for n in news[:40])
+
+
+def test_decode_ids_equals_the_tokenizers_decode_and_falls_back_where_the_library_would_differ(tiny_loaded):
+    import copy
+    import random
+
+    from pva_sae.model.generation import _direct_decoder, decode_ids
+
+    tok = tiny_loaded.tokenizer
+    assert _direct_decoder(tok) is not None          # the embedded default's fast tokenizer takes the direct path
+    rng = random.Random(3)
+    rows = [[rng.randrange(len(tok)) for _ in range(rng.randrange(0, 300))] for _ in range(300)]
+    rows += [list(tok.all_special_ids) + r[:10] for r in rows[:20]]
+    assert [decode_ids(tok, r) for r in rows] == [tok.decode(r, skip_special_tokens=True) for r in rows]
+    cleaned = copy.deepcopy(tok)
+    cleaned.clean_up_tokenization_spaces = True      # the library cleans up after the backend: no direct path
+    assert _direct_decoder(cleaned) is None
+
+    class Custom(type(tok)):
+        def _decode(self, token_ids, **kwargs):
+            return "custom"
+
+    custom = copy.deepcopy(tok)
+    custom.__class__ = Custom
+    assert _direct_decoder(custom) is None and decode_ids(custom, rows[0]) == "custom"
