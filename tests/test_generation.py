@@ -283,15 +283,34 @@ def test_stop_checks_skip_only_steps_the_criterion_cannot_flag():
     want = [first_flagged(p, n) for p, n in zip(prompt_ids, news)]
     assert sum(w is not None for w in want) >= 30
     g = Generator.__new__(Generator)
-    g._stop_criterion = criterion
+    g._stop_criterion, g._stop_memo = criterion, {}
     check = g._queue_stop_checker(prompt_ids)
-    for split in (0, 5):
+    for split in (0, 5):       # the second pass finds most windows in the memo of the first
         got = []
         for i, n in enumerate(news):
             a = min(split, len(n))
             early = check([(i, n[:a], 0)])[0] if a else None
             got.append(early if early is not None else check([(i, n, a)])[0])
         assert got == want
+    # Every row in one request: each window is asked once, also when every row comes twice; with the memo
+    # full, no window is asked again.
+    calls = []
+
+    def counted(ids, scores):
+        calls.append(tuple(ids.shape))
+        return criterion(ids, scores)
+
+    width = criterion.maximum_token_len
+    counted.maximum_token_len = width
+    g._stop_criterion = counted
+    asked = []
+    for rows, memo in ((list(enumerate(news)), {}), (list(enumerate(news)) * 2, {}), (list(enumerate(news)), None)):
+        g._stop_memo = memo if memo is not None else g._stop_memo
+        calls[:] = []
+        assert g._queue_stop_checker(prompt_ids)([(i, n, 0) for i, n in rows]) == want * (len(rows) // len(news))
+        asked.append(sum(r for r, c in calls if c == width))
+    assert asked[0] == asked[1] > 0 and asked[2] == 0
+    g._stop_criterion = criterion
     length = max(len(p) + len(n) for p, n in zip(prompt_ids, news))
     out = torch.zeros((len(news), length), dtype=torch.long)
     for r, (p, n) in enumerate(zip(prompt_ids, news)):

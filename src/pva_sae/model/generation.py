@@ -160,6 +160,7 @@ class Generator:
         self._stop_criterion = self._make_stop_criterion()
         self._prompt_cache: dict[str, list[int]] = {}
         self._prompt_texts: dict[tuple[int, ...], str] = {}
+        self._stop_memo: dict[tuple[int, ...], bool] = {}    # stop-string window -> the criterion's answer
         self.backend = resolve_backend(cfg.backend, loaded)
         self.fast = None
         if self.backend == "fast":
@@ -291,10 +292,13 @@ class Generator:
         criterion = self._stop_criterion
         width = getattr(criterion, "maximum_token_len", None)
         can_fire = stop_candidates(criterion)
+        # The criterion's answer for a window is a function of the window's ids alone: remembered, since the steered
+        # rows of a study repeat their baseline's tokens (and so its windows) many times over.
+        memo = self._stop_memo
 
         def check(requests):
             found: list[int | None] = [None] * len(requests)
-            windows, owners = [], []
+            pending: dict[tuple[int, ...], list[tuple[int, int]]] = {}
             for r, (item, new, first) in enumerate(requests):
                 prompt = prompt_ids[item]
                 p, n = len(prompt), len(new)
@@ -311,12 +315,24 @@ class Generator:
                             found[r] = step
                             break
                     else:
-                        windows.append(text[end - width:end])
-                        owners.append((r, step))
-            if windows:
-                for (r, step), hit in zip(owners, criterion(torch.tensor(windows), None).cpu().tolist()):
-                    if hit and (found[r] is None or step < found[r]):
-                        found[r] = step
+                        window = tuple(text[end - width:end])
+                        hit = memo.get(window)
+                        if hit is None:
+                            pending.setdefault(window, []).append((r, step))
+                        elif hit:                    # steps rise: no later step of this row can come first
+                            found[r] = step
+                            break
+            if pending:
+                windows = list(pending)
+                hits = criterion(torch.tensor(windows), None).cpu().tolist()
+                if len(memo) + len(windows) > STOP_MEMO_MAX:
+                    memo.clear()
+                for window, hit in zip(windows, hits):
+                    memo[window] = bool(hit)
+                    if hit:
+                        for r, step in pending[window]:
+                            if found[r] is None or step < found[r]:
+                                found[r] = step
             return found
 
         return check
@@ -401,6 +417,9 @@ class Generator:
                       raw_completion=raw, n_prompt_tokens=len(prompt_ids), n_new_tokens=n_new,
                       gen_time_s=gen_time_s, finish_reason=reason, temperature=self.cfg.temperature,
                       batch_index=batch_index)
+
+
+STOP_MEMO_MAX = 1 << 18  # stop-string windows remembered per Generator (about 40 MB; then forgotten all at once)
 
 
 _STOP_CRITERIA: dict[tuple[int, tuple[str, ...]], tuple[Any, Any]] = {}
