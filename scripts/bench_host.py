@@ -52,6 +52,7 @@ def main(argv=None) -> dict:
     generator = Generator.__new__(Generator)            # its host-side helpers only: no model
     generator.tokenizer, generator.cfg, generator.stop_strings = tok, cfg, tuple(cfg.stop_strings)
     generator._stop_criterion, generator._prompt_cache = stop_criterion(tok, generator.stop_strings), {}
+    generator._stop_memo = {}       # the criterion's remembered windows: emptied before every timed pass
     rng = random.Random(0)
     tasks = (mbpp.load_tasks("packaged") * 2)[:args.rows]
     prompt_ids = [generator.prompt_ids(prompts.build_prompt(t)) for t in tasks]
@@ -59,6 +60,7 @@ def main(argv=None) -> dict:
     check = generator._queue_stop_checker(prompt_ids)
 
     def stop_checks() -> tuple[int, int]:
+        generator._stop_memo.clear()
         checked, live, calls, stopped = [0] * len(news), set(range(len(news))), 0, 0
         steps = 0
         while live:

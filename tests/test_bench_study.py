@@ -29,7 +29,8 @@ def test_a_profiled_build_writes_its_row_pstats_and_top_functions(tiny_model_dir
     assert done.returncode == 0, done.stderr[-2000:]
     row = json.loads(out.read_text())["stages"]["build"]
     assert row["samples"] == 4 and row["programs"] == 4 and row["seconds"] > 0
-    assert 1 <= row["sandbox"]["runs"] <= 4 and row["sandbox"]["reruns"] <= row["sandbox"]["timeouts"] <= 4
+    assert 1 <= row["sandbox"]["runs"] <= 4 and row["sandbox"]["reruns"] <= row["sandbox"]["runs"]
+    assert row["sandbox"]["timeouts"] <= 4
     assert row["rerun_rounds"] >= 0 and row["rerun_rounds_s"] >= 0
     assert (tmp_path / "prof" / "build.pstats").stat().st_size > 0
     top = row["profile_top"]

@@ -155,8 +155,9 @@ def supervise(job, report_fd, network_fd=None, pid_init=False):
     for fd in path_fds.values():
         os.close(fd)
     worker_pid = own_pid(pid) if init_pid is not None else pid
-    ended, status, data = watch(pid, result_r, report_fd, started + job["timeout_s"])
+    ended, status, data, cpu_s = watch(pid, result_r, report_fd, started + job["timeout_s"])
     report["duration_s"] = time.monotonic() - started
+    report["cpu_s"] = cpu_s
     if init_pid is not None:
         # Killing pid 1 kills every process of the namespace. Its exit completes once all of them are
         # reaped, those whose parent is this process (the worker; a clone with CLONE_PARENT) by us.
@@ -398,7 +399,7 @@ def watch(pid, result_r, report_fd, deadline):
     adopted (as subreaper, or as pid 1 of the job's pid namespace), so that they do not count
     against the job's RLIMIT_NPROC as zombies. Stops early when the caller is gone (its end of the
     report pipe closed). Returns (how it ended: 'exited', 'timeout' or 'caller_gone'; the worker's
-    wait status; the collected bytes).
+    wait status; the collected bytes; the worker's CPU time in seconds, user + system, from wait4).
     """
     os.set_blocking(result_r, False)
     try:
@@ -420,8 +421,9 @@ def watch(pid, result_r, report_fd, deadline):
     data = bytearray()
     reading = True
     ended = "exited"
+    usage = None
     while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
+        done, status, usage = os.wait4(pid, os.WNOHANG)
         if done:
             break
         reap_others(pid)
@@ -430,7 +432,7 @@ def watch(pid, result_r, report_fd, deadline):
             ended = "timeout"
         if ended != "exited":
             os.kill(pid, signal.SIGKILL)
-            status = os.waitpid(pid, 0)[1]
+            _, status, usage = os.wait4(pid, 0)
             break
         wait_s = remaining if pidfd is not None else min(remaining, 0.005)
         for fd, _events in poller.poll(max(1, int(wait_s * 1000) + 1)):
@@ -450,7 +452,8 @@ def watch(pid, result_r, report_fd, deadline):
         reading = read_some(result_r, data, stop_when_empty=True)
     if pidfd is not None:
         os.close(pidfd)
-    return ended, status, data
+    cpu_s = usage.ru_utime + usage.ru_stime if usage is not None else None
+    return ended, status, data, cpu_s
 
 
 def _wake(signum, frame):

@@ -201,14 +201,16 @@ workers' worth have gathered, the caller flushes, or ``DEFER_MAX_S`` passes, so 
 over a stage share a few rounds instead of pausing the pool once each. A ``RLIMIT_CPU`` timeout is not
 re-run (load does not consume the program's CPU time). :class:`BatchStats` counts the re-runs.
 
-When ``cpu_time_s <= timeout_s`` (the default: both 10), a job run in a parallel batch gets a wall-clock
-limit of ``BESIDE_WALL_FACTOR x timeout_s`` instead, so that a busy endless loop reaches its CPU-time limit
-first and its label is final at once: a program that used ``cpu_time_s`` of CPU would take at least that
-long alone too (the CPU limit kills it alone as well), so it needs no second attempt and no round alone.
-Every other attempt that ran longer than ``timeout_s`` (a program that sleeps, one starved by the load, one
-that finished late) is run again alone as above; one that ran with no other job beside it is a timeout
-(it ran past ``timeout_s`` alone). An attempt that ended within ``timeout_s`` is final, as before. The
-labels are those of the plain policy; only the attempts differ.
+When ``cpu_time_s <= timeout_s`` (the default: both 10) and the pool has more than one worker, a job run in a
+parallel batch gets a CPU-time limit of ``ceil(CPU_LOAD_MARGIN x cpu_time_s)`` and a wall-clock limit of
+twice that (or of twice ``timeout_s``, the longer), so that a busy endless loop reaches its CPU-time limit
+and its label is final at once: load can inflate a program's CPU time (cores shared by hyperthreads, lower
+clocks), but not by the margin (1.5), so a program that used that much CPU beside others would use more
+than ``cpu_time_s`` alone too, and the CPU limit would stop it there. Every other attempt that ran longer
+than ``timeout_s`` or used more than ``cpu_time_s`` of CPU (a program that sleeps, one starved by the load,
+one that finished late) is run again alone as above; one that ran with no other job beside it is a timeout
+(it ran past a limit alone). An attempt that ended within both limits is final, as before. The labels are
+those of the plain policy (given the margin); only the attempts differ.
 
 Output
 ------
@@ -324,7 +326,8 @@ UID_CLAIM_POLL_S = 0.01
 # forks every supervisor of its slots, one after another) limits a large pool.
 SLOTS_PER_SERVER = 8
 DEFER_MAX_S = 30.0  # longest a deferred re-run waits for others to share its round (Sandbox.map)
-BESIDE_WALL_FACTOR = 2.0  # wall-clock limit of a job beside others, in timeout_s, when cpu_time_s <= timeout_s
+CPU_LOAD_MARGIN = 1.5  # a job beside others gets this many times cpu_time_s (rounded up), when cpu_time_s <= timeout_s
+BESIDE_WALL_FACTOR = 2.0  # and a wall-clock limit of this many times max(timeout_s, its CPU limit)
 # The highest uid the pool may reach (2**31 - 2; -1 as a 32-bit uid means "unchanged").
 MAX_UID = 2**31 - 2
 _WORKDIR_NAME = re.compile(re.escape(PROCESS_TAG) + r"-(\d+)-(\d+)-")
@@ -361,7 +364,7 @@ class ExecResult:
     duration_s: float  # the program's own run time (worker process), without interpreter start-up
     stderr_tail: str  # last 2 KB of stderr, ending with the harness's traceback of the failure
     stdout_tail: str = ""  # last output_limit_kb of stdout
-    attempts: int = 1  # 2 when a wall-clock timeout in a parallel batch was re-run alone; this is the last attempt
+    attempts: int = 1  # 2 when an attempt in a parallel batch was re-run alone (a timeout, or past a limit); the last
     cached: bool = False  # not run: the label of an identical job, from the label cache or from the same batch
 
     @property
@@ -377,7 +380,7 @@ class BatchStats:
     """
 
     jobs: int = 0  # jobs labelled, each counted once however many attempts it took (cache hits included)
-    reruns: int = 0  # jobs that hit the wall-clock limit beside other jobs and were run again alone
+    reruns: int = 0  # jobs whose attempt beside other jobs load may have decided (see Timeouts under load), run again alone
     rerun_timeouts: int = 0  # of those, the ones that timed out again (their label is timeout)
     timeouts: int = 0  # jobs whose final status is timeout (wall-clock or CPU-time limit)
     cache_hits: int = 0  # jobs not run: their label came from the label cache or an identical job of the batch
@@ -567,18 +570,18 @@ class Sandbox:
                 self._batches = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sandbox-batch")
         return self._batches.submit(self.map, list(jobs), progress)
 
-    def run_once(self, job: ExecJob, wall_s: float | None = None) -> tuple[ExecResult, dict]:
+    def run_once(self, job: ExecJob, limits: SandboxConfig | None = None) -> tuple[ExecResult, dict]:
         """One attempt at one job, in the calling thread: (result, the supervisor's report).
 
-        ``wall_s``: the attempt's wall-clock limit (default ``cfg.timeout_s``). When the fork server dies
+        ``limits``: the attempt's wall-clock and CPU-time limits (default ``cfg``'s). When the fork server dies
         before the job could report (killed, say), the job starts again once on a new server.
         """
         try:
-            return _execute(job, self.cfg, self._user, self._connection(), wall_s)
+            return _execute(job, self.cfg, self._user, self._connection(), limits)
         except ServerGone:
             self._drop_server(getattr(self._local, "index", 0), getattr(self._local, "server", None))
         try:
-            return _execute(job, self.cfg, self._user, self._connection(), wall_s)
+            return _execute(job, self.cfg, self._user, self._connection(), limits)
         except ServerGone as exc:
             raise SandboxError(f"the sandbox fork server failed twice in a row: {exc}") from None
 
@@ -623,12 +626,12 @@ class Sandbox:
             for future in as_completed(futures):
                 key = futures[future]
                 result, report, beside = future.result()
-                if _load_may_decide(result, report, self.cfg, self._beside_wall):
+                if _load_may_decide(result, report, self.cfg, self._beside_limits is not None):
                     if beside:
                         fresh[key] = result
                         timed_out.append(key)
                         continue
-                    result = _timeout_alone(result, self.cfg)
+                    result = _timeout_alone(result, report, self.cfg)
                 fresh[key] = result
                 finish(key, result)
         except BaseException:
@@ -733,16 +736,18 @@ class Sandbox:
                         self._in_round = False
                         self._rerun_cond.notify_all()
 
-    @property
-    def _beside_wall(self) -> float | None:
-        """The wall-clock limit of an attempt in a parallel batch (None: ``timeout_s``), see "Timeouts under load"."""
-        if self.cfg.cpu_time_s <= self.cfg.timeout_s:
-            return BESIDE_WALL_FACTOR * self.cfg.timeout_s
-        return None
+    @functools.cached_property
+    def _beside_limits(self) -> SandboxConfig | None:
+        """The limits of an attempt in a parallel batch (None: ``cfg``'s), see "Timeouts under load"."""
+        cfg = self.cfg
+        if self.workers < 2 or cfg.cpu_time_s > cfg.timeout_s:
+            return None
+        cpu = math.ceil(CPU_LOAD_MARGIN * cfg.cpu_time_s)
+        return dataclasses.replace(cfg, cpu_time_s=cpu, timeout_s=BESIDE_WALL_FACTOR * max(cfg.timeout_s, cpu))
 
     def _attempt(self, job: ExecJob) -> tuple[ExecResult, dict, bool]:
         with self._gate.beside() as beside:
-            result, report = self.run_once(job, self._beside_wall)
+            result, report = self.run_once(job, self._beside_limits)
         return result, report, beside[0]
 
     def _fork_server(self, index: int) -> ForkServer:
@@ -1124,18 +1129,19 @@ def _child_command(payload_fd: int, report_fd: int) -> list[str]:
 
 
 def _execute(job: ExecJob, cfg: SandboxConfig, user: tuple[int, int] | None,
-             connection: forkserver.Connection | None = None, wall_s: float | None = None) -> tuple[ExecResult, dict]:
+             connection: forkserver.Connection | None = None, limits: SandboxConfig | None = None
+             ) -> tuple[ExecResult, dict]:
     """Run one job; return its result and the supervisor's report (empty when there was none).
 
-    ``wall_s`` replaces ``cfg.timeout_s`` as this attempt's wall-clock limit; outcomes are still described
-    with ``cfg``'s limits (the caller decides what an attempt past ``timeout_s`` means).
+    ``limits`` (default ``cfg``) gives this attempt's wall-clock and CPU-time limits; outcomes are still
+    described with ``cfg``'s (the caller decides what an attempt past them means).
 
     With ``connection`` the fork server forks the supervisor, otherwise a new interpreter starts.
     Everything here runs in a pool thread under the interpreter lock, for every job, so it uses
     descriptors and plain system calls rather than file objects.
     """
     started = time.monotonic()
-    run_cfg = cfg if wall_s is None or wall_s == cfg.timeout_s else dataclasses.replace(cfg, timeout_s=wall_s)
+    run_cfg = limits or cfg
     with _job_identity(cfg, user) as (identity, lock_fd):
         host_dir = identity is None or _private_tmp["works"] is not True
         workdir = tempfile.mkdtemp(prefix=_workdir_prefix(os.getpid())) if host_dir else None
@@ -1161,7 +1167,7 @@ def _execute(job: ExecJob, cfg: SandboxConfig, user: tuple[int, int] | None,
                 log.warning("the sandbox could not mount a private tmpfs on /tmp; jobs run in a directory on the "
                             "host from now on")
             _private_tmp["works"] = False                     # for good: a True set later never undoes it
-        return _execute(job, cfg, user, connection, wall_s)
+        return _execute(job, cfg, user, connection, limits)
     if identity is not None and report.get("private_tmp") and _private_tmp["works"] is None:
         with _private_tmp_lock:
             if _private_tmp["works"] is None:
@@ -1366,7 +1372,7 @@ def _classify(report: dict, supervisor_stuck: bool, exit_code: int | None, cfg: 
         return "timeout", None, _wall_detail(cfg.timeout_s)
     worker_exit = report.get("exit_code", 0)
     if worker_exit == -signal.SIGXCPU:
-        return "timeout", None, f"CPU time limit of {cfg.cpu_time_s} s exceeded (SIGXCPU)"
+        return "timeout", None, _cpu_detail(cfg.cpu_time_s)
     if worker_exit < 0:
         return "error", "signal", _signal_name(-worker_exit)
     if worker_exit == child.EXIT_RESULT_LOST:
@@ -1384,20 +1390,33 @@ def _cpu_timeout(report: dict) -> bool:
         and report.get("exit_code") == -signal.SIGXCPU
 
 
-def _load_may_decide(result: ExecResult, report: dict, cfg: SandboxConfig, wall_s: float | None) -> bool:
+def _load_may_decide(result: ExecResult, report: dict, cfg: SandboxConfig, beside_limits: bool) -> bool:
     """Whether an attempt's outcome may depend on load, so that only a run alone decides the label: a
-    wall-clock timeout, or (with the longer limit ``wall_s`` of a job beside others) any outcome but the
-    CPU-time limit reached after more than ``timeout_s``."""
+    wall-clock timeout, or (with the raised limits of a job beside others) any outcome but the raised CPU-time
+    limit that ran past ``timeout_s`` or used more than ``cpu_time_s`` of CPU."""
     if _wall_clock_timeout(result, report):
         return True
-    return wall_s is not None and result.duration_s > cfg.timeout_s and not _cpu_timeout(report)
+    if not beside_limits or not report or _cpu_timeout(report):
+        return False
+    cpu = report.get("cpu_s")
+    return report.get("duration_s", 0.0) > cfg.timeout_s or (cpu is not None and cpu > cfg.cpu_time_s)
 
 
-def _timeout_alone(result: ExecResult, cfg: SandboxConfig) -> ExecResult:
-    """The label of an attempt that ran alone (no other job of the pool beside it) past ``timeout_s``."""
-    if result.status == "timeout" and result.detail == _wall_detail(cfg.timeout_s):
+def _timeout_alone(result: ExecResult, report: dict, cfg: SandboxConfig) -> ExecResult:
+    """The label of an attempt with raised limits that ran alone (no other job of the pool beside it) past a
+    limit of ``cfg``: the timeout the plain limits give."""
+    if result.status == "timeout":            # a wall-clock timeout or a stuck supervisor: as it is
         return result
-    return dataclasses.replace(result, status="timeout", error_type=None, detail=_wall_detail(cfg.timeout_s))
+    cpu = report.get("cpu_s") if report else None
+    if cpu is not None and cpu > cfg.cpu_time_s and report.get("duration_s", 0.0) <= cfg.timeout_s:
+        detail = _cpu_detail(cfg.cpu_time_s)
+    else:
+        detail = _wall_detail(cfg.timeout_s)
+    return dataclasses.replace(result, status="timeout", error_type=None, detail=detail)
+
+
+def _cpu_detail(cpu_time_s: int) -> str:
+    return f"CPU time limit of {cpu_time_s} s exceeded (SIGXCPU)"
 
 
 def _wall_detail(timeout_s: float) -> str:

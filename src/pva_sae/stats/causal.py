@@ -354,7 +354,10 @@ def _bootstrap_mean(values: np.ndarray, n_resamples: int, seed: int, level: floa
     if values.size == 0:
         return {"estimate": None, "ci": [None, None]}
     n = values.size
-    means = values[None, :] @ _seeded_counts(n, n_resamples, seed).T / n   # bootstrap_means_batch from default_rng(seed)
+    if isinstance(seed, (int, np.integer)):   # bootstrap_means_batch from default_rng(seed), its draws remembered
+        means = values[None, :] @ _seeded_counts(n, n_resamples, int(seed)).T / n
+    else:
+        means = bootstrap_means_batch(values[None, :], n_resamples, np.random.default_rng(seed))
     lo, hi = percentile_interval(means, level)
     return {"estimate": float(values.mean()), "ci": [float(lo[0]), float(hi[0])]}
 
