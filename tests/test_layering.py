@@ -2,9 +2,10 @@
 
 - A module under ``stages/`` never imports another stage module: a stage that needs another's output
   reads the artifact through ``pva_sae.rundir``.
-- Library modules (everything but ``stages/`` and the CLI) never import ``stages/`` or ``cli``. The CLI module is
-  the one entry point that calls the stages: the commands, ``run_pipeline`` (`pva-sae run`) and the Python API's
-  stage calls. ``api`` (configs, reading a run's results) is a library module like the others.
+- ``pipeline`` is the one module that calls the stages: each command's stage work, ``run_pipeline`` (`pva-sae
+  run`) and the Python API's stage calls. The CLI parses and prints; it imports ``pipeline``, never a stage.
+- Library modules (everything but ``stages/``, ``pipeline`` and the CLI) never import ``stages/``, ``pipeline``
+  or ``cli``. ``api`` (configs, reading a run's results) is a library module like the others.
 - Only the package ``__init__`` and the CLI import lazily; elsewhere imports of the package's own
   modules and of torch sit at the top of the module.
 """
@@ -17,7 +18,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "src" / "pva_sae"
-TOP = {"stages", "cli", "__main__"}   # __main__ is `python -m pva_sae`, i.e. the CLI
+TOP = {"stages", "pipeline", "cli", "__main__"}   # __main__ is `python -m pva_sae`, i.e. the CLI
+CALLS_STAGES = {"stages", "pipeline"}   # the only modules that import a stage
 LAZY_OK = {("__init__",), ("cli",)}
 
 
@@ -65,6 +67,8 @@ def test_imports_follow_the_layering_rule(parts, path):
             assert target[1] == parts[1] or target[1] not in STAGE_NAMES, f"{path} imports stage {name}"
         if parts[0] not in TOP and parts != ("__init__",):  # the package entry point re-exports the API
             assert target[0] not in TOP, f"library module {'/'.join(parts)} imports {name}"
+        if parts[0] in TOP and parts[0] not in CALLS_STAGES:
+            assert target[0] != "stages", f"{'/'.join(parts)} imports {name}: only pipeline calls the stages"
 
 
 STAGE_NAMES = {"build", "analyze", "validate", "steer", "report", "ablate", "attention", "merge"}
@@ -102,8 +106,18 @@ def test_checker_catches_a_stage_importing_a_stage(tmp_path, monkeypatch):
 def test_checker_catches_a_library_module_importing_a_stage(tmp_path, monkeypatch):
     fake = tmp_path / "pva_sae"
     fake.mkdir()
-    (fake / "pipeline.py").write_text("from pva_sae.stages.ablate import ablate\n")
+    (fake / "summary.py").write_text("from pva_sae.stages.ablate import ablate\n")
     monkeypatch.setattr(__import__(__name__), "ROOT", fake)
     [(parts, path)] = _modules()
-    with pytest.raises(AssertionError, match="library module pipeline imports"):
+    with pytest.raises(AssertionError, match="library module summary imports"):
+        test_imports_follow_the_layering_rule(parts, path)
+
+
+def test_checker_catches_the_cli_importing_a_stage(tmp_path, monkeypatch):
+    fake = tmp_path / "pva_sae"
+    fake.mkdir()
+    (fake / "cli.py").write_text("def cmd():\n    from pva_sae.stages.build import build_dataset\n")
+    monkeypatch.setattr(__import__(__name__), "ROOT", fake)
+    [(parts, path)] = _modules()
+    with pytest.raises(AssertionError, match="only pipeline calls the stages"):
         test_imports_follow_the_layering_rule(parts, path)

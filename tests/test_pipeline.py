@@ -108,7 +108,7 @@ def _pipeline_on_copy(analysed, dest, monkeypatch, progress, *extra):
     from test_validate import copy_run
 
     import pva_sae.model.registry as registry
-    from pva_sae.cli import run_pipeline
+    from pva_sae.pipeline import run_pipeline
     from pva_sae.config import resolve_config
 
     cfg = resolve_config(base=copy_run(analysed, dest).to_dict(), overrides=["data.end_idx=29", *SMALL_STEER, *extra])

@@ -2,7 +2,7 @@
 
 Importing the package is cheap: torch and transformers load only when a stage needs them. The Python API is
 exported lazily: the stage calls ``pva_sae.run``, ``build_dataset``, ``analyze``, ``validate``, ``steer`` and
-``report`` (entry points beside the commands, :mod:`pva_sae.cli`), and ``load_run`` and ``make_config``
+``report`` (:mod:`pva_sae.pipeline`, the one module that calls the stages), and ``load_run`` and ``make_config``
 (:mod:`pva_sae.api`).
 """
 
@@ -10,14 +10,14 @@ __version__ = "0.1.0"
 
 __all__ = ["__version__", "run", "build_dataset", "analyze", "validate", "steer", "report", "load_run", "make_config"]
 API = tuple(__all__[1:])
-FROM_API = ("load_run", "make_config")   # the rest from the CLI module, where the stages are called
+FROM_API = ("load_run", "make_config")   # the rest from the pipeline module, where the stages are called
 
 
 def __getattr__(name):
     if name in API:
         import importlib
 
-        return getattr(importlib.import_module("pva_sae.api" if name in FROM_API else "pva_sae.cli"), name)
+        return getattr(importlib.import_module("pva_sae.api" if name in FROM_API else "pva_sae.pipeline"), name)
     raise AttributeError(f"module 'pva_sae' has no attribute {name!r}")
 
 

@@ -14,17 +14,11 @@ import os
 import signal
 import sys
 import threading
-import time
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Callable, Sequence
 
 from pva_sae import __version__
 from pva_sae.config import DATASETS, SITES, describe
 from pva_sae.errors import InputError, PvaSaeError
-
-if TYPE_CHECKING:
-    from pva_sae.api import Run
-    from pva_sae.config import Config
 
 EXIT_USER_ERROR = 2
 
@@ -109,112 +103,66 @@ def _run_config(args: argparse.Namespace, stage: str):
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from pva_sae.stages.build import build_dataset
+    from pva_sae import pipeline
 
-    cfg = _config(args)
-    records = build_dataset(cfg, progress=not args.quiet)
-    n_pass = sum(r["passed"] for r in records)
-    print(f"built {len(records)} samples ({n_pass} passed, {n_pass / max(len(records), 1):.1%}) "
-          f"in {cfg.output.run_dir}/datasets")
-    return 0
+    return _print(pipeline.build_lines(_config(args), progress=not args.quiet))
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from pva_sae.stages.merge import merge
+    from pva_sae import pipeline
 
     run_dir = args.run_dir_arg or args.run_dir
     if run_dir is None:
         print("pva-sae: error: merge needs the run directory: pva-sae merge RUN_DIR", file=sys.stderr)
         return EXIT_USER_ERROR
-    merged = merge(run_dir)
-    for root, n in merged.items():
-        print(f"merged {n} samples from the shards into {root}/datasets")
-    if not merged:
-        print(f"{run_dir}: every sharded build is merged already")
-    return 0
+    return _print(pipeline.merge_lines(run_dir))
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from pva_sae.rundir.paths import AnalysisPaths, RunDir
-    from pva_sae.stages.analyze import analyze
+    from pva_sae import pipeline
 
-    cfg = _run_config(args, "analyze")
-    summary = analyze(cfg, progress=not args.quiet)
-    paths = AnalysisPaths.of(RunDir.at(cfg.output.run_dir))
-    print(f"analysed {summary['n_tasks']} tasks ({summary['n_correct']} correct) with {summary['release']}; "
-          f"ranked latents in {paths.ranked_parquet}")
-    return 0
+    return _print(pipeline.analyze_lines(_run_config(args, "analyze"), progress=not args.quiet))
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from pva_sae.rundir.paths import RunDir, ValidationPaths
-    from pva_sae.stages.report import write_report
-    from pva_sae.stages.validate import validate
-    from pva_sae.summary import validation_summary
+    from pva_sae import pipeline
 
-    cfg = _run_config(args, "validate")
-    results = validate(cfg, progress=not args.quiet)
-    html_path, _ = write_report(cfg.output.run_dir)
-    print("\n".join(validation_summary(results)))
-    print(f"results in {ValidationPaths.of(RunDir.at(cfg.output.run_dir)).results}; report {html_path}")
-    return 0
+    return _print(pipeline.validate_lines(_run_config(args, "validate"), progress=not args.quiet))
 
 
 def cmd_steer(args: argparse.Namespace) -> int:
-    from pva_sae.rundir.paths import RunDir, SteeringPaths
-    from pva_sae.stages.report import write_report
-    from pva_sae.stages.steer import steer
-    from pva_sae.summary import steering_summary
+    from pva_sae import pipeline
 
-    cfg = _run_config(args, "steer")
-    results = steer(cfg, progress=not args.quiet)
-    html_path, _ = write_report(cfg.output.run_dir)
-    print("\n".join(steering_summary(results)))
-    print(f"results in {SteeringPaths.of(RunDir.at(cfg.output.run_dir)).results}; report {html_path}")
-    return 0
+    return _print(pipeline.steer_lines(_run_config(args, "steer"), progress=not args.quiet))
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    from pva_sae.rundir.paths import AblationPaths, RunDir
-    from pva_sae.stages.ablate import ablate
+    from pva_sae import pipeline
 
-    cfg = _run_config(args, "ablate")
-    results = ablate(cfg, progress=not args.quiet)
-    for name, e in results["experiments"].items():
-        rate, control = e["rate"], e["controls_summary"]["mean_rate"]
-        print(f"{name}: target {rate['successes']}/{rate['n']}, controls' mean "
-              f"{'n/a' if control is None else f'{control:.1%}'}, rank p {e['rank_p']['p']}")
-    print(f"results in {AblationPaths.of(RunDir.at(cfg.output.run_dir)).results}")
-    return 0
+    return _print(pipeline.ablate_lines(_run_config(args, "ablate"), progress=not args.quiet))
 
 
 def cmd_attention(args: argparse.Namespace) -> int:
-    from pva_sae.rundir.paths import AttentionPaths, RunDir
-    from pva_sae.stages.attention import attention
+    from pva_sae import pipeline
 
-    cfg = _run_config(args, "attention")
-    results = attention(cfg, progress=not args.quiet)
-    for direction, diff in results["differences"].items():
-        print(f"steering {direction}: " + ", ".join(
-            f"{section} {d['estimate']:+.2%} [{d['ci'][0]:+.2%}, {d['ci'][1]:+.2%}]"
-            for section, d in diff["overall"].items()))
-    print(f"results in {AttentionPaths.of(RunDir.at(cfg.output.run_dir)).results}")
-    return 0
+    return _print(pipeline.attention_lines(_run_config(args, "attention"), progress=not args.quiet))
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from pva_sae.stages.report import write_report
+    from pva_sae import pipeline
 
-    cfg = _config(args)
-    html_path, md_path = write_report(cfg.output.run_dir)
-    print(f"report: {html_path} (Markdown: {md_path})")
-    return 0
+    return _print(pipeline.report_lines(_config(args)))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    cfg = _config(args)
-    summary = run_pipeline(cfg, progress=not args.quiet)
-    for line in summary:
+    from pva_sae import pipeline
+
+    return _print(pipeline.run_pipeline(_config(args), progress=not args.quiet))
+
+
+def _print(lines: list[str]) -> int:
+    """Print a command's summary lines; the command succeeded."""
+    for line in lines:
         print(line)
     return 0
 
@@ -495,140 +443,6 @@ def _latest_save(run) -> str:
     if latest is None:
         return "no record had been saved"
     return f"the latest save holds {read_json(latest)['n_records']} records ({latest})"
-
-
-# --------------------------------------------------------------------------- `pva-sae run` and the Python API's
-# stage calls (exported by the package: pva_sae.build_dataset, analyze, validate, steer, report, run). They sit here,
-# beside the commands, because only the entry points call the stages; pva_sae.api holds what they share with the
-# command line (configs) and the reading of a run's results.
-
-def run_pipeline(cfg: Config, progress: bool = True, *, loaded=None) -> list[str]:
-    """Run the stages; return human-readable summary lines (where the results are). ``loaded`` (a LoadedModel,
-    or a callable returning one) is the model every stage uses; by default it is loaded once, when first needed."""
-    from pva_sae.config import DIRECTIONS
-    from pva_sae.execution.dataset import announce
-    from pva_sae.model.registry import load_once
-    from pva_sae.rundir.paths import AnalysisPaths, RunDir
-    from pva_sae.stages.analyze import analyze as _analyze
-    from pva_sae.stages.build import build_dataset as _build
-    from pva_sae.stages.report import write_report
-    from pva_sae.stages.steer import steer as _steer
-    from pva_sae.stages.validate import validate as _validate
-    from pva_sae.summary import steering_summary, validation_summary
-
-    run = RunDir.at(cfg.output.run_dir)
-    model = load_once(cfg.model) if loaded is None else loaded
-    lines = []
-    started = time.perf_counter()
-    records = _build(cfg, progress=progress, loaded=model)
-    n_pass = sum(r["passed"] for r in records)
-    lines.append(f"build:   {len(records)} samples, {n_pass} passed ({n_pass / max(len(records), 1):.1%}) "
-                 f"-> {run.datasets}")
-    t0 = time.perf_counter()
-    summary = _analyze(cfg, progress=progress, loaded=model)
-    paths = AnalysisPaths.of(run)
-    lines.append(f"analyze: {summary['n_tasks']} SAE-split tasks ({summary['n_correct']} correct), "
-                 f"{len(summary['layers'])} layers, release {summary['release']} ({time.perf_counter() - t0:.0f} s)")
-    for direction in DIRECTIONS:
-        top = summary["top"][direction][:1]
-        if top:
-            r = top[0]
-            lines.append(f"         top {direction}-predicting latent: layer {r['layer']} latent {r['latent']} "
-                         f"(separation {r['sep_' + direction]:.3f}, t {r['t_' + direction]:.2f})")
-    lines.append(f"         ranked latents: {paths.ranked_parquet}; plots: {paths.plots}")
-    t0 = time.perf_counter()
-    results = _validate(cfg, progress=progress, loaded=model)
-    lines += ["validate: " + line for line in validation_summary(results)]
-    lines.append(f"         temperatures {', '.join(results['temperature'])}; {time.perf_counter() - t0:.0f} s")
-    t0 = time.perf_counter()
-    steering = _steer(cfg, progress=progress, loaded=model)
-    lines += [("steer:   " if line.startswith(tuple(steering["experiments"])) else "         ") + line
-              for line in steering_summary(steering)]
-    lines.append(f"         noise floor {steering['noise_floor']['flips']}/{steering['noise_floor']['n']} flips; "
-                 f"{time.perf_counter() - t0:.0f} s")
-    announce("report", f"writing {run.report_html}", progress)
-    html_path, _ = write_report(run.root)
-    lines.append(f"report:  {html_path}")
-    lines.append(f"finished in {time.perf_counter() - started:.0f} s; results in {run.root}")
-    return lines
-
-
-def build_dataset(model: str | None = None, start_idx: int | None = None, end_idx: int | None = None,
-                  save_format: str | None = None, *, config: Config | None = None,
-                  run_dir: str | Path | None = None, resume: str | None = None, resume_from: str | None = None,
-                  config_file: str | None = None, overrides: dict[str, Any] | None = None, progress: bool = True,
-                  loaded=None) -> list[dict[str, Any]]:
-    """Stage 1: build the labelled dataset for tasks ``start_idx..end_idx`` (inclusive); returns its records.
-
-    ``resume`` None keeps the config's ('ask', which resumes here: there is no prompt to answer).
-    """
-    from pva_sae.api import config_items, resolve_stage
-    from pva_sae.stages.build import build_dataset as _build
-
-    items = config_items(model=model, start_idx=start_idx, end_idx=end_idx, save_format=save_format,
-                         run_dir=run_dir, resume=resume, resume_from=resume_from, overrides=overrides)
-    cfg = resolve_stage("build", config, config_file, items)
-    return _build(cfg, interactive=False, progress=progress, loaded=loaded)
-
-
-def analyze(config: Config | None = None, *, run_dir: str | Path | None = None, config_file: str | None = None,
-            overrides: dict[str, Any] | None = None, progress: bool = True, loaded=None) -> dict[str, Any]:
-    """Stage 2: SAE latents separating correct from incorrect; returns ``analysis/summary.json``'s content
-    (the ranked latents are ``load_run(run_dir).ranked``)."""
-    from pva_sae.api import config_items, resolve_stage
-    from pva_sae.stages.analyze import analyze as _analyze
-
-    cfg = resolve_stage("analyze", config, config_file, config_items(run_dir=run_dir, overrides=overrides))
-    return _analyze(cfg, progress=progress, loaded=loaded)
-
-
-def validate(config: Config | None = None, *, run_dir: str | Path | None = None, config_file: str | None = None,
-             overrides: dict[str, Any] | None = None, progress: bool = True, loaded=None) -> dict[str, Any]:
-    """Stage 3: the chosen latents as predictors on held-out tasks against baselines; returns
-    ``validation/results.json``'s content."""
-    from pva_sae.api import config_items, resolve_stage
-    from pva_sae.stages.validate import validate as _validate
-
-    cfg = resolve_stage("validate", config, config_file, config_items(run_dir=run_dir, overrides=overrides))
-    return _validate(cfg, progress=progress, loaded=loaded)
-
-
-def steer(config: Config | None = None, *, run_dir: str | Path | None = None, config_file: str | None = None,
-          overrides: dict[str, Any] | None = None, progress: bool = True, loaded=None) -> dict[str, Any]:
-    """Stage 4: steering along the chosen latents against control directions; returns
-    ``steering/results.json``'s content."""
-    from pva_sae.api import config_items, resolve_stage
-    from pva_sae.stages.steer import steer as _steer
-
-    cfg = resolve_stage("steer", config, config_file, config_items(run_dir=run_dir, overrides=overrides))
-    return _steer(cfg, progress=progress, loaded=loaded)
-
-
-def report(run_dir: str | Path | Config | None = None) -> tuple[Path, Path]:
-    """Write ``report.html`` and ``report.md`` of a run directory (or of ``Config.output.run_dir``)."""
-    from pva_sae.config import Config
-    from pva_sae.stages.report import write_report
-
-    if isinstance(run_dir, Config):
-        run_dir = run_dir.output.run_dir
-    return write_report(run_dir if run_dir is not None else Config().output.run_dir)
-
-
-def run(config: Config | None = None, *, model: str | None = None, start_idx: int | None = None,
-        end_idx: int | None = None, run_dir: str | Path | None = None, resume: str | None = None,
-        config_file: str | None = None, overrides: dict[str, Any] | None = None, progress: bool = True,
-        loaded=None) -> Run:
-    """Every stage in order, then the report (as `pva-sae run`); returns :func:`load_run` of the run directory.
-    Finished stages whose inputs did not change are not redone."""
-    from pva_sae.api import config_items, load_run, resolve_stage
-
-    items = config_items(model=model, start_idx=start_idx, end_idx=end_idx, run_dir=run_dir, resume=resume,
-                         overrides=overrides)
-    cfg = resolve_stage("run", config, config_file, items)
-    lines = run_pipeline(cfg, progress=progress, loaded=loaded)
-    result = load_run(cfg.output.run_dir)
-    result.summary_lines = lines
-    return result
 
 
 if __name__ == "__main__":
