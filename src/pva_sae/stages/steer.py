@@ -809,13 +809,12 @@ def steer(cfg: Config, progress: bool = True, *, loaded=None) -> dict[str, Any]:
             steerer, searches, [(BASELINE, None, 0.0, tuning_ids), (BASELINE, None, 0.0, val_ids)])
         tuned = tuned or searched
         # Validation: every direction's target and controls at its alpha, in one pipelined call.
-        conditions = {d: [(p["arm"], p["vector"], tuned[d]["chosen"]["alpha"] * p["unit"], val_ids)] +
-                         [(a, v, tuned[d]["chosen"]["alpha"] * p["unit"], val_ids) for a, v in p["controls"]]
-                      for d, p in plans.items()}
-        outs = iter(steerer.run_many([c for cs in conditions.values() for c in cs]))
+        alphas = {d: tuned[d]["chosen"]["alpha"] * p["unit"] for d, p in plans.items()}
+        outs = iter(steerer.run_many([(a, v, alphas[d], val_ids) for d, p in plans.items()
+                                      for a, v in [(p["arm"], p["vector"]), *p["controls"]]]))
         for direction, p in plans.items():
             arm, controls, latents, layer, sae = p["arm"], p["controls"], p["latents"], p["layer"], p["sae"]
-            alpha = tuned[direction]["chosen"]["alpha"] * p["unit"]
+            alpha = alphas[direction]
             target_out = next(outs)
             control_out = [(a, next(outs)) for a, _ in controls]
             outcomes[direction] = (target_out, control_out)
