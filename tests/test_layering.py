@@ -93,31 +93,27 @@ def _inside_type_checking(path: Path, node: ast.AST) -> bool:
     return False
 
 
+def _rule_breaks(tmp_path, monkeypatch, module: str, source: str, match: str) -> None:
+    """A package holding only ``module`` (a path under pva_sae/) with ``source`` fails the layering rule."""
+    path = tmp_path / "pva_sae" / module
+    path.parent.mkdir(parents=True)
+    path.write_text(source)
+    monkeypatch.setattr(__import__(__name__), "ROOT", tmp_path / "pva_sae")
+    [(parts, found)] = _modules()
+    with pytest.raises(AssertionError, match=match):
+        test_imports_follow_the_layering_rule(parts, found)
+
+
 def test_checker_catches_a_stage_importing_a_stage(tmp_path, monkeypatch):
-    fake = tmp_path / "pva_sae"
-    (fake / "stages").mkdir(parents=True)
-    (fake / "stages" / "steer.py").write_text("from pva_sae.stages.build import build_dataset\n")
-    monkeypatch.setattr(__import__(__name__), "ROOT", fake)
-    [(parts, path)] = _modules()
-    with pytest.raises(AssertionError, match="imports stage"):
-        test_imports_follow_the_layering_rule(parts, path)
+    _rule_breaks(tmp_path, monkeypatch, "stages/steer.py", "from pva_sae.stages.build import build_dataset\n",
+                 "imports stage")
 
 
 def test_checker_catches_a_library_module_importing_a_stage(tmp_path, monkeypatch):
-    fake = tmp_path / "pva_sae"
-    fake.mkdir()
-    (fake / "summary.py").write_text("from pva_sae.stages.ablate import ablate\n")
-    monkeypatch.setattr(__import__(__name__), "ROOT", fake)
-    [(parts, path)] = _modules()
-    with pytest.raises(AssertionError, match="library module summary imports"):
-        test_imports_follow_the_layering_rule(parts, path)
+    _rule_breaks(tmp_path, monkeypatch, "summary.py", "from pva_sae.stages.ablate import ablate\n",
+                 "library module summary imports")
 
 
 def test_checker_catches_the_cli_importing_a_stage(tmp_path, monkeypatch):
-    fake = tmp_path / "pva_sae"
-    fake.mkdir()
-    (fake / "cli.py").write_text("def cmd():\n    from pva_sae.stages.build import build_dataset\n")
-    monkeypatch.setattr(__import__(__name__), "ROOT", fake)
-    [(parts, path)] = _modules()
-    with pytest.raises(AssertionError, match="only pipeline calls the stages"):
-        test_imports_follow_the_layering_rule(parts, path)
+    _rule_breaks(tmp_path, monkeypatch, "cli.py", "def cmd():\n    from pva_sae.stages.build import build_dataset\n",
+                 "only pipeline calls the stages")
