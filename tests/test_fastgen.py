@@ -245,10 +245,12 @@ def rows_of(out, enc, eos, pad):
 QUEUE = PROMPTS + ["def fib(n):\n    if n < 2:", "# reverse a string\ndef rev(s):", "y = {}\nfor k in", "while"]
 
 
+@pytest.mark.parametrize("pipeline", [False, True])
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_continuous_batching_equals_per_row_generation(tiny_loaded, temperature):
+def test_continuous_batching_equals_per_row_generation(tiny_loaded, temperature, pipeline):
     """Any slot count gives each prompt what it gets alone (greedy and keyed sampling, float32); EOS rows free
-    their slot early (EOS ids chosen so rows end at different steps)."""
+    their slot early (EOS ids chosen so rows end at different steps). Pipelined (the host reads one window while
+    the device decodes the next, so ended rows decode one window more) or not, the rows are the same."""
     tok = tiny_loaded.tokenizer
     ids = prompt_ids(tiny_loaded, QUEUE)
     keys = [1000 + i for i in range(len(QUEUE))]
@@ -258,6 +260,7 @@ def test_continuous_batching_equals_per_row_generation(tiny_loaded, temperature)
     first = probe.generate_queue(ids, 30, slots=len(ids), temperature=temperature, keys=keys)
     eos = sorted({toks[len(toks) // 2] for toks, _ in first[::2]})[:3]      # tokens some rows produce mid-way
     dec = StaticDecoder(tiny_loaded.model, eos, pad, check_every=4)
+    dec.queue_pipeline = pipeline
     for i, p in enumerate(ids):
         enc = tok([QUEUE[i]], return_tensors="pt")
         out = dec.generate(enc["input_ids"], enc["attention_mask"], 30, temperature=temperature, row_keys=[keys[i]])
@@ -275,21 +278,31 @@ def test_continuous_batching_equals_per_row_generation(tiny_loaded, temperature)
         assert [t for t, _ in other] != alone_runs
 
 
-def test_continuous_batching_stop_strings_and_steering(tiny_loaded):
-    """A row ended by the stop check frees its slot; steering at generated positions applies to refilled slots."""
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_continuous_batching_stop_strings_and_steering(tiny_loaded, pipeline):
+    """A row ended by the stop check frees its slot; steering at generated positions applies to refilled slots.
+    Pipelined, the stop check is asked about each row's steps in order, every step exactly once, and never about
+    a row's tokens after the step it ended at."""
     pad = tiny_loaded.tokenizer.pad_token_id
     ids = prompt_ids(tiny_loaded, QUEUE)
     d = torch.randn(tiny_loaded.d_model, generator=torch.Generator().manual_seed(0))
     steering = Steering(1, d / d.norm(), 40.0, site="resid_post", positions="generated")
     dec = StaticDecoder(tiny_loaded.model, [1], pad, check_every=3)
+    dec.queue_pipeline = pipeline
     plain = dec.generate_queue(ids, 20, slots=len(ids))
     stop_at = {i: 4 + i % 5 for i in range(len(ids))}
+    asked: dict[int, list[tuple[int, int]]] = {}
 
     def stop_check(requests):
+        for item, new, first in requests:
+            asked.setdefault(item, []).append((first, len(new)))
         return [stop_at[item] if stop_at[item] < len(new) else None for item, new, _ in requests]
 
     stopped = dec.generate_queue(ids, 20, slots=2, stop_check=stop_check)
     assert [(t, r) for t, r in stopped] == [(t[:stop_at[i] + 1], "stop") for i, (t, _) in enumerate(plain)]
+    for item, spans in asked.items():
+        assert spans[0][0] == 0 and all(a[1] == b[0] for a, b in zip(spans, spans[1:])), (item, spans)
+        assert spans[-1][1] > stop_at[item] and all(end <= stop_at[item] for _, end in spans[:-1]), (item, spans)
     steered_alone = []
     for i, p in enumerate(QUEUE):
         enc = tiny_loaded.tokenizer([p], return_tensors="pt")
@@ -298,6 +311,9 @@ def test_continuous_batching_stop_strings_and_steering(tiny_loaded):
     steered = dec.generate_queue(ids, 20, slots=3, steering=steering)
     assert [t for t, _ in steered] == steered_alone
     assert steered_alone != [t for t, _ in plain]
+    reported = []
+    dec.generate_queue(ids, 20, slots=3, steering=steering, on_finish=reported.extend)
+    assert sorted(reported) == sorted((i, t, r) for i, (t, r) in enumerate(steered))   # each row once
 
 
 def test_queue_check_interval_is_fixed_by_model_size_and_does_not_change_outputs(tiny_loaded, monkeypatch):
@@ -315,11 +331,14 @@ def test_queue_check_interval_is_fixed_by_model_size_and_does_not_change_outputs
     assert large.generate_queue(ids, 20, slots=2) == small.generate_queue(ids, 20, slots=2)
 
 
-def test_generator_queue_matches_generate_batch_greedy(tiny_loaded):
-    """The Generator's continuous-batching entry point gives generate_batch's samples (greedy, stop strings)."""
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_generator_queue_matches_generate_batch_greedy(tiny_loaded, pipeline):
+    """The Generator's continuous-batching entry point gives generate_batch's samples (greedy, stop strings),
+    pipelined or not."""
     batch = mbpp_batch(6)
     cfg = GenerationConfig(backend="fast", max_new_tokens=48)
     g = Generator(tiny_loaded, cfg)
+    g.fast.queue_pipeline = pipeline
     by_batch = [(s.task_id, s.completion, s.n_new_tokens, s.finish_reason) for s in g.generate_batch(batch, 0)]
     queued = g.generate_queue(batch, 0, slots=2)
     assert [(s.task_id, s.completion, s.n_new_tokens, s.finish_reason) for s in queued] == by_batch
@@ -465,11 +484,13 @@ def test_queue_refuses_steerings_at_different_layers_or_sites(tiny_loaded):
         dec.generate_queue(ids, 4, slots=2, steering=[None])
 
 
-def test_generator_queue_with_per_item_steering_equals_generate_batch(tiny_loaded):
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_generator_queue_with_per_item_steering_equals_generate_batch(tiny_loaded, pipeline):
     """Generator.generate_queue with one steering per item gives each item generate_batch's sample under its
     steering (greedy, stop strings), and hands every sample to ``on_samples`` once, as its row ends."""
     batch = mbpp_batch(6)
     g = Generator(tiny_loaded, GenerationConfig(backend="fast", max_new_tokens=40))
+    g.fast.queue_pipeline = pipeline
     steerings = mixed_steerings(tiny_loaded.d_model, "resid_post", "all", len(batch))
     key = lambda s: (s.task_id, s.completion, s.n_new_tokens, s.finish_reason)  # noqa: E731
     alone = [key(g.generate_batch([item], 0, steering)[0]) for item, steering in zip(batch, steerings)]

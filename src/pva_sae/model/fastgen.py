@@ -58,7 +58,7 @@ rounds them to the weight dtype, so in bfloat16 near-ties can resolve differentl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -461,6 +461,9 @@ class StaticDecoder:
         self.check_every = check_every
         small = sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMS
         self.queue_check_every = 2 * check_every if small else check_every
+        # A small model's queue is host-bound: the host reads one window while the device decodes the next (each
+        # ended row then decodes one window more; a large model's device time is worth more than the overlap).
+        self.queue_pipeline = small and self.device.type == "cuda"
         self.use_graph = self.device.type == "cuda" if use_cuda_graph is None else use_cuda_graph
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.scaling = cfg.query_pre_attn_scalar ** -0.5
@@ -858,7 +861,10 @@ class StaticDecoder:
         done: Any       # (S,) the row ended on the device (EOS or token limit), or the slot is idle
         keys: Any       # (S, 2) sampling key of the slot's current prompt
         delta: Any      # (S, d_model) steering each slot's prompt adds at generated positions (zero: none)
+        mark: Any       # (S,) columns of ``out`` the host has been sent (the last snapshot's tokens written)
         flex: Any = None  # FlexAttention: (block counts, per-layer block masks) of the decode step
+        host: list = field(default_factory=lambda: [None, None])   # pinned snapshot buffers, used in turn
+        turn: int = 0
 
     def generate_queue(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, slots: int, *,
                        steering: Steering | Sequence[Steering | None] | None = None, temperature: float = 0.0,
@@ -942,12 +948,17 @@ class StaticDecoder:
         steering = next((s for s in steerings if s is not None), None)
         deltas = self._slot_deltas(steerings)
         eos = {int(e) for e in self.eos.tolist()}
+        every = self.queue_check_every
         results: list[tuple[list[int], str] | None] = [None] * n
         slot_item = [-1] * slots
         checked = [0] * slots
         # Each slot's new tokens read back so far (its current prompt's): a check copies only the columns written
         # since the last one, not every row's whole output.
         tokens: list[list[int]] = [[] for _ in range(slots)]
+        # What the host knows of each slot from the last snapshot read (or its refill): cache index, whether the
+        # device has ended the row, and the slot's epoch (bumped at each refill: a snapshot taken before a refill
+        # describes the slot's previous prompt and is skipped).
+        known_idx, known_done, epoch = [0] * slots, [True] * slots, [0] * slots
         pending = iter(range(n))
 
         def fill(free: list[int]) -> None:
@@ -963,56 +974,110 @@ class StaticDecoder:
             if chosen:
                 for slot, item in chosen:
                     slot_item[slot], checked[slot], tokens[slot] = item, 0, []
+                    known_idx[slot], known_done[slot] = len(prompts[item]), False
+                    epoch[slot] += 1
                 self._queue_prefill(st, chosen, prompts, keys, steering,
                                     [deltas[id(steerings[item])] for _, item in chosen], sampling, max_new_tokens)
+
+        def launch():
+            """Queue ``every`` decode steps and a snapshot of what they wrote; None when no row is running."""
+            live = [known_idx[slot] for slot in range(slots) if slot_item[slot] >= 0 and not known_done[slot]]
+            if not live:
+                return None
+            top = max(live)                 # rows that are done stop advancing, so this bounds every step
+            for j in range(every):
+                run(self._kv_bucket(top + j + 1, max_len))
+            return self._queue_snapshot(st, max_new_tokens, every), list(epoch)
+
+        def absorb(snap) -> list[list[int]]:
+            """Wait for a snapshot; note each current slot's index and device end."""
+            data = self._snapshot_rows(snap[0])
+            for slot, row in enumerate(data):
+                if slot_item[slot] >= 0 and snap[1][slot] == epoch[slot]:
+                    known_idx[slot], known_done[slot] = row[2], bool(row[3])
+            return data
+
+        def process(data, taken: list[int]) -> None:
+            """Read a snapshot's new tokens, check for stop strings, report the rows that ended, refill."""
+            running = [slot for slot in range(slots) if slot_item[slot] >= 0 and taken[slot] == epoch[slot]]
+            rows = []
+            for slot in running:
+                written, mark = data[slot][0], data[slot][1]
+                new, start = tokens[slot], len(tokens[slot])
+                if written > start:
+                    new.extend(data[slot][4 + start - mark:4 + written - mark])
+                eos_at = next((start + i for i, t in enumerate(new[start:]) if t in eos), None)
+                rows.append((new[:eos_at + 1] if eos_at is not None else new, eos_at))
+            stops = (stop_check([(slot_item[slot], new, checked[slot]) for slot, (new, _) in zip(running, rows)])
+                     if stop_check is not None else [None] * len(running))
+            free, finished = [], []
+            for slot, (new, eos_at), stop in zip(running, rows, stops):
+                if stop is not None and stop < len(new):
+                    ended = (new[:stop + 1], "eos" if new[stop] in eos else "stop")
+                elif eos_at is not None:
+                    ended = (new, "eos")
+                elif len(new) >= max_new_tokens:
+                    ended = (new, "length")
+                else:
+                    checked[slot] = len(new)
+                    continue
+                results[slot_item[slot]] = ended
+                finished.append((slot_item[slot], *ended))
+                free.append(slot)
+            if finished and on_finish is not None:
+                on_finish(finished)
+            if free:
+                fill(free)
 
         with torch.inference_mode():
             st.done.fill_(True)
             fill(list(range(slots)))
             run = self._runner(st, steering, sampling, lambda kv: self._queue_step(st, steering, sampling, kv),
                                (st.tok, st.idx, st.nstep, st.out, st.done))
-            while any(item >= 0 for item in slot_item):
-                idx, done = st.idx[:, 0].cpu(), st.done.cpu()
-                live = [int(idx[slot]) for slot in range(slots) if slot_item[slot] >= 0 and not done[slot]]
-                if live:
-                    top = max(live)                 # rows that are done stop advancing, so this bounds every step
-                    for j in range(self.queue_check_every):
-                        run(self._kv_bucket(top + j + 1, max_len))
-                written = st.nstep.clamp(max=max_new_tokens).cpu().tolist()
-                running = [slot for slot in range(slots) if slot_item[slot] >= 0]
-                read = [len(t) for t in tokens]
-                width = max((written[slot] - read[slot] for slot in running), default=0)
-                if width > 0:
-                    cols = (torch.tensor(read)[:, None] + torch.arange(width)).clamp(max=max_new_tokens)
-                    fresh = st.out.gather(1, cols.to(self.device)).cpu().tolist()
-                rows = []
-                for slot in running:
-                    new, start = tokens[slot], read[slot]
-                    if written[slot] > start:
-                        new.extend(fresh[slot][:written[slot] - start])
-                    eos_at = next((start + i for i, t in enumerate(new[start:]) if t in eos), None)
-                    rows.append((new[:eos_at + 1] if eos_at is not None else new, eos_at))
-                stops = (stop_check([(slot_item[slot], new, checked[slot]) for slot, (new, _) in zip(running, rows)])
-                         if stop_check is not None else [None] * len(running))
-                free, finished = [], []
-                for slot, (new, eos_at), stop in zip(running, rows, stops):
-                    if stop is not None and stop < len(new):
-                        ended = (new[:stop + 1], "eos" if new[stop] in eos else "stop")
-                    elif eos_at is not None:
-                        ended = (new, "eos")
-                    elif len(new) >= max_new_tokens:
-                        ended = (new, "length")
-                    else:
-                        checked[slot] = len(new)
-                        continue
-                    results[slot_item[slot]] = ended
-                    finished.append((slot_item[slot], *ended))
-                    free.append(slot)
-                if finished and on_finish is not None:
-                    on_finish(finished)
-                if free:
-                    fill(free)
+            # Pipelined (``queue_pipeline``): the host reads and checks one snapshot while the device decodes the
+            # next window, so a row the host finds ended runs one window more before its slot is refilled (its
+            # extra tokens are never read). Otherwise each window is read and checked before the next is queued.
+            previous = None
+            while True:
+                current = launch()
+                if not self.queue_pipeline:
+                    if current is None:
+                        break
+                    process(absorb(current), current[1])
+                    continue
+                if previous is not None:
+                    process(*previous)
+                elif current is None:
+                    break
+                previous = None if current is None else (absorb(current), current[1])
         return results  # type: ignore[return-value]
+
+    def _queue_snapshot(self, st: "_Queue", max_new: int, every: int):
+        """Queue the copy to the host of each slot's (tokens written, columns read before, cache index, ended on
+        the device, the up to ``every + 1`` tokens written since the last snapshot); returns (host buffer, event
+        or None). Nothing here waits for the device."""
+        written = st.nstep.clamp(max=max_new)
+        cols = (st.mark[:, None] + torch.arange(every + 1, device=self.device)).clamp(max=max_new)
+        rows = torch.cat([written[:, None], st.mark[:, None], st.idx, st.done[:, None].long(), st.out.gather(1, cols)],
+                         dim=1)
+        st.mark.copy_(written)
+        if self.device.type != "cuda":
+            return rows, None
+        st.turn ^= 1
+        host = st.host[st.turn]
+        if host is None or host.shape != rows.shape:
+            host = st.host[st.turn] = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
+        host.copy_(rows, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return host, event
+
+    @staticmethod
+    def _snapshot_rows(snapshot) -> list[list[int]]:
+        host, event = snapshot
+        if event is not None:
+            event.synchronize()
+        return host.tolist()
 
     def _queue_prefill(self, st: "_Queue", chosen: list[tuple[int, int]], prompts, keys, steering, deltas,
                        sampling: tuple, max_new: int) -> None:
@@ -1029,9 +1094,9 @@ class StaticDecoder:
         ids = torch.full((len(chosen), t), self.pad_id, dtype=torch.long)
         for row, (_, item) in enumerate(chosen):
             ids[row, :lens[row]] = torch.as_tensor(list(prompts[item]), dtype=torch.long)
-        ids = ids.to(self.device)
-        length = torch.tensor(lens, device=self.device)
-        slot_ids = torch.tensor([slot for slot, _ in chosen], device=self.device)
+        ids = self._upload(ids)
+        length = self._upload(torch.tensor(lens))
+        slot_ids = self._upload(torch.tensor([slot for slot, _ in chosen]))
         prompt_delta = torch.stack([d for d, _ in deltas])[:, None]                 # (rows, 1, d_model)
         st.delta[slot_ids] = torch.stack([d for _, d in deltas])
         arange = torch.arange(t, device=self.device)
@@ -1051,7 +1116,7 @@ class StaticDecoder:
             for cache, part in zip((*st.caches[0], *st.caches[1]), (*caches[0], *caches[1])):
                 cache[slot_ids[r], :, :t] = part
         if keys is not None:
-            st.keys[slot_ids] = torch.tensor([split_key(int(keys[item])) for _, item in chosen], device=self.device)
+            st.keys[slot_ids] = self._upload(torch.tensor([split_key(int(keys[item])) for _, item in chosen]))
         temperature, top_p, _ = sampling
         first = keyed_pick(torch.cat(logits), temperature, top_p, st.keys[slot_ids],
                            torch.zeros(1, dtype=torch.long, device=self.device))
@@ -1061,6 +1126,14 @@ class StaticDecoder:
         st.out[slot_ids] = self.pad_id
         st.out[slot_ids, 0] = first
         st.done[slot_ids] = torch.isin(first, self.eos) | (max_new <= 1)
+        st.mark[slot_ids] = 0
+
+    def _upload(self, t):
+        """``t`` on the device without waiting for it: a plain copy from pageable memory synchronises the stream,
+        which would stall a pipelined queue's refill behind the window the device is decoding."""
+        if self.device.type != "cuda":
+            return t.to(self.device)
+        return t.pin_memory().to(self.device, non_blocking=True)
 
     def _queue_step(self, st: "_Queue", steering: Steering | None, sampling: tuple, kv_len: int | None = None) -> None:
         """One decode step of every slot, each at its own index, attending to the first ``kv_len`` cache
@@ -1096,7 +1169,8 @@ class StaticDecoder:
             self._state = self._Queue(caches, torch.ones((slots, max_len), dtype=torch.bool, device=self.device),
                                       z(slots, 1), z(slots, 1), z(slots), z(slots, max_new + 1),
                                       torch.ones(slots, dtype=torch.bool, device=self.device), z(slots, 2),
-                                      torch.zeros((slots, self.cfg.hidden_size), dtype=self.dtype, device=self.device))
+                                      torch.zeros((slots, self.cfg.hidden_size), dtype=self.dtype, device=self.device),
+                                      z(slots))
             self._state_key = key
             self._forget_graphs()
         return self._state
