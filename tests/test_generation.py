@@ -323,6 +323,39 @@ def test_stop_checks_skip_only_steps_the_criterion_cannot_flag():
     assert candidates < 0.5 * sum(len(n) for n in news[:40])
 
 
+def test_stop_matcher_equals_the_criterion_on_every_window():
+    """The table walk gives the criterion's answer on real code ended by stop strings, every suffix and prefix of
+    it, random ids (some beyond the vocabulary) and stop-string fragments, for the embedded tokenizer and for a
+    criterion with other stop strings (overlapping ones, one longer than any token)."""
+    import random
+    from importlib.resources import files
+
+    from transformers import AutoTokenizer, StopStringCriteria
+
+    from pva_sae.data import mbpp
+    from pva_sae.model.generation import stop_criterion, stop_matcher
+
+    tok = AutoTokenizer.from_pretrained(str(files("pva_sae") / "assets" / "default" / "model"))
+    rng = random.Random(1)
+    tails = ["\n\nassert f(1) == 2\n", "\nprint(x)\n", "\nif __name__ == '__main__':\n", "\n# end\n", "x  \n\n",
+             "\nclass A:", "\ndef g(", "abab\nab\n\n\n"]
+    texts = [t.code + rng.choice(tails) for t in mbpp.load_tasks("packaged")[:60]]
+    for criterion in (stop_criterion(tok, tuple(GenerationConfig().stop_strings)),
+                      StopStringCriteria(tok, ["ab\nab", "b\n", "\n\n\n", "assert f(", "__main__':"])):
+        matches = stop_matcher(criterion)
+        fragments = [i for s in criterion.stop_strings for i in tok(s, add_special_tokens=False)["input_ids"]]
+        rows = []
+        for text in texts:
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            rows += [ids[:end] for end in range(1, len(ids) + 1)]
+        rows += [[rng.choice([rng.randrange(len(tok) + 5), *fragments]) for _ in range(rng.randrange(1, 30))]
+                 for _ in range(3000)]
+        want = [bool(criterion(torch.tensor([r]), None)[0]) for r in rows]
+        assert 50 < sum(want) < len(rows) - 50
+        assert [matches(r) for r in rows] == want
+        assert matches([]) is False
+
+
 def test_decode_ids_equals_the_tokenizers_decode_and_falls_back_where_the_library_would_differ(tiny_loaded):
     import copy
     import random

@@ -285,20 +285,20 @@ class Generator:
 
     def _queue_stop_checker(self, prompt_ids: Sequence[Sequence[int]]):
         """For continuous batching: the first step (since the row's last check) at which a row's text ends
-        with a stop string: what the criterion ``generate`` applies after every step gives, from one call over
-        every row's windows (see :func:`stop_hits`)."""
+        with a stop string: what the criterion ``generate`` applies after every step gives, asked only at the steps
+        it can flag (:func:`stop_candidates`), each window's answer read from its tables (:func:`stop_matcher`)."""
         if self._stop_criterion is None:
             return None
         criterion = self._stop_criterion
         width = getattr(criterion, "maximum_token_len", None)
         can_fire = stop_candidates(criterion)
+        matches = stop_matcher(criterion)
         # The criterion's answer for a window is a function of the window's ids alone: remembered, since the steered
         # rows of a study repeat their baseline's tokens (and so its windows) many times over.
         memo = self._stop_memo
 
         def check(requests):
             found: list[int | None] = [None] * len(requests)
-            pending: dict[tuple[int, ...], list[tuple[int, int]]] = {}
             for r, (item, new, first) in enumerate(requests):
                 prompt = prompt_ids[item]
                 p, n = len(prompt), len(new)
@@ -308,31 +308,20 @@ class Generator:
                 if not steps:
                     continue
                 text = list(prompt) + list(new)
-                for step in steps:
+                for step in steps:                   # steps rise: the first hit is the row's answer
                     end = p + step + 1
                     if not width or end < width:     # shorter than a window: the prefix, as the library reads it
-                        if bool(criterion(torch.tensor([text[:end]]), None)[0]):
-                            found[r] = step
-                            break
+                        hit = matches(text[:end])
                     else:
                         window = tuple(text[end - width:end])
                         hit = memo.get(window)
                         if hit is None:
-                            pending.setdefault(window, []).append((r, step))
-                        elif hit:                    # steps rise: no later step of this row can come first
-                            found[r] = step
-                            break
-            if pending:
-                windows = list(pending)
-                hits = criterion(torch.tensor(windows), None).cpu().tolist()
-                if len(memo) + len(windows) > STOP_MEMO_MAX:
-                    memo.clear()
-                for window, hit in zip(windows, hits):
-                    memo[window] = bool(hit)
+                            if len(memo) >= STOP_MEMO_MAX:
+                                memo.clear()
+                            hit = memo[window] = matches(window)
                     if hit:
-                        for r, step in pending[window]:
-                            if found[r] is None or step < found[r]:
-                                found[r] = step
+                        found[r] = step
+                        break
             return found
 
         return check
@@ -469,6 +458,60 @@ def stop_tables(criterion: Any) -> tuple["torch.Tensor", "torch.Tensor", "torch.
     return tables
 
 
+_STOP_MATCHERS: "weakref.WeakKeyDictionary[Any, Callable]" = weakref.WeakKeyDictionary()
+
+
+def stop_matcher(criterion: Any) -> Callable[[Sequence[int]], bool]:
+    """``matches(ids)``: what ``criterion(torch.tensor([ids]), None)[0]`` returns (whether the text ends with a stop
+    string), from the criterion's own tables, walked in Python for one text instead of tensor ops over a batch.
+
+    The criterion reads the last ``maximum_token_len`` tokens backwards: the last token matches the end of stop
+    string s with one of its END lengths e > 0; each earlier token continues the match when the characters matched
+    so far are one of its VALID positions in s, adding its length; s matches once the count reaches s's length.
+    A criterion laid out otherwise is called as it is."""
+    matcher = _STOP_MATCHERS.get(criterion)
+    if matcher is not None:
+        return matcher
+    if not all(hasattr(criterion, a) for a in ("embedding_vec", "num_stop_strings", "max_valid_positions",
+                                               "target_lens", "maximum_token_len")):
+        def matcher(ids: Sequence[int]) -> bool:
+            return bool(criterion(torch.tensor([list(ids)]), None)[0])
+        _STOP_MATCHERS[criterion] = matcher
+        return matcher
+    emb = criterion.embedding_vec.cpu().long()
+    n, positions = criterion.num_stop_strings, criterion.max_valid_positions
+    valid = emb[:, :positions * n].unflatten(-1, (n, -1)).tolist()
+    ends = emb[:, positions * n:-1].unflatten(-1, (n, -1)).tolist()
+    lengths = emb[:, -1].tolist()
+    targets = criterion.target_lens.cpu().long().tolist()
+    top, width = len(lengths) - 1, int(criterion.maximum_token_len)
+    # Per token: (string, its positive END lengths) pairs, and per string the set of its VALID positions.
+    end_of = [[(k, [e for e in row[k] if e > 0]) for k in range(n) if any(e > 0 for e in row[k])] for row in ends]
+    valid_of = [[frozenset(v for v in row[k] if v > 0) for k in range(n)] for row in valid]
+
+    def matcher(ids: Sequence[int]) -> bool:
+        ids = ids[-width:]
+        if not len(ids):
+            return False
+        last = ids[-1] if ids[-1] < top else top
+        for k, lens in end_of[last]:
+            target = targets[k]
+            for matched in lens:
+                j = len(ids) - 2
+                while matched < target and j >= 0:
+                    t = ids[j] if ids[j] < top else top
+                    if matched not in valid_of[t][k]:
+                        break
+                    matched += lengths[t]
+                    j -= 1
+                if matched >= target:
+                    return True
+        return False
+
+    _STOP_MATCHERS[criterion] = matcher
+    return matcher
+
+
 def stop_candidates(criterion: Any) -> Callable[[Sequence[int], int, int | None], list[int]]:
     """``steps(new, first, before)``: the steps j >= first of the new tokens ``new`` at which the criterion can
     flag the text (see :func:`stop_tables`); ``before`` is the token before new[0] (None: none)."""
@@ -477,13 +520,16 @@ def stop_candidates(criterion: Any) -> Callable[[Sequence[int], int, int | None]
 
     def steps(new: Sequence[int], first: int, before: int | None) -> list[int]:
         prev = new[first - 1] if first > 0 else before
+        carry = 0 if prev is None else mid[prev if prev < top else top]    # MID bits of the token before step j
         out = []
         for j in range(first, len(new)):
-            t = min(new[j], top)
+            t = new[j]
+            if t > top:
+                t = top
             bits = end[t]
-            if bits and bits & (alone[t] | (mid[min(prev, top)] if prev is not None else 0)):
+            if bits and bits & (alone[t] | carry):
                 out.append(j)
-            prev = new[j]
+            carry = mid[t]
         return out
 
     return steps
