@@ -64,7 +64,13 @@ from pva_sae.data import benchmarks, prompts
 from pva_sae.data.mbpp import seeded_subset
 from pva_sae.errors import InputError, MissingInputError, StaleInputError
 from pva_sae.execution import distributed
-from pva_sae.execution.dataset import BackgroundLabeller, announce, overlap_labelling, with_sandbox_workers
+from pva_sae.execution.dataset import (
+    LABEL_THREADS,
+    BackgroundLabeller,
+    announce,
+    overlap_labelling,
+    with_sandbox_workers,
+)
 from pva_sae.hashing import sha256_bytes, sha256_json
 from pva_sae.model.fastgen import FastGenError, Steering
 from pva_sae.model.generation import (
@@ -180,9 +186,12 @@ class Steerer:
         self.site = cfg.steering.site or cfg.analysis.site
         self.n_generated = 0
         # Steering labels many batches beside generation and can wait: its timeouts' re-runs share rounds alone.
-        self.labeller = BackgroundLabeller(self.by_id, self.split_of, with_sandbox_workers(cfg), None,
+        # As many batches in the sandbox as it has workers: a batch holding an endless loop (up to its CPU limit,
+        # 15 s beside others by default) then holds up only itself, not every batch queued behind it.
+        sandboxed = with_sandbox_workers(cfg)
+        self.labeller = BackgroundLabeller(self.by_id, self.split_of, sandboxed, None,
                                            overlap_labelling(cfg.generation.overlap, self.loaded.device),
-                                           defer_reruns=True)
+                                           threads=max(LABEL_THREADS, sandboxed.sandbox.workers), defer_reruns=True)
         self.n_conditions = self.n_done = 0      # conditions planned (see expect) and finished, cached ones included
         self.bar = tqdm(total=0, desc="steer", unit="sample", disable=not progress, dynamic_ncols=True)
 
