@@ -239,6 +239,13 @@ def main(argv: list[str] | None = None) -> int:
         out["steering_summary"] = {n: {"rate": e["rate"], "rank_p": e["rank_p"]["p"],
                                        "permutation_p": e["permutation_p"]["p"], "holm_p": e["holm_p"]}
                                    for n, e in res["experiments"].items()}
+        calls = run.root / "steering" / "calls.json"
+        if calls.exists():      # where steering's time went, call by call
+            out["steering_calls"] = read_json(calls)["calls"]
+            for i, c in enumerate(out["steering_calls"], 1):
+                print(f"steer call {i}: {c['conditions']} conditions, {c['rows']} rows: generation {c['generation_s']} s, "
+                      f"then waited {c['label_wait_s']} s for {c['rows_pending']} rows in {c['chunks_pending']} chunks "
+                      f"({c['timeouts_pending']} timeouts)", flush=True)
     print(f"total     {out['total_seconds']:8.1f} s  gpu busy {out['gpu_busy_fraction']}")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")

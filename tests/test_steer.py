@@ -422,6 +422,14 @@ def test_the_stage_through_the_queue_equals_the_stage_through_batches(analysed, 
     assert (pq.read_table(SteeringPaths.of(run_q).tasks).to_pylist()
             == pq.read_table(SteeringPaths.of(run_b).tasks).to_pylist())
     assert queued["tasks"] == batched["tasks"]
+    # where the queue's time went: one entry per call (grid with the baselines, refinement, validation)
+    calls = json.loads(SteeringPaths.of(run_q).calls.read_text())
+    assert calls["schedule"] == "queue" and len(calls["calls"]) == 3
+    assert sum(c["rows"] for c in calls["calls"]) == queued["tasks"]["generated"]
+    for c in calls["calls"]:
+        assert c["generation_s"] > 0 and c["label_wait_s"] >= 0 and c["rows_pending"] <= c["rows"]
+        assert all(e["done_after_s"] <= c["label_wait_s"] + 1e-3 for e in c["last_chunks"])
+    assert json.loads(SteeringPaths.of(run_b).calls.read_text()) == {"schedule": "batches", "calls": []}
     monkeypatch.undo()
     capsys.readouterr()
     again = steer(cfg_q, progress=True)

@@ -251,6 +251,11 @@ class SteeringPaths:
         return self.root / "steered_tasks.parquet"
 
     @property
+    def calls(self) -> Path:
+        """Where the stage's time went, call by call (generation, the wait for the last labels); timing only."""
+        return self.root / "calls.json"
+
+    @property
     def plots(self) -> Path:
         return self.root / "plots"
 

@@ -52,6 +52,7 @@ import difflib
 import functools
 import logging
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -193,6 +194,7 @@ class Steerer:
                                            overlap_labelling(cfg.generation.overlap, self.loaded.device),
                                            threads=max(LABEL_THREADS, sandboxed.sandbox.workers), defer_reruns=True)
         self.n_conditions = self.n_done = 0      # conditions planned (see expect) and finished, cached ones included
+        self.calls: list[dict[str, Any]] = []    # per run_many call: where its time went (see _timed_collect)
         self.bar = tqdm(total=0, desc="steer", unit="sample", disable=not progress, dynamic_ncols=True)
 
     def _batch_size(self) -> int:
@@ -261,10 +263,11 @@ class Steerer:
             labelling: list[tuple[Any, list]] = []   # (future, condition of each row), in submission order
             records: dict[int, list[dict[str, Any]]] = {}
             try:
+                started = time.perf_counter()
                 for group in self._queue_groups(todo):
                     for wave in self._waves(group):
                         self._run_queue(wave, labelling, records, out)
-                self._collect(labelling, records, out, wait=True)
+                self._timed_collect(labelling, records, out, started, todo)
             except KeyboardInterrupt:
                 self._collect(labelling, records, out, wait=False, interrupted=True)  # keep what is labelled
                 raise
@@ -407,6 +410,26 @@ class Steerer:
                 rows.append(record)
                 if len(rows) == len(item[4]):
                     self._write(item, records.pop(item[0]), out)
+
+    def _timed_collect(self, labelling: list, records: dict, out, started: float, todo: list) -> None:
+        """The call's final wait for its labels, timed into :attr:`calls`: how long generation took, how long
+        the call then waited and on what (the chunks still being labelled: their rows by arm kind, their
+        timeouts, when each came back; the last five)."""
+        generated = time.perf_counter()
+        tail = [(future, {"rows": len(owners), "kinds": dict(Counter(item[2].kind for item in owners))})
+                for future, owners in labelling]
+        for future, entry in tail:
+            future.add_done_callback(lambda _, e=entry: e.setdefault("done_after_s", time.perf_counter() - generated))
+        self._collect(labelling, records, out, wait=True)
+        ended = time.perf_counter()
+        for future, entry in tail:
+            entry["done_after_s"] = round(entry.get("done_after_s", ended - generated), 3)
+            entry["timeouts"] = sum(r["status"] == "timeout" for r in future.result())
+        last = sorted((entry for _, entry in tail), key=lambda e: -e["done_after_s"])
+        self.calls.append({"conditions": len(todo), "rows": sum(len(item[4]) for item in todo),
+                           "generation_s": round(generated - started, 3), "label_wait_s": round(ended - generated, 3),
+                           "chunks_pending": len(tail), "rows_pending": sum(e["rows"] for _, e in tail),
+                           "timeouts_pending": sum(e["timeouts"] for _, e in tail), "last_chunks": last[:5]})
 
     def close(self) -> None:
         """Stop the labelling thread (after the batch it labels) and close the bar, trimmed to what ran."""
@@ -865,6 +888,8 @@ def steer(cfg: Config, progress: bool = True, *, loaded=None) -> dict[str, Any]:
     finally:
         steerer.close()
     _save_tasks(paths, results, base_val, outcomes, val_ids)
+    # Timing apart from the results (which are the same from run to run): the queue schedule's calls.
+    atomic_write_json(paths.calls, {"schedule": steerer.schedule, "calls": steerer.calls})
     if s.plots:
         results["plots"] = [str(p.relative_to(run.root)) for p in plot_steering(paths.plots, results)]
     results["seconds"] = round(time.perf_counter() - started, 2)
