@@ -126,14 +126,24 @@ def test_alpha_searches_of_all_directions_share_each_step_and_equal_searching_al
     shared = _FakeSteerer(cfg)
     (head,), results = search_alphas(shared, searches(), [base])
     assert len(shared.calls) == 1 + cfg.steering.refine_steps
-    assert shared.calls[0][0] == ("alpha=0", 0.0) and len(shared.calls[0]) == 1 + 2 * 3 * 3
+    # the first call: the baseline, 2 directions x 3 grid alphas x 3 arms, then (speculation) 2 x 2 midpoints x 3
+    midpoints = [float(np.sqrt(0.5 * 1.0)), float(np.sqrt(1.0 * 4.0))]
+    assert shared.calls[0][0] == ("alpha=0", 0.0) and len(shared.calls[0]) == 1 + 2 * 3 * 3 + 2 * 2 * 3
+    assert {a for _, a in shared.calls[0][19:]} == {round(2.0 * m, 6) for m in midpoints}
     assert head == {t: {"task_id": t, "passed": t % 2 == 0} for t in ids}
     for d, search in searches().items():
         alone = _FakeSteerer(cfg)
         while conditions := search.conditions():
             search.record(alone.run_many(conditions), head)
-        assert search.result() == results[d]
+        without = search.result()
+        spec = results[d].pop("speculative")
+        assert without.pop("speculative") == {"generated": [], "unused": []}
+        assert without == results[d]                                # speculation changes no choice and no row
         assert len(results[d]["table"]) > 3                        # the refinements added alphas
+        # every first-refinement alpha was generated ahead; the unused midpoints are in no row of the table
+        first_refinement = [r["alpha"] for r in results[d]["table"] if r["alpha"] not in (0.5, 1.0, 4.0)]
+        assert spec["generated"] == midpoints and set(spec["unused"]).isdisjoint(first_refinement)
+        assert set(spec["generated"]) - set(spec["unused"]) <= set(first_refinement)
     cfg0 = resolve_config(None, ["steering.alpha_grid=[0.5, 1.0, 4.0]", "steering.refine_steps=0"])
     grid_only = _FakeSteerer(cfg0)
     target = Arm("target", "correct", 3, 7, "L3:7")
@@ -424,7 +434,8 @@ def test_the_stage_through_the_queue_equals_the_stage_through_batches(analysed, 
     assert queued["tasks"] == batched["tasks"]
     # where the queue's time went: one entry per call (grid with the baselines, refinement, validation)
     calls = json.loads(SteeringPaths.of(run_q).calls.read_text())
-    assert calls["schedule"] == "queue" and len(calls["calls"]) == 3
+    # the refinement's one midpoint was generated ahead with the grid: its call generated nothing
+    assert calls["schedule"] == "queue" and len(calls["calls"]) == 2
     assert sum(c["rows"] for c in calls["calls"]) == queued["tasks"]["generated"]
     for c in calls["calls"]:
         assert c["generation_s"] > 0 and c["label_wait_s"] >= 0 and c["rows_pending"] <= c["rows"]

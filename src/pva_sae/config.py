@@ -304,6 +304,10 @@ class SteeringConfig:
     alpha_grid: tuple[float, ...] = doc(
         (0.05, 0.1, 0.2, 0.5, 1.0, 2.0), "Coefficients tried on the tuning split (see alpha_units), then refined.")
     refine_steps: int = doc(1, "Refinement rounds: geometric midpoints between the best alpha and its neighbours.")
+    speculate: bool = doc(
+        True, "Generate the first refinement round's candidates (the midpoint of every pair of neighbouring grid "
+        "alphas) with the grid, so the stage waits for its labels one time fewer; the midpoints the refinement does "
+        "not ask for are generated but never enter the choice (listed in the tuning results as 'speculative').")
     max_corruption: float = doc(
         0.1, "Objective for the correct direction: maximise correction subject to corruption of initially correct "
         "tuning tasks <= this. The incorrect direction maximises corruption.")

@@ -25,12 +25,14 @@ The design (``docs/statistics.md`` has the protocol and the calibration of every
 Each generation condition is cached under ``steering/conditions/`` when it finishes, so an interrupted
 stage resumes at the next condition. Outputs under ``<run>/steering/`` (``SteeringPaths``).
 
-**Calls.** The stage waits for its labels three times (with ``refine_steps`` = 1), whatever the number of
-directions: the baselines and every direction's alpha grid go in one call, each refinement step of every
-direction in the next (:class:`AlphaSearch`, :func:`search_alphas`), and every direction's target and
-controls at its alpha in the last. Within a call generation and labelling are pipelined; between calls the
+**Calls.** The stage waits for its labels twice (with ``refine_steps`` = 1 and ``steering.speculate``; three
+times without speculation), whatever the number of directions: the baselines, every direction's alpha grid and
+(speculation) the first refinement's candidates at every grid midpoint go in one call, each further refinement
+step of every direction in the next (:class:`AlphaSearch`, :func:`search_alphas`; the first refinement reads
+its conditions from the cache), and every direction's target and controls at its alpha in the last, random
+controls first (:func:`random_first`). Within a call generation and labelling are pipelined; between calls the
 stage waits for the call's last labels (a timeout's second attempt included), since what comes next depends
-on them.
+on them. ``steering/calls.json`` says how long each call generated and then waited, and on what.
 
 **Schedules.** With the 'hf' backend every condition is planned into static batches of the stage's
 batch size and generated batch by batch ('batches'). With the fast backend the conditions of one call
@@ -195,6 +197,7 @@ class Steerer:
                                            threads=max(LABEL_THREADS, sandboxed.sandbox.workers), defer_reruns=True)
         self.n_conditions = self.n_done = 0      # conditions planned (see expect) and finished, cached ones included
         self.calls: list[dict[str, Any]] = []    # per run_many call: where its time went (see _timed_collect)
+        self.counted: set[str] = set()           # condition keys done in this stage (generated or read)
         self.bar = tqdm(total=0, desc="steer", unit="sample", disable=not progress, dynamic_ncols=True)
 
     def _batch_size(self) -> int:
@@ -251,6 +254,9 @@ class Steerer:
                 todo.append((i, key, arm, alpha, ids, vector))
                 continue
             out[i] = {o["task_id"]: o for o in saved["tasks"]}
+            if key in self.counted:                  # read or generated before in this stage (speculation)
+                continue
+            self.counted.add(key)
             self.n_done += 1
             self.bar.total = max(self.bar.n, (self.bar.total or 0) - len(ids))    # nothing to generate for it
             self._describe()
@@ -276,7 +282,9 @@ class Steerer:
         distributed.barrier(self.shard)   # --- shards: every rank's conditions are written; read the others'
         for i, key, *_ in theirs:
             out[i] = {o["task_id"]: o for o in read_condition(self.paths, key)["tasks"]}
-            self.n_done += 1
+            if key not in self.counted:
+                self.counted.add(key)
+                self.n_done += 1
         return out  # type: ignore[return-value]
 
     def _steering(self, arm: Arm, vector: torch.Tensor | None, alpha: float) -> Steering | None:
@@ -327,6 +335,7 @@ class Steerer:
         write_condition(self.paths, key, {"arm": arm.as_dict(), "alpha": alpha, "task_ids": list(ids),
                                           "tasks": outcomes})
         out[i] = {o["task_id"]: o for o in outcomes}
+        self.counted.add(key)
         self.n_done += 1
         self._describe()
 
@@ -416,6 +425,8 @@ class Steerer:
         the call then waited and on what (the chunks still being labelled: their rows by arm kind, their
         timeouts, when each came back; the last five)."""
         generated = time.perf_counter()
+        if not todo:
+            return
         tail = [(future, {"rows": len(owners), "kinds": dict(Counter(item[2].kind for item in owners))})
                 for future, owners in labelling]
         for future, entry in tail:
@@ -560,6 +571,7 @@ class AlphaSearch:
         self.refined = 0
         self.wanted = [float(a) for a in self.s.alpha_grid]
         self.new: list[float] = []
+        self.speculated: list[float] = []      # midpoints generated ahead (see speculative)
 
     def conditions(self) -> list[tuple[Arm, torch.Tensor | None, float, list[int]]]:
         """The target and every control at each alpha of the next step not yet evaluated ([] once done)."""
@@ -568,6 +580,18 @@ class AlphaSearch:
             if self.new or not self._refine():
                 break
         return [(arm, v, a * self.unit, self.tuning_ids) for a in self.new
+                for arm, v in [(self.target, self.vector), *self.controls]]
+
+    def speculative(self) -> list[tuple[Arm, torch.Tensor | None, float, list[int]]]:
+        """With ``steering.speculate``, before the grid is evaluated: the target and every control at the midpoint
+        of each pair of neighbouring grid alphas, whichever turns out best. Generated in the grid's call, the first
+        refinement step then finds its conditions cached (:meth:`Steerer.run_many`) instead of waiting for a call of
+        its own; only the midpoints :meth:`_refine` asks for enter :attr:`rows` (the others never reach the choice)."""
+        if not self.s.speculate or self.s.refine_steps < 1 or self.rows or self.refined:
+            return []
+        grid = sorted(set(self.wanted))
+        self.speculated = [float(np.sqrt(grid[i] * grid[i + 1])) for i in range(len(grid) - 1)]
+        return [(arm, v, a * self.unit, self.tuning_ids) for a in self.speculated
                 for arm, v in [(self.target, self.vector), *self.controls]]
 
     def record(self, outs: list[dict[int, dict]], baseline: dict[int, dict]) -> None:
@@ -606,16 +630,20 @@ class AlphaSearch:
         if self.target.direction == "correct":
             text += f", subject to target corruption <= {self.s.max_corruption:.0%}"
         return {"table": table, "chosen": best, "constraint_met": met, "objective": text,
-                "n_tasks": len(self.tuning_ids), "n_controls": len(self.controls)}
+                "n_tasks": len(self.tuning_ids), "n_controls": len(self.controls),
+                "speculative": {"generated": self.speculated,
+                                "unused": [a for a in self.speculated if a not in self.rows]}}
 
 
 def search_alphas(steerer: Steerer, searches: dict[str, AlphaSearch], first: list) -> tuple[list, dict[str, Any]]:
     """Every direction's alpha search, step by step, all directions' conditions of a step in one pipelined call;
     ``first`` (the baselines) joins the first call, and its outputs are returned with the searches' results
-    (the baseline of the tuning split being ``first``'s first condition)."""
+    (the baseline of the tuning split being ``first``'s first condition). The speculative conditions of each
+    search (:meth:`AlphaSearch.speculative`) join the first call too: the next step reads them from the cache."""
     conditions = {d: search.conditions() for d, search in searches.items()}
-    outs = steerer.run_many(first + [c for cs in conditions.values() for c in cs])
-    head, outs = outs[:len(first)], outs[len(first):]
+    ahead = [c for search in searches.values() for c in search.speculative()]
+    outs = steerer.run_many(first + [c for cs in conditions.values() for c in cs] + ahead)
+    head, outs = outs[:len(first)], outs[len(first):len(outs) - len(ahead)]
     baseline = head[0]
     while any(conditions.values()):
         for d, cs in conditions.items():
@@ -624,6 +652,21 @@ def search_alphas(steerer: Steerer, searches: dict[str, AlphaSearch], first: lis
         conditions = {d: search.conditions() for d, search in searches.items()}
         outs = steerer.run_many([c for cs in conditions.values() for c in cs]) if any(conditions.values()) else []
     return head, {d: search.result() for d, search in searches.items()}
+
+
+def random_first(steerer: Steerer, conditions: list) -> list[dict[int, dict]]:
+    """``steerer.run_many(conditions)`` with the random controls generated first, then the latent controls, then
+    the rest (outputs in ``conditions``' order). Random directions are the arms most likely to steer a program into
+    an endless loop, whose label takes the sandbox's whole CPU limit; generated first, those labels are done while
+    the other arms generate instead of holding up the end of the call. Only the schedule changes: every condition
+    is the same (float32: the same rows; bfloat16 may round a near-tie differently, as any schedule may)."""
+    rank = {"random": 0, "latent": 1}
+    order = sorted(range(len(conditions)), key=lambda k: rank.get(conditions[k][0].kind, 2))
+    outs = steerer.run_many([conditions[k] for k in order])
+    back: list[dict[int, dict] | None] = [None] * len(conditions)
+    for k, out in zip(order, outs):
+        back[k] = out
+    return back  # type: ignore[return-value]
 
 
 def transferred_alpha(inputs: dict[str, Any], direction: str, row: dict[str, Any], unit: float,
@@ -773,7 +816,9 @@ def planned_work(cfg: Config, n_directions: int, n_tuning: int, n_validation: in
     """Conditions and generations the stage runs at most (refinement may need fewer alphas): the two baselines,
     then per direction the tuning grid (target + tuning controls at every alpha) and the validation arms."""
     s = cfg.steering
-    n_alphas = 0 if s.alphas is not None else len(s.alpha_grid) + 2 * s.refine_steps
+    # speculation generates every grid midpoint in the first call, of which the first refinement asks for two
+    ahead = max(len(s.alpha_grid) - 3, 0) if s.speculate and s.refine_steps else 0
+    n_alphas = 0 if s.alphas is not None else len(s.alpha_grid) + 2 * s.refine_steps + ahead
     tuning_arms = n_alphas * (1 + min(s.tuning_controls, s.n_controls))
     conditions = 2 + n_directions * (tuning_arms + 1 + s.n_controls)
     samples = n_tuning + n_validation + n_directions * (tuning_arms * n_tuning + (1 + s.n_controls) * n_validation)
@@ -842,8 +887,8 @@ def steer(cfg: Config, progress: bool = True, *, loaded=None) -> dict[str, Any]:
         tuned = tuned or searched
         # Validation: every direction's target and controls at its alpha, in one pipelined call.
         alphas = {d: tuned[d]["chosen"]["alpha"] * p["unit"] for d, p in plans.items()}
-        outs = iter(steerer.run_many([(a, v, alphas[d], val_ids) for d, p in plans.items()
-                                      for a, v in [(p["arm"], p["vector"]), *p["controls"]]]))
+        outs = iter(random_first(steerer, [(a, v, alphas[d], val_ids) for d, p in plans.items()
+                                           for a, v in [(p["arm"], p["vector"]), *p["controls"]]]))
         for direction, p in plans.items():
             arm, controls, latents, layer, sae = p["arm"], p["controls"], p["latents"], p["layer"], p["sae"]
             alpha = alphas[direction]
