@@ -29,10 +29,10 @@ stage resumes at the next condition. Outputs under ``<run>/steering/`` (``Steeri
 times without speculation), whatever the number of directions: the baselines, every direction's alpha grid and
 (speculation) the first refinement's candidates at every grid midpoint go in one call, each further refinement
 step of every direction in the next (:class:`AlphaSearch`, :func:`search_alphas`; the first refinement reads
-its conditions from the cache), and every direction's target and controls at its alpha in the last, random
-controls first (:func:`random_first`). Within a call generation and labelling are pipelined; between calls the
-stage waits for the call's last labels (a timeout's second attempt included), since what comes next depends
-on them. ``steering/calls.json`` says how long each call generated and then waited, and on what.
+its conditions from the cache), and every direction's target and controls at its alpha in the last. Within a
+call generation and labelling are pipelined; between calls the stage waits for the call's last labels (a
+timeout's second attempt included), since what comes next depends on them. ``steering/calls.json`` says how
+long each call generated and then waited, and on what.
 
 **Schedules.** With the 'hf' backend every condition is planned into static batches of the stage's
 batch size and generated batch by batch ('batches'). With the fast backend the conditions of one call
@@ -654,21 +654,6 @@ def search_alphas(steerer: Steerer, searches: dict[str, AlphaSearch], first: lis
     return head, {d: search.result() for d, search in searches.items()}
 
 
-def random_first(steerer: Steerer, conditions: list) -> list[dict[int, dict]]:
-    """``steerer.run_many(conditions)`` with the random controls generated first, then the latent controls, then
-    the rest (outputs in ``conditions``' order). Random directions are the arms most likely to steer a program into
-    an endless loop, whose label takes the sandbox's whole CPU limit; generated first, those labels are done while
-    the other arms generate instead of holding up the end of the call. Only the schedule changes: every condition
-    is the same (float32: the same rows; bfloat16 may round a near-tie differently, as any schedule may)."""
-    rank = {"random": 0, "latent": 1}
-    order = sorted(range(len(conditions)), key=lambda k: rank.get(conditions[k][0].kind, 2))
-    outs = steerer.run_many([conditions[k] for k in order])
-    back: list[dict[int, dict] | None] = [None] * len(conditions)
-    for k, out in zip(order, outs):
-        back[k] = out
-    return back  # type: ignore[return-value]
-
-
 def transferred_alpha(inputs: dict[str, Any], direction: str, row: dict[str, Any], unit: float,
                       cfg: Config) -> dict[str, Any]:
     """The base run's chosen coefficient (``validation.transfer_from``) in place of tuning: the same absolute
@@ -887,8 +872,8 @@ def steer(cfg: Config, progress: bool = True, *, loaded=None) -> dict[str, Any]:
         tuned = tuned or searched
         # Validation: every direction's target and controls at its alpha, in one pipelined call.
         alphas = {d: tuned[d]["chosen"]["alpha"] * p["unit"] for d, p in plans.items()}
-        outs = iter(random_first(steerer, [(a, v, alphas[d], val_ids) for d, p in plans.items()
-                                           for a, v in [(p["arm"], p["vector"]), *p["controls"]]]))
+        outs = iter(steerer.run_many([(a, v, alphas[d], val_ids) for d, p in plans.items()
+                                      for a, v in [(p["arm"], p["vector"]), *p["controls"]]]))
         for direction, p in plans.items():
             arm, controls, latents, layer, sae = p["arm"], p["controls"], p["latents"], p["layer"], p["sae"]
             alpha = alphas[direction]
