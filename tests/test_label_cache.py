@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import sqlite3
-import time
 from types import SimpleNamespace
 
 import pytest
@@ -84,30 +83,6 @@ def test_a_timeout_is_never_cached(cache):
             assert result.status == "timeout" and not result.cached
         assert len(timed) == 0
     assert stats.as_dict()["cache_hits"] == 0 and stats.timeouts == 2
-
-
-@pytest.mark.parametrize("reuse", [False, True])
-def test_a_cpu_limit_timeout_is_reused_within_its_pool_only_when_asked(tmp_path, reuse):
-    """sandbox.reuse_cpu_timeouts: a later batch of the pool gets a CPU-limit timeout of an identical job without
-    running it (a cache hit); a wall-clock timeout (a sleep) and a new pool run again; the cache stores neither."""
-    cfg = dataclasses.replace(CFG, timeout_s=2.0, cpu_time_s=1, reuse_cpu_timeouts=reuse)
-    sleep = "import time\ntime.sleep(5)\n"
-    with LabelCache(tmp_path / "labels.sqlite", label_environment(cfg)) as timed:
-        for _ in range(2):                     # two pools: what one learnt is not the other's
-            stats = BatchStats()
-            with Sandbox(cfg, cache=timed, stats=stats, workers=1) as pool:
-                first = pool.map([ExecJob(0, LOOP, TESTS), ExecJob(1, sleep, TESTS)])
-                started = time.perf_counter()
-                again = pool.map([ExecJob(2, LOOP, TESTS)])
-                loop_s = time.perf_counter() - started
-                slept = pool.map([ExecJob(3, sleep, TESTS)])
-            assert [r.status for r in first + again + slept] == ["timeout"] * 4
-            assert "SIGXCPU" in first[0].detail and "SIGXCPU" not in first[1].detail
-            assert not first[0].cached and not first[1].cached and not slept[0].cached
-            assert again[0].cached == reuse and (again[0].detail == first[0].detail)
-            assert (loop_s < 0.5) if reuse else (loop_s > 0.9)
-            assert stats.as_dict()["cache_hits"] == int(reuse)
-        assert len(timed) == 0
 
 
 def test_a_pool_serves_hits_across_batches_and_submit(cache):

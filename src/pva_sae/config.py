@@ -204,13 +204,7 @@ class SandboxConfig:
     label_cache: bool = doc(
         True, "Reuse the label of an identical job (same program, setup code, tests, label-affecting sandbox "
         "settings, protections and sandbox code) labelled before in this run directory or its sub-runs "
-        "(<run>/cache/labels.sqlite), and run identical jobs of a batch once. Timeouts are never stored.")
-    reuse_cpu_timeouts: bool = doc(
-        False, "Within one stage's sandbox pool, give a job identical to one that reached the CPU-time limit "
-        "(RLIMIT_CPU, which load does not consume) that timeout without running it again; with label_cache "
-        "only. Off: every copy of an endless loop runs to its limit (the label cache never stores timeouts, "
-        "either way). Steering meets the same looping programs in each of its calls: on the embedded default "
-        "this is most of its time spent waiting (docs/benchmarks.md).")
+        "(<run>/cache/labels.sqlite), and run identical jobs of a batch once. Timeouts are never reused.")
 
 
 @dataclass

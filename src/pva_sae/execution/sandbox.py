@@ -227,9 +227,7 @@ batches (``map`` blocks, ``submit`` returns a Future), so a caller can generate 
 while the pool labels this one. Given a label cache (:mod:`pva_sae.execution.label_cache`) it
 does not run a job whose label is stored, runs identical jobs of a batch once, and stores every
 new final label except timeouts and sandbox failures; such results have ``cached`` True and count
-in :class:`BatchStats` as ``cache_hits``. With ``sandbox.reuse_cpu_timeouts`` (off by default) the pool
-also remembers, in memory and for its own life only, the jobs that reached the CPU-time limit, and gives
-an identical job that timeout as a cache hit instead of running it to the limit again.
+in :class:`BatchStats` as ``cache_hits``.
 
 Determinism
 -----------
@@ -466,8 +464,6 @@ class Sandbox:
         self._coordinator: threading.Thread | None = None
         self._in_round = False
         self._running: dict = {}  # cache key -> Future of its final result, for programs a batch is running now
-        # sandbox.reuse_cpu_timeouts: cache key -> a CPU-limit timeout of this pool (never stored in the cache)
-        self._cpu_timeouts: dict | None = {} if cfg.reuse_cpu_timeouts and cache is not None else None
         self._rerun_threads = ThreadPoolExecutor(max_workers=max(1, self.workers // 2), thread_name_prefix="rerun")
         self._lock = threading.Lock()  # the server, the connections, stats, the re-runs waiting
         self._local = threading.local()
@@ -505,10 +501,6 @@ class Sandbox:
         results: list[ExecResult | None] = [None] * len(jobs)
         keys = [self.cache.key(job) for job in jobs] if self.cache is not None else list(range(len(jobs)))
         known = self.cache.get_many(set(keys)) if self.cache is not None else {}
-        if self._cpu_timeouts is not None:      # sandbox.reuse_cpu_timeouts: this pool's CPU-limit timeouts
-            with self._lock:
-                known.update({key: self._cpu_timeouts[key] for key in set(keys)
-                              if key in self._cpu_timeouts and key not in known})
         groups: dict = {}
         for index, key in enumerate(keys):
             if key in known:
@@ -546,10 +538,6 @@ class Sandbox:
                     fresh[key] = results[groups[key][0]]
             if self.cache is not None:
                 self.cache.put_many([(key, result) for key, result in fresh.items() if cacheable(result)])
-            if self._cpu_timeouts is not None:
-                with self._lock:
-                    self._cpu_timeouts.update({key: result for key, result in fresh.items()
-                                               if cpu_limit_timeout(result)})
         except BaseException as exc:
             self._release_running(owned, {}, exc)
             raise
@@ -1429,11 +1417,6 @@ def _timeout_alone(result: ExecResult, report: dict, cfg: SandboxConfig) -> Exec
 
 def _cpu_detail(cpu_time_s: int) -> str:
     return f"CPU time limit of {cpu_time_s} s exceeded (SIGXCPU)"
-
-
-def cpu_limit_timeout(result: ExecResult) -> bool:
-    """Whether a final label is a timeout at the CPU-time limit (:func:`_cpu_detail`), not at the wall clock."""
-    return result.status == "timeout" and bool(result.detail) and result.detail.endswith("exceeded (SIGXCPU)")
 
 
 def _wall_detail(timeout_s: float) -> str:
