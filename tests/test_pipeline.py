@@ -108,10 +108,12 @@ def _pipeline_on_copy(analysed, dest, monkeypatch, progress, *extra):
     from test_validate import copy_run
 
     import pva_sae.model.registry as registry
-    from pva_sae.pipeline import run_pipeline
     from pva_sae.config import resolve_config
+    from pva_sae.pipeline import run_pipeline
 
-    cfg = resolve_config(base=copy_run(analysed, dest).to_dict(), overrides=["data.end_idx=29", *SMALL_STEER, *extra])
+    # speculation pinned: under 'auto' it follows the overlap, and would add the refinement's candidates to one run
+    cfg = resolve_config(base=copy_run(analysed, dest).to_dict(),
+                         overrides=["data.end_idx=29", *SMALL_STEER, "steering.speculate=on", *extra])
     loads = []
     real = registry.load_model
     monkeypatch.setattr(registry, "load_model", lambda c: loads.append(c.name) or real(c))

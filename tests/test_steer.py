@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import stats
 
-from pva_sae.config import GenerationConfig, resolve_config
+from pva_sae.config import ConfigError, GenerationConfig, resolve_config
 from pva_sae.rundir.paths import RunDir, SteeringPaths
 from pva_sae.stages.steer import (
     AlphaSearch,
@@ -120,8 +120,14 @@ def test_alpha_searches_of_all_directions_share_each_step_and_equal_searching_al
         for d, layer in (("correct", 3), ("incorrect", 1)):
             target = Arm("target", d, layer, 7, f"L{layer}:7")
             controls = [(Arm("latent", d, layer, 9, f"L{layer}:9"), None), (Arm("random", d, layer, None, f"r{d}"), None)]
-            out[d] = AlphaSearch(cfg, target, None, controls, 2.0, ids)
+            out[d] = AlphaSearch(cfg, target, None, controls, 2.0, ids, speculate)
         return out
+
+    speculate = False
+    plain = _FakeSteerer(cfg)
+    (head,), without_speculation = search_alphas(plain, searches(), [base])
+    assert len(plain.calls) == 1 + cfg.steering.refine_steps and len(plain.calls[0]) == 1 + 2 * 3 * 3
+    speculate = True
 
     shared = _FakeSteerer(cfg)
     (head,), results = search_alphas(shared, searches(), [base])
@@ -144,12 +150,26 @@ def test_alpha_searches_of_all_directions_share_each_step_and_equal_searching_al
         first_refinement = [r["alpha"] for r in results[d]["table"] if r["alpha"] not in (0.5, 1.0, 4.0)]
         assert spec["generated"] == midpoints and set(spec["unused"]).isdisjoint(first_refinement)
         assert set(spec["generated"]) - set(spec["unused"]) <= set(first_refinement)
+        assert {k: v for k, v in without_speculation[d].items() if k != "speculative"} == results[d]
     cfg0 = resolve_config(None, ["steering.alpha_grid=[0.5, 1.0, 4.0]", "steering.refine_steps=0"])
     grid_only = _FakeSteerer(cfg0)
     target = Arm("target", "correct", 3, 7, "L3:7")
     _, results = search_alphas(grid_only, {"correct": AlphaSearch(cfg0, target, None, [], 2.0, ids)}, [base])
     assert len(grid_only.calls) == 1 and [r["alpha"] for r in results["correct"]["table"]] == [0.5, 1.0, 4.0]
     assert [r["alpha_abs"] for r in results["correct"]["table"]] == [1.0, 2.0, 8.0]
+
+
+def test_speculation_is_resolved_from_the_setting_and_whether_labelling_runs_beside_generation():
+    from types import SimpleNamespace
+
+    from pva_sae.stages.steer import speculates
+
+    for setting, overlapped, want in (("auto", True, True), ("auto", False, False), ("on", False, True),
+                                      ("off", True, False)):
+        cfg = resolve_config(None, [f"steering.speculate={setting}"])
+        assert speculates(cfg, SimpleNamespace(labeller=SimpleNamespace(overlapped=overlapped))) is want
+    with pytest.raises(ConfigError, match="steering.speculate must be one of auto, on, off"):
+        resolve_config(None, ["steering.speculate=yes"])
 
 
 def test_batched_steered_generation(tiny_loaded):
@@ -306,10 +326,18 @@ def test_steering_progress_counts_conditions(steered, capsys):
 
 @pytest.mark.slow
 def test_overlapped_steering_gives_identical_results(steered, analysed, tmp_path_factory):
-    """Labelling on the background thread while the next condition generates changes no outcome."""
+    """Labelling on the background thread while the next condition generates changes no outcome (it turns on
+    speculation, which generates refinement candidates ahead and changes no row of the alpha search)."""
     _, run, res = steered
     _, other, again = _steer_copy(analysed, tmp_path_factory, "steer-overlap", ["generation.overlap=on"])
-    assert again["experiments"] == res["experiments"] and again["directions"] == res["directions"]
+
+    def plain(directions):
+        return {d: {**r, "tuning": {k: v for k, v in r["tuning"].items() if k != "speculative"}}
+                for d, r in directions.items()}
+
+    assert again["experiments"] == res["experiments"] and plain(again["directions"]) == plain(res["directions"])
+    assert [r["tuning"]["speculative"]["generated"] for r in res["directions"].values()] == [[], []]
+    assert all(r["tuning"]["speculative"]["generated"] for r in again["directions"].values())
     import pyarrow.parquet as pq
 
     assert (pq.read_table(SteeringPaths.of(other).tasks).to_pylist()
@@ -424,9 +452,10 @@ def test_the_stage_through_the_queue_equals_the_stage_through_batches(analysed, 
 
     import pva_sae.stages.steer as steer_module
 
-    cfg_q, run_q, queued = _steer_copy(analysed, tmp_path_factory, "steer-stage-queue", ["generation.backend=fast"])
+    fast = ["generation.backend=fast", "steering.speculate=on"]     # 'auto' speculates only beside labelling
+    cfg_q, run_q, queued = _steer_copy(analysed, tmp_path_factory, "steer-stage-queue", fast)
     monkeypatch.setattr(steer_module, "Steerer", functools.partial(steer_module.Steerer, schedule="batches"))
-    _, run_b, batched = _steer_copy(analysed, tmp_path_factory, "steer-stage-batches", ["generation.backend=fast"])
+    _, run_b, batched = _steer_copy(analysed, tmp_path_factory, "steer-stage-batches", fast)
     for part in ("experiments", "directions", "noise_floor", "selective"):
         assert queued[part] == batched[part], part
     assert (pq.read_table(SteeringPaths.of(run_q).tasks).to_pylist()

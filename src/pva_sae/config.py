@@ -304,10 +304,12 @@ class SteeringConfig:
     alpha_grid: tuple[float, ...] = doc(
         (0.05, 0.1, 0.2, 0.5, 1.0, 2.0), "Coefficients tried on the tuning split (see alpha_units), then refined.")
     refine_steps: int = doc(1, "Refinement rounds: geometric midpoints between the best alpha and its neighbours.")
-    speculate: bool = doc(
-        True, "Generate the first refinement round's candidates (the midpoint of every pair of neighbouring grid "
+    speculate: str = doc(
+        "auto", "Generate the first refinement round's candidates (the midpoint of every pair of neighbouring grid "
         "alphas) with the grid, so the stage waits for its labels one time fewer; the midpoints the refinement does "
-        "not ask for are generated but never enter the choice (listed in the tuning results as 'speculative').")
+        "not ask for are generated but never enter the choice (listed in the tuning results as 'speculative'). "
+        "'auto': when labelling runs beside generation (generation.overlap resolved on: on an accelerator), where "
+        "the wait costs more than the extra generations; 'on' or 'off'.")
     max_corruption: float = doc(
         0.1, "Objective for the correct direction: maximise correction subject to corruption of initially correct "
         "tuning tasks <= this. The incorrect direction maximises corruption.")
@@ -622,7 +624,8 @@ def _validate_validation(v: ValidationConfig) -> None:
 
 def _validate_steering(s: SteeringConfig) -> None:
     choices = {"selection_metric": ("separation", "t"), "normalize": ("unit", "raw"),
-               "alpha_units": ("residual_norm", "absolute"), "positions": ("all", "prompt", "generated")}
+               "alpha_units": ("residual_norm", "absolute"), "positions": ("all", "prompt", "generated"),
+               "speculate": ("auto", "on", "off")}
     for name, allowed in choices.items():
         if getattr(s, name) not in allowed:
             raise ConfigError(f"steering.{name} must be one of {', '.join(allowed)}, not {getattr(s, name)!r}")

@@ -25,8 +25,8 @@ The design (``docs/statistics.md`` has the protocol and the calibration of every
 Each generation condition is cached under ``steering/conditions/`` when it finishes, so an interrupted
 stage resumes at the next condition. Outputs under ``<run>/steering/`` (``SteeringPaths``).
 
-**Calls.** The stage waits for its labels twice (with ``refine_steps`` = 1 and ``steering.speculate``; three
-times without speculation), whatever the number of directions: the baselines, every direction's alpha grid and
+**Calls.** The stage waits for its labels twice (with ``refine_steps`` = 1 and ``steering.speculate``, on by
+default when labelling runs beside generation; three times without speculation), whatever the number of directions: the baselines, every direction's alpha grid and
 (speculation) the first refinement's candidates at every grid midpoint go in one call, each further refinement
 step of every direction in the next (:class:`AlphaSearch`, :func:`search_alphas`; the first refinement reads
 its conditions from the cache), and every direction's target and controls at its alpha in the last. Within a
@@ -563,8 +563,9 @@ class AlphaSearch:
     of several directions (and the baselines) share one pipelined call per step."""
 
     def __init__(self, cfg: Config, target: Arm, vector: torch.Tensor, controls: list[tuple[Arm, torch.Tensor]],
-                 unit: float, tuning_ids: list[int]):
+                 unit: float, tuning_ids: list[int], speculate: bool = False):
         self.s, self.target, self.vector, self.controls = cfg.steering, target, vector, controls
+        self.speculate = speculate         # steering.speculate resolved (see speculates)
         self.unit, self.tuning_ids = unit, tuning_ids
         self.key = objective(target.direction)
         self.rows: dict[float, dict[str, Any]] = {}
@@ -583,11 +584,11 @@ class AlphaSearch:
                 for arm, v in [(self.target, self.vector), *self.controls]]
 
     def speculative(self) -> list[tuple[Arm, torch.Tensor | None, float, list[int]]]:
-        """With ``steering.speculate``, before the grid is evaluated: the target and every control at the midpoint
+        """With ``speculate`` (``steering.speculate`` resolved), before the grid is evaluated: the target and every control at the midpoint
         of each pair of neighbouring grid alphas, whichever turns out best. Generated in the grid's call, the first
         refinement step then finds its conditions cached (:meth:`Steerer.run_many`) instead of waiting for a call of
         its own; only the midpoints :meth:`_refine` asks for enter :attr:`rows` (the others never reach the choice)."""
-        if not self.s.speculate or self.s.refine_steps < 1 or self.rows or self.refined:
+        if not self.speculate or self.s.refine_steps < 1 or self.rows or self.refined:
             return []
         grid = sorted(set(self.wanted))
         self.speculated = [float(np.sqrt(grid[i] * grid[i + 1])) for i in range(len(grid) - 1)]
@@ -797,12 +798,20 @@ def target_arm(cfg: Config, steerer: Steerer, direction: str, latent_row: dict[s
             unembedding_direction(steerer.loaded, token, norm))
 
 
-def planned_work(cfg: Config, n_directions: int, n_tuning: int, n_validation: int) -> tuple[int, int]:
+def speculates(cfg: Config, steerer: Steerer) -> bool:
+    """steering.speculate resolved: 'auto' when the stage labels beside generation (its waits for labels then cost
+    more than the extra generations; on CPU, where the two take turns, speculation would only add generations)."""
+    setting = cfg.steering.speculate
+    return steerer.labeller.overlapped if setting == "auto" else setting == "on"
+
+
+def planned_work(cfg: Config, n_directions: int, n_tuning: int, n_validation: int,
+                 speculate: bool = False) -> tuple[int, int]:
     """Conditions and generations the stage runs at most (refinement may need fewer alphas): the two baselines,
     then per direction the tuning grid (target + tuning controls at every alpha) and the validation arms."""
     s = cfg.steering
     # speculation generates every grid midpoint in the first call, of which the first refinement asks for two
-    ahead = max(len(s.alpha_grid) - 3, 0) if s.speculate and s.refine_steps else 0
+    ahead = max(len(s.alpha_grid) - 3, 0) if speculate and s.refine_steps else 0
     n_alphas = 0 if s.alphas is not None else len(s.alpha_grid) + 2 * s.refine_steps + ahead
     tuning_arms = n_alphas * (1 + min(s.tuning_controls, s.n_controls))
     conditions = 2 + n_directions * (tuning_arms + 1 + s.n_controls)
@@ -828,7 +837,8 @@ def steer(cfg: Config, progress: bool = True, *, loaded=None) -> dict[str, Any]:
     tuning_ids = seeded_subset([t for t in splits["tuning"] if t in records], s.tuning_max_tasks, s.seed)
     val_ids = seeded_subset([t for t in splits["validation"] if t in records], s.max_tasks, s.seed)
     steerer = Steerer(cfg, run, progress, loaded=loaded)
-    n_conditions, n_samples = planned_work(cfg, len(inputs["targets"]), len(tuning_ids), len(val_ids))
+    speculate = speculates(cfg, steerer)
+    n_conditions, n_samples = planned_work(cfg, len(inputs["targets"]), len(tuning_ids), len(val_ids), speculate)
     announce(STAGE, f"{len(inputs['targets'])} directions x (target + {s.n_controls} controls) on {len(val_ids)} "
                     f"validation tasks, alpha tuned on {len(tuning_ids)} tuning tasks: up to {n_conditions} "
                     f"conditions, {n_samples} generations (batches of up to {steerer.batch_size})", progress)
@@ -866,7 +876,7 @@ def steer(cfg: Config, progress: bool = True, *, loaded=None) -> dict[str, Any]:
                          "objective": "fixed by steering.alphas", "constraint_met": None} for d in plans}
         searches = {} if tuned else {
             d: AlphaSearch(cfg, p["arm"], p["vector"], interleave_kinds(p["controls"], s.tuning_controls),
-                           p["unit"], tuning_ids) for d, p in plans.items()}
+                           p["unit"], tuning_ids, speculate) for d, p in plans.items()}
         (base_tuning, base_val), searched = search_alphas(
             steerer, searches, [(BASELINE, None, 0.0, tuning_ids), (BASELINE, None, 0.0, val_ids)])
         tuned = tuned or searched
