@@ -243,8 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         if calls.exists():      # where steering's time went, call by call
             out["steering_calls"] = read_json(calls)["calls"]
             for i, c in enumerate(out["steering_calls"], 1):
-                print(f"steer call {i}: {c['conditions']} conditions, {c['rows']} rows: generation {c['generation_s']} s, "
-                      f"then waited {c['label_wait_s']} s for {c['rows_pending']} rows in {c['chunks_pending']} chunks "
+                print(f"steer call {i}: {c['conditions']} conditions, {c['rows']} rows: "
+                      f"generation {c['generation_s']} s, then waited {c['label_wait_s']} s for {c['rows_pending']} rows in {c['chunks_pending']} chunks "
                       f"({c['timeouts_pending']} timeouts)", flush=True)
     print(f"total     {out['total_seconds']:8.1f} s  gpu busy {out['gpu_busy_fraction']}")
     if args.json:

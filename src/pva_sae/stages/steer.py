@@ -26,13 +26,14 @@ Each generation condition is cached under ``steering/conditions/`` when it finis
 stage resumes at the next condition. Outputs under ``<run>/steering/`` (``SteeringPaths``).
 
 **Calls.** The stage waits for its labels twice (with ``refine_steps`` = 1 and ``steering.speculate``, on by
-default when labelling runs beside generation; three times without speculation), whatever the number of directions: the baselines, every direction's alpha grid and
-(speculation) the first refinement's candidates at every grid midpoint go in one call, each further refinement
-step of every direction in the next (:class:`AlphaSearch`, :func:`search_alphas`; the first refinement reads
-its conditions from the cache), and every direction's target and controls at its alpha in the last. Within a
-call generation and labelling are pipelined; between calls the stage waits for the call's last labels (a
-timeout's second attempt included), since what comes next depends on them. ``steering/calls.json`` says how
-long each call generated and then waited, and on what.
+default when labelling runs beside generation; three times without speculation), whatever the number of
+directions: the baselines, every direction's alpha grid and (speculation) the first refinement's candidates at
+every grid midpoint go in one call, each further refinement step of every direction in the next
+(:class:`AlphaSearch`, :func:`search_alphas`; the first refinement reads its conditions from the cache), and
+every direction's target and controls at its alpha in the last. Within a call generation and labelling are
+pipelined; between calls the stage waits for the call's last labels (a timeout's second attempt included),
+since what comes next depends on them. ``steering/calls.json`` says how long each call generated and then
+waited, and on what.
 
 **Schedules.** With the 'hf' backend every condition is planned into static batches of the stage's
 batch size and generated batch by batch ('batches'). With the fast backend the conditions of one call
@@ -584,8 +585,8 @@ class AlphaSearch:
                 for arm, v in [(self.target, self.vector), *self.controls]]
 
     def speculative(self) -> list[tuple[Arm, torch.Tensor | None, float, list[int]]]:
-        """With ``speculate`` (``steering.speculate`` resolved), before the grid is evaluated: the target and every control at the midpoint
-        of each pair of neighbouring grid alphas, whichever turns out best. Generated in the grid's call, the first
+        """With ``speculate`` (``steering.speculate`` resolved), before the grid is evaluated: the target and every
+        control at the midpoint of each pair of neighbouring grid alphas, whichever turns out best. Generated in the grid's call, the first
         refinement step then finds its conditions cached (:meth:`Steerer.run_many`) instead of waiting for a call of
         its own; only the midpoints :meth:`_refine` asks for enter :attr:`rows` (the others never reach the choice)."""
         if not self.speculate or self.s.refine_steps < 1 or self.rows or self.refined:
