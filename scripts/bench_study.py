@@ -244,8 +244,9 @@ def main(argv: list[str] | None = None) -> int:
             out["steering_calls"] = read_json(calls)["calls"]
             for i, c in enumerate(out["steering_calls"], 1):
                 print(f"steer call {i}: {c['conditions']} conditions, {c['rows']} rows: "
-                      f"generation {c['generation_s']} s, then waited {c['label_wait_s']} s for {c['rows_pending']} rows in {c['chunks_pending']} chunks "
-                      f"({c['timeouts_pending']} timeouts)", flush=True)
+                      f"generation {c['generation_s']} s, then waited {c['label_wait_s']} s for "
+                      f"{c['rows_pending']} rows in {c['chunks_pending']} chunks ({c['timeouts_pending']} timeouts)",
+                      flush=True)
     print(f"total     {out['total_seconds']:8.1f} s  gpu busy {out['gpu_busy_fraction']}")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")

@@ -586,9 +586,10 @@ class AlphaSearch:
 
     def speculative(self) -> list[tuple[Arm, torch.Tensor | None, float, list[int]]]:
         """With ``speculate`` (``steering.speculate`` resolved), before the grid is evaluated: the target and every
-        control at the midpoint of each pair of neighbouring grid alphas, whichever turns out best. Generated in the grid's call, the first
-        refinement step then finds its conditions cached (:meth:`Steerer.run_many`) instead of waiting for a call of
-        its own; only the midpoints :meth:`_refine` asks for enter :attr:`rows` (the others never reach the choice)."""
+        control at the midpoint of each pair of neighbouring grid alphas, whichever turns out best. Generated in the
+        grid's call, the first refinement step then finds its conditions cached (:meth:`Steerer.run_many`) instead
+        of waiting for a call of its own; only the midpoints :meth:`_refine` asks for enter :attr:`rows` (the others
+        never reach the choice)."""
         if not self.speculate or self.s.refine_steps < 1 or self.rows or self.refined:
             return []
         grid = sorted(set(self.wanted))
