@@ -2,8 +2,9 @@
 
 - A module under ``stages/`` never imports another stage module: a stage that needs another's output
   reads the artifact through ``pva_sae.rundir``.
-- ``pipeline`` is the one module that calls the stages: each command's stage work, ``run_pipeline`` (`pva-sae
-  run`) and the Python API's stage calls. The CLI parses and prints; it imports ``pipeline``, never a stage.
+- The stages package (``stages/__init__``) is the one module that calls the stages: each command's stage work,
+  ``run_pipeline`` (`pva-sae run`) and ``run_stage`` (the Python API's stage calls, in ``pipeline``). ``pipeline``
+  and the CLI import the stages package, never a stage module.
 - Library modules (everything but ``stages/``, ``pipeline`` and the CLI) never import ``stages/``, ``pipeline``
   or ``cli``. ``api`` (configs, reading a run's results) is a library module like the others.
 - Only the package ``__init__`` and the CLI import lazily; elsewhere imports of the package's own
@@ -19,7 +20,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "src" / "pva_sae"
 TOP = {"stages", "pipeline", "cli", "__main__"}   # __main__ is `python -m pva_sae`, i.e. the CLI
-CALLS_STAGES = {"stages", "pipeline"}   # the only modules that import a stage
+CALLS_STAGES = ("stages", "__init__")   # the stages package: the only module but a stage's own that imports one
 LAZY_OK = {("__init__",), ("cli",)}
 
 
@@ -63,12 +64,12 @@ def test_imports_follow_the_layering_rule(parts, path):
         target = _internal(name)
         if not target:
             continue
-        if parts[0] == "stages" and target[0] == "stages" and len(target) > 1:
-            assert target[1] == parts[1] or target[1] not in STAGE_NAMES, f"{path} imports stage {name}"
         if parts[0] not in TOP and parts != ("__init__",):  # the package entry point re-exports the API
             assert target[0] not in TOP, f"library module {'/'.join(parts)} imports {name}"
-        if parts[0] in TOP and parts[0] not in CALLS_STAGES:
-            assert target[0] != "stages", f"{'/'.join(parts)} imports {name}: only pipeline calls the stages"
+        stage = target[1] if target[0] == "stages" and len(target) > 1 and target[1] in STAGE_NAMES else None
+        if stage and parts != CALLS_STAGES:
+            assert parts[0] == "stages", f"{'/'.join(parts)} imports {name}: only the stages package calls the stages"
+            assert stage == parts[1], f"{path} imports stage {name}"
 
 
 STAGE_NAMES = {"build", "analyze", "validate", "steer", "report", "ablate", "attention", "merge"}
@@ -116,4 +117,9 @@ def test_checker_catches_a_library_module_importing_a_stage(tmp_path, monkeypatc
 
 def test_checker_catches_the_cli_importing_a_stage(tmp_path, monkeypatch):
     _rule_breaks(tmp_path, monkeypatch, "cli.py", "def cmd():\n    from pva_sae.stages.build import build_dataset\n",
-                 "only pipeline calls the stages")
+                 "only the stages package calls the stages")
+
+
+def test_checker_catches_the_api_module_importing_a_stage(tmp_path, monkeypatch):
+    _rule_breaks(tmp_path, monkeypatch, "pipeline.py", "from pva_sae.stages.steer import steer\n",
+                 "only the stages package calls the stages")

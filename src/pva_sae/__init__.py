@@ -2,7 +2,7 @@
 
 Importing the package is cheap: torch and transformers load only when a stage needs them. The Python API is
 exported lazily: the stage calls ``pva_sae.run``, ``build_dataset``, ``analyze``, ``validate``, ``steer`` and
-``report`` (:mod:`pva_sae.pipeline`, the one module that calls the stages), and ``load_run`` and ``make_config``
+``report`` (:mod:`pva_sae.pipeline`, which runs them through :mod:`pva_sae.stages`), and ``load_run`` and ``make_config``
 (:mod:`pva_sae.api`).
 """
 

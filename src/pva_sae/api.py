@@ -1,6 +1,6 @@
 """Python API for notebooks: configs, the config each stage runs with, and a run directory's results as pandas
 tables. The stage calls (``pva_sae.build_dataset``, ``analyze``, ``validate``, ``steer``, ``report``, ``run``) are
-in :mod:`pva_sae.pipeline`, the one module that calls the stages; the package exports both.
+in :mod:`pva_sae.pipeline` (which runs them through :mod:`pva_sae.stages`); the package exports both.
 
     >>> import pva_sae
     >>> pva_sae.build_dataset(run_dir="runs/demo", end_idx=79)       # stage 1 on the embedded default
