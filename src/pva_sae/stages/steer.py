@@ -196,10 +196,15 @@ class Steerer:
         self.labeller = BackgroundLabeller(self.by_id, self.split_of, sandboxed, None,
                                            overlap_labelling(cfg.generation.overlap, self.loaded.device),
                                            threads=max(LABEL_THREADS, sandboxed.sandbox.workers), defer_reruns=True)
-        self.n_conditions = self.n_done = 0      # conditions planned (see expect) and finished, cached ones included
+        self.n_conditions = 0                    # conditions planned (see expect)
         self.calls: list[dict[str, Any]] = []    # per run_many call: where its time went (see _timed_collect)
         self.counted: set[str] = set()           # condition keys done in this stage (generated or read)
         self.bar = tqdm(total=0, desc="steer", unit="sample", disable=not progress, dynamic_ncols=True)
+
+    @property
+    def n_done(self) -> int:
+        """Conditions finished in this stage, cached ones included, each once."""
+        return len(self.counted)
 
     def _batch_size(self) -> int:
         """The batch size of every condition of this stage: the one an earlier run of the stage saved (same
@@ -258,7 +263,6 @@ class Steerer:
             if key in self.counted:                  # read or generated before in this stage (speculation)
                 continue
             self.counted.add(key)
-            self.n_done += 1
             self.bar.total = max(self.bar.n, (self.bar.total or 0) - len(ids))    # nothing to generate for it
             self._describe()
         # --- shards (torchrun): this rank generates its share of the conditions, by condition key
@@ -283,9 +287,7 @@ class Steerer:
         distributed.barrier(self.shard)   # --- shards: every rank's conditions are written; read the others'
         for i, key, *_ in theirs:
             out[i] = {o["task_id"]: o for o in read_condition(self.paths, key)["tasks"]}
-            if key not in self.counted:
-                self.counted.add(key)
-                self.n_done += 1
+            self.counted.add(key)
         return out  # type: ignore[return-value]
 
     def _steering(self, arm: Arm, vector: torch.Tensor | None, alpha: float) -> Steering | None:
@@ -337,7 +339,6 @@ class Steerer:
                                           "tasks": outcomes})
         out[i] = {o["task_id"]: o for o in outcomes}
         self.counted.add(key)
-        self.n_done += 1
         self._describe()
 
     def _queue_groups(self, todo) -> list[list]:
